@@ -1,0 +1,686 @@
+"""The content cache: whole-file downloads into a local directory, served while they run.
+
+A guest file's bytes come from a single-use transfer URL without Range support, so each
+version of a file (:class:`ContentKey`: path, size, mtime) is downloaded whole, once, into a
+cache file. Every handle of that key shares the one download; reads wait only until the
+bytes they need are on disk.
+
+Concurrency: everything runs on one trio loop. Shared state is changed only between awaits,
+never from worker threads (threads only do pwrite/pread on file descriptors they are handed).
+
+Lifecycle of an :class:`_Entry`::
+
+    RUNNING --fetch ok, nbytes == size--> COMPLETE --evicted--> (detached, file unlinked)
+       |  \\--error / short / long---> FAILED (detached at once: next open() downloads again)
+       \\--cancelled (linger, eviction of an idle download, aclose)--> FAILED (DownloadCancelled)
+
+"Detached" means removed from the index and from the byte accounting, file unlinked; the fd
+stays open until the last handle and the last read are gone.
+
+Disk accounting: ``key.size`` is reserved when a download starts (so concurrent downloads
+cannot overshoot together) and released when the entry is detached. An entry is *idle* when
+it has no handles; only idle entries are evicted, LRU first, unused prefetches before
+everything else. Opens are never refused for lack of room: a file bigger than the whole
+cache is downloaded while open and dropped when its last handle closes.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import hashlib
+import itertools
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from ..errors import CacheError, GuestfsError, RemoteError, TransferError
+from ..model import TransferResult
+from . import fileio
+from .fileio import PWrite
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[bytes], Awaitable[None]]
+Fetch = Callable[[str, int, Sink], Awaitable[TransferResult]]
+
+WRITE_CHUNK = 1 << 20  # sink chunks are joined to at least this much per pwrite
+WRITE_QUEUE = 8  # chunks queued to the disk writer before the sink waits (backpressure)
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ContentKey:
+    path: str  # guest path
+    size: int  # size reported by stat
+    mtime_ns: int  # mtime reported by stat: a new (size, mtime) is a new version
+
+
+@dataclass(frozen=True)
+class TransferEvent:
+    """One download attempt ended (``error`` is None on success)."""
+
+    key: ContentKey
+    started: float  # time.time() at start
+    seconds: float
+    nbytes: int  # bytes received from the fetch
+    sha256: str | None
+    error: BaseException | None
+    prefetch: bool = False  # started by prefetch() and never opened
+
+
+class DownloadCancelled(CacheError):
+    """A download was cancelled: nobody wanted it any more (linger, eviction) or shutdown."""
+
+
+class _State(enum.Enum):
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: ContentKey
+    name: str  # cache file name inside the directory (never derived from guest data)
+    fd: int
+    started: float
+    started_mono: float
+    state: _State = _State.RUNNING
+    written: int = 0  # bytes [0, written) are on disk
+    received: int = 0  # bytes handed to the sink
+    error: GuestfsError | None = None
+    sha256: str | None = None
+    completed_at: float | None = None
+    handles: int = 0
+    busy: int = 0  # reads in a worker thread (fd must stay open)
+    prefetch: bool = False  # started by prefetch() and not opened since
+    attached: bool = True  # in the index and counted in usage; file exists
+    task_running: bool = False
+    fd_closed: bool = False
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    linger_scope: trio.CancelScope | None = None
+    progress: trio.Event = field(default_factory=trio.Event)
+
+    def wake(self) -> None:
+        """Wake every reader waiting for progress or for the end of the download."""
+        self.progress.set()
+        self.progress = trio.Event()
+
+
+class ContentCache:
+    def __init__(
+        self,
+        directory: str,
+        max_bytes: int,
+        fetch: Fetch,
+        *,
+        keep: bool = False,
+        linger: float = 10.0,
+        on_transfer_end: Callable[[TransferEvent], None] | None = None,
+        prefetch_max_bytes: int = 64 << 20,
+        prefetch_max_parallel: int = 4,
+        pwrite: PWrite = os.pwrite,
+    ) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.directory = directory
+        self._max_bytes = max_bytes
+        self._fetch = fetch
+        self.keep = keep
+        self.linger = linger
+        self._on_transfer_end = on_transfer_end
+        self.prefetch_max_bytes = prefetch_max_bytes
+        self.prefetch_max_parallel = prefetch_max_parallel
+        self._pwrite = pwrite
+        self._nursery: trio.Nursery | None = None
+        self._dir_fd = -1
+        self._created_dir = False
+        self._closed = False
+        self._index: OrderedDict[ContentKey, _Entry] = OrderedDict()  # LRU first
+        self._by_path: dict[str, set[ContentKey]] = {}
+        self._handles: dict[int, _Entry] = {}
+        self._all: set[_Entry] = set()  # every entry whose fd is still open
+        self._handle_ids = itertools.count(1)
+        self._names = itertools.count(1)
+        self._usage = 0
+        self._tasks = 0
+        self._tasks_done = trio.Event()
+        self._tasks_done.set()
+        self._nowait = fileio.NoWaitReader()
+        self._stats: dict[str, int] = {
+            "hits": 0,
+            "joins": 0,
+            "misses": 0,
+            "downloads": 0,
+            "failures": 0,
+            "cancelled": 0,
+            "evictions": 0,
+            "bytes_downloaded": 0,
+            "prefetches": 0,
+            "prefetch_used": 0,
+            "prefetch_refused": 0,
+        }
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def usage(self) -> int:
+        """Bytes reserved by the entries in the cache (key.size of each, running or complete)."""
+        return self._usage
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Prepare the directory (CacheError if unusable); downloads run in ``nursery``."""
+        if self._nursery is not None:
+            raise RuntimeError("ContentCache.start() called twice")
+        self._dir_fd, self._created_dir = fileio.prepare_directory(self.directory)
+        self._nursery = nursery
+
+    async def aclose(self) -> None:
+        """Cancel downloads, close files, delete them (and our directory) unless ``keep``.
+
+        With ``keep`` only complete files stay; partial ones are always removed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for entry in list(self._all):
+            if entry.linger_scope is not None:
+                entry.linger_scope.cancel()
+            if entry.state is _State.RUNNING:
+                entry.scope.cancel()
+        with trio.CancelScope(shield=True):
+            await self._tasks_done.wait()
+        for entry in list(self._all):
+            if entry.attached and not (self.keep and entry.state is _State.COMPLETE):
+                self._detach(entry)
+            entry.handles = 0
+            entry.busy = 0
+            self._close_fd(entry)
+        self._handles.clear()
+        if self._dir_fd >= 0:
+            fileio.close_quietly(self._dir_fd)
+            self._dir_fd = -1
+            if self._created_dir and not self.keep:
+                try:
+                    os.rmdir(self.directory)
+                except OSError as exc:
+                    log.warning("cache directory not removed: %s", exc.strerror)
+
+    # -- open / read / release ----------------------------------------------------------
+
+    async def open(self, key: ContentKey) -> int:
+        """Return a handle for ``key``: joins the cached copy or the running download, or
+        starts a download. Does not wait for data."""
+        await trio.lowlevel.checkpoint()  # before any change: a cancelled open leaks nothing
+        self._check_usable()
+        entry = self._index.get(key)
+        if entry is None:
+            self._stats["misses"] += 1
+            entry = self._start(key, prefetch=False)
+        else:
+            self._stats["hits"] += 1
+            if entry.state is _State.RUNNING:
+                self._stats["joins"] += 1
+            if entry.prefetch:
+                entry.prefetch = False
+                self._stats["prefetch_used"] += 1
+            self._index.move_to_end(key)
+        entry.handles += 1
+        if entry.linger_scope is not None:
+            entry.linger_scope.cancel()
+            entry.linger_scope = None
+        handle = next(self._handle_ids)
+        self._handles[handle] = entry
+        return handle
+
+    async def read(self, handle: int, offset: int, size: int) -> bytes:
+        """Bytes [offset, min(offset + size, key.size)); waits only for those to be on disk.
+
+        Raises the download's error if it failed (never partial data of a failed attempt).
+        """
+        entry = self._handles.get(handle)
+        if entry is None:
+            raise CacheError("bad content handle", errno.EBADF)
+        if offset < 0 or size < 0:
+            raise CacheError("negative read offset or size", errno.EINVAL)
+        end = min(offset + size, entry.key.size)
+        while True:
+            if entry.error is not None:
+                raise entry.error
+            if entry.fd_closed:
+                raise CacheError("content cache closed", errno.EIO)
+            if entry.written >= end or entry.state is _State.COMPLETE:
+                break
+            await entry.progress.wait()
+        if end <= offset:
+            await trio.lowlevel.checkpoint()
+            return b""
+        want = end - offset
+        try:
+            data = self._nowait.read(entry.fd, want, offset)
+        except OSError as exc:
+            raise CacheError(f"cache read failed: {exc.strerror}", exc.errno or errno.EIO) from exc
+        if len(data) < want:
+            entry.busy += 1
+            try:
+                rest = await trio.to_thread.run_sync(
+                    fileio.pread_all, entry.fd, want - len(data), offset + len(data)
+                )
+            except OSError as exc:
+                raise CacheError(
+                    f"cache read failed: {exc.strerror}", exc.errno or errno.EIO
+                ) from exc
+            finally:
+                entry.busy -= 1
+                self._maybe_close(entry)
+            data = data + rest if data else rest
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        if len(data) != want:
+            raise CacheError("cache file shorter than expected", errno.EIO)
+        return data
+
+    def release(self, handle: int) -> None:
+        """Drop a handle (never raises). An incomplete download left without handles is
+        cancelled after ``linger`` seconds; a cache over its bound evicts idle files."""
+        entry = self._handles.pop(handle, None)
+        if entry is None:
+            return
+        entry.handles -= 1
+        if entry.handles > 0:
+            return
+        if entry.attached:
+            self._index.move_to_end(entry.key)
+            if entry.state is _State.RUNNING:
+                self._start_linger(entry)
+            elif self._usage > self._max_bytes:
+                self._make_room(0, include_running=False)
+        self._maybe_close(entry)
+
+    # -- prefetch -------------------------------------------------------------------------
+
+    async def prefetch(self, key: ContentKey) -> bool:
+        """Start downloading ``key`` without a handle (read-ahead of small files).
+
+        Returns True if the key is cached or downloading (already, or now); False when the
+        prefetch budget (bytes of running prefetches, number of running prefetches) or the
+        cache space (without evicting files in use) does not allow it. A prefetch that no
+        open() claims within ``linger`` seconds is cancelled; a finished unclaimed prefetch
+        is the first thing evicted.
+        """
+        await trio.lowlevel.checkpoint()
+        self._check_usable()
+        if key in self._index:
+            return True
+        running = [e for e in self._index.values() if e.prefetch and e.state is _State.RUNNING]
+        if (
+            len(running) >= self.prefetch_max_parallel
+            or sum(e.key.size for e in running) + key.size > self.prefetch_max_bytes
+            or not self._make_room(key.size, include_running=False, dry_run=True)
+        ):
+            self._stats["prefetch_refused"] += 1
+            return False
+        self._stats["prefetches"] += 1
+        entry = self._start(key, prefetch=True)
+        if entry.state is _State.RUNNING:
+            self._start_linger(entry)
+        return True
+
+    # -- queries --------------------------------------------------------------------------
+
+    def sha256(self, key: ContentKey) -> str | None:
+        entry = self._index.get(key)
+        if entry is None or entry.state is not _State.COMPLETE:
+            return None
+        return entry.sha256
+
+    def transfer_time(self, key: ContentKey) -> float | None:
+        """Epoch seconds at which the download of ``key`` completed (None if not complete)."""
+        entry = self._index.get(key)
+        if entry is None or entry.state is not _State.COMPLETE:
+            return None
+        return entry.completed_at
+
+    def in_flight(self) -> list[dict[str, object]]:
+        now = time.monotonic()
+        out: list[dict[str, object]] = []
+        for entry in self._index.values():
+            if entry.state is not _State.RUNNING:
+                continue
+            elapsed = max(now - entry.started_mono, 1e-9)
+            rate = entry.received / elapsed
+            remaining = entry.key.size - entry.received
+            out.append(
+                {
+                    "path": entry.key.path,
+                    "done": entry.written,
+                    "received": entry.received,
+                    "total": entry.key.size,
+                    "bytes_per_second": rate,
+                    "eta_seconds": (remaining / rate) if rate > 0 else None,
+                    "readers": entry.handles,
+                    "prefetch": entry.prefetch,
+                    "started": entry.started,
+                }
+            )
+        return out
+
+    # -- internals: starting and running downloads -----------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise CacheError("content cache is closed", errno.EIO)
+        if self._nursery is None:
+            raise CacheError("content cache not started", errno.EIO)
+
+    def _start(self, key: ContentKey, *, prefetch: bool) -> _Entry:
+        assert self._nursery is not None
+        # An idle older version of the same path will not be wanted again.
+        for old in list(self._by_path.get(key.path, ())):
+            old_entry = self._index[old]
+            if old_entry.handles == 0:
+                self._evict(old_entry)
+        self._make_room(key.size, include_running=not prefetch)
+        fd, name = self._create_file()
+        entry = _Entry(
+            key=key,
+            name=name,
+            fd=fd,
+            started=time.time(),
+            started_mono=time.monotonic(),
+            prefetch=prefetch,
+        )
+        self._index[key] = entry
+        self._by_path.setdefault(key.path, set()).add(key)
+        self._all.add(entry)
+        self._usage += key.size
+        if key.size == 0:
+            # Nothing to transfer: stat said empty (the kernel will believe that size anyway).
+            entry.state = _State.COMPLETE
+            entry.sha256 = EMPTY_SHA256
+            entry.completed_at = entry.started
+            entry.prefetch = False
+            return entry
+        entry.task_running = True
+        if self._tasks == 0:
+            self._tasks_done = trio.Event()
+        self._tasks += 1
+        self._nursery.start_soon(self._download, entry, name=f"download-{name}")
+        return entry
+
+    def _create_file(self) -> tuple[int, str]:
+        for _ in range(1000):
+            name = f"c{os.getpid()}-{next(self._names)}"
+            try:
+                return fileio.create_file(self._dir_fd, name), name
+            except FileExistsError:
+                continue  # left over by an earlier run with keep=True
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    self._make_room(-1, include_running=False)
+                raise CacheError(
+                    f"cannot create cache file: {exc.strerror}", exc.errno or errno.EIO
+                ) from exc
+        raise CacheError("cannot find a free cache file name", errno.EEXIST)
+
+    async def _download(self, entry: _Entry) -> None:
+        result: TransferResult | None = None
+        error: GuestfsError | None = None
+        try:
+            with entry.scope:
+                result = await self._transfer(entry)
+        except BaseException as exc:
+            error = self._as_error(entry, exc)
+            if error is None:  # cancelled from outside (shutdown) or KeyboardInterrupt
+                self._finish(entry, None, DownloadCancelled("download cancelled by shutdown"))
+                raise
+        else:
+            if entry.scope.cancelled_caught:
+                error = DownloadCancelled(f"download of {entry.key.path!r} cancelled")
+        self._finish(entry, result, error)
+
+    async def _transfer(self, entry: _Entry) -> TransferResult:
+        """Run the fetch with a sink feeding a disk-writer task; verify the result."""
+        key = entry.key
+        send, recv = trio.open_memory_channel[tuple[bytes, int]](WRITE_QUEUE)
+        pending: list[bytes] = []
+        pending_len = 0
+        offset = 0
+
+        async def sink(chunk: bytes) -> None:
+            nonlocal pending_len, offset
+            if not chunk:
+                await trio.lowlevel.checkpoint()
+                return
+            entry.received += len(chunk)
+            self._stats["bytes_downloaded"] += len(chunk)
+            if entry.received > key.size:
+                raise TransferError(f"download of {key.path!r} is longer than {key.size} bytes")
+            pending.append(chunk)
+            pending_len += len(chunk)
+            if pending_len >= WRITE_CHUNK:
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                pending_len = 0
+                await send.send((data, offset))
+                offset += len(data)
+            else:
+                await trio.lowlevel.checkpoint()
+
+        async def writer() -> None:
+            async with recv:
+                async for data, off in recv:
+                    n = await trio.to_thread.run_sync(
+                        fileio.pwrite_all, self._pwrite, entry.fd, data, off
+                    )
+                    entry.written = off + n
+                    entry.wake()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            async with send:
+                result = await self._fetch(key.path, key.size, sink)
+                if pending:
+                    data = pending[0] if len(pending) == 1 else b"".join(pending)
+                    pending.clear()
+                    await send.send((data, offset))
+                    offset += len(data)
+        if result.nbytes != key.size or entry.received != key.size or entry.written != key.size:
+            raise TransferError(
+                f"download of {key.path!r} delivered {result.nbytes} bytes "
+                f"({entry.received} received), expected {key.size}"
+            )
+        return result
+
+    def _as_error(self, entry: _Entry, exc: BaseException) -> GuestfsError | None:
+        """The error readers get for an exception out of a download (None: only Cancelled)."""
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                err = self._as_error(entry, sub)
+                if err is not None:
+                    return err
+            return None
+        if isinstance(exc, (RemoteError, CacheError)):
+            return exc
+        if isinstance(exc, OSError):
+            err = CacheError(f"cache write failed: {exc.strerror or exc}", exc.errno or errno.EIO)
+            err.__cause__ = exc
+            return err
+        if isinstance(exc, Exception):
+            log.error("download of %r failed unexpectedly", entry.key.path, exc_info=exc)
+            err2 = TransferError(f"download of {entry.key.path!r} failed: {type(exc).__name__}")
+            err2.__cause__ = exc
+            return err2
+        return None  # trio.Cancelled, KeyboardInterrupt, ...
+
+    def _finish(
+        self, entry: _Entry, result: TransferResult | None, error: GuestfsError | None
+    ) -> None:
+        """Record the end of a download (called exactly once per download task)."""
+        entry.task_running = False
+        self._tasks -= 1
+        if self._tasks == 0:
+            self._tasks_done.set()
+        if entry.linger_scope is not None:
+            entry.linger_scope.cancel()
+            entry.linger_scope = None
+        seconds = time.monotonic() - entry.started_mono
+        was_prefetch = entry.prefetch
+        if error is None and result is not None:
+            entry.state = _State.COMPLETE
+            entry.sha256 = result.sha256
+            entry.completed_at = time.time()
+            self._stats["downloads"] += 1
+            if entry.handles == 0 and entry.attached and self._usage > self._max_bytes:
+                self._make_room(0, include_running=False)
+        else:
+            error = error or DownloadCancelled("download cancelled")
+            entry.state = _State.FAILED
+            entry.error = error
+            if isinstance(error, DownloadCancelled):
+                self._stats["cancelled"] += 1
+            else:
+                self._stats["failures"] += 1
+                log.warning("download of %r failed: %s", entry.key.path, error)
+            if entry.attached:
+                self._detach(entry)
+            if isinstance(error, CacheError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The disk is fuller than our accounting thought: free what nobody uses.
+                self._make_room(-1, include_running=False, need_free=entry.key.size)
+        entry.wake()
+        self._maybe_close(entry)
+        if self._on_transfer_end is not None:
+            event = TransferEvent(
+                key=entry.key,
+                started=entry.started,
+                seconds=seconds,
+                nbytes=entry.received,
+                sha256=entry.sha256 if error is None else None,
+                error=error,
+                prefetch=was_prefetch,
+            )
+            try:
+                self._on_transfer_end(event)
+            except Exception:
+                log.exception("on_transfer_end callback failed")
+
+    # -- internals: linger -------------------------------------------------------------------
+
+    def _start_linger(self, entry: _Entry) -> None:
+        if entry.linger_scope is not None or self._nursery is None or self._closed:
+            return
+        scope = trio.CancelScope()
+        entry.linger_scope = scope
+        self._nursery.start_soon(self._linger, entry, scope)
+
+    async def _linger(self, entry: _Entry, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(self.linger)
+            if entry.linger_scope is scope:
+                entry.linger_scope = None
+            if entry.handles == 0 and entry.state is _State.RUNNING:
+                log.debug("cancelling unused download of %r", entry.key.path)
+                entry.scope.cancel()
+
+    # -- internals: space and eviction ---------------------------------------------------
+
+    def _make_room(
+        self,
+        size: int,
+        *,
+        include_running: bool,
+        dry_run: bool = False,
+        need_free: int = 0,
+    ) -> bool:
+        """Evict idle entries until ``usage + size <= max_bytes``; True if that holds.
+
+        Order: unclaimed prefetches first, then least recently used. Running idle downloads
+        (lingering, or unclaimed prefetches) only with ``include_running``. ``size=-1`` with
+        ``need_free`` evicts until that many bytes were freed (after ENOSPC), or everything
+        idle.
+        """
+
+        def fits(freed: int) -> bool:
+            if size < 0:
+                return need_free > 0 and freed >= need_free
+            return self._usage - freed + size <= self._max_bytes
+
+        if fits(0):
+            return True
+        victims: list[_Entry] = []
+        freed = 0
+        candidates = [e for e in self._index.values() if e.prefetch] + [
+            e for e in self._index.values() if not e.prefetch
+        ]
+        for entry in candidates:
+            if entry.handles > 0:
+                continue
+            if entry.state is _State.RUNNING and not include_running:
+                continue
+            victims.append(entry)
+            freed += entry.key.size
+            if fits(freed):
+                break
+        ok = fits(freed)
+        if dry_run:
+            return ok
+        for entry in victims:
+            self._evict(entry)
+        return ok
+
+    def _evict(self, entry: _Entry) -> None:
+        self._stats["evictions"] += 1
+        if entry.state is _State.RUNNING:
+            entry.scope.cancel()
+        self._detach(entry)
+        self._maybe_close(entry)
+
+    def _detach(self, entry: _Entry) -> None:
+        """Remove from index and accounting; unlink the file. Idempotent."""
+        if not entry.attached:
+            return
+        entry.attached = False
+        if self._index.get(entry.key) is entry:
+            del self._index[entry.key]
+            keys = self._by_path.get(entry.key.path)
+            if keys is not None:
+                keys.discard(entry.key)
+                if not keys:
+                    del self._by_path[entry.key.path]
+        self._usage -= entry.key.size
+        if self._dir_fd >= 0:
+            try:
+                fileio.unlink_quietly(self._dir_fd, entry.name)
+            except OSError as exc:
+                log.warning("cannot remove cache file %s: %s", entry.name, exc.strerror)
+
+    def _maybe_close(self, entry: _Entry) -> None:
+        if not entry.attached and entry.handles == 0 and entry.busy == 0 and not entry.task_running:
+            self._close_fd(entry)
+
+    def _close_fd(self, entry: _Entry) -> None:
+        if not entry.fd_closed:
+            entry.fd_closed = True
+            fileio.close_quietly(entry.fd)
+            self._all.discard(entry)
+            entry.wake()

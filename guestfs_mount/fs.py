@@ -1,0 +1,464 @@
+"""The FUSE layer: the only module that speaks pyfuse3.
+
+It turns kernel requests into calls on the metadata cache and the content cache, and
+their errors into errno values. Every handler runs under ``_handler``: a deadline, one
+log line per failure with the guest path, and no exception other than ``FUSEError``
+ever reaches pyfuse3 (any other one would stop the whole mount).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat as statmod
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol, TypeVar, cast
+
+import pyfuse3
+import trio
+
+from .cache.content import ContentKey
+from .errors import GuestfsError, NotFound, to_errno
+from .inodes import InodeTable
+from .meta import MetadataCache
+from .model import DirEntry, FileType, FilesystemFamily, GuestStat
+from .paths import is_safe_name, join, parent_of, rewrite_symlink
+
+log = logging.getLogger(__name__)
+
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+_XATTR_PREFIX = b"user.guestfs."
+_PREFETCH_FILES = 8
+_PREFETCH_MAX_FILE = 4 << 20
+
+
+class ContentStore(Protocol):
+    """What the FUSE layer needs of the content cache."""
+
+    async def open(self, key: ContentKey) -> int: ...
+    async def read(self, handle: int, offset: int, size: int) -> bytes: ...
+    def release(self, handle: int) -> None: ...
+    def sha256(self, key: ContentKey) -> str | None: ...
+    def transfer_time(self, key: ContentKey) -> float | None: ...
+    async def prefetch(self, key: ContentKey) -> bool: ...
+
+
+@dataclass(frozen=True)
+class FsOptions:
+    uid: int | None = None
+    gid: int | None = None
+    raw_symlinks: bool = False
+    ttl: float = 60.0
+    negative_ttl: float = 5.0
+    timeout: float = 60.0
+    prefetch: bool = True
+    debug: bool = False
+
+
+@dataclass
+class _OpenFile:
+    key: ContentKey
+    handle: int | None  # None: an empty file, nothing to download
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _handler(fn: F) -> F:
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> Any:
+        t0 = time.monotonic()
+        try:
+            with trio.fail_after(self.opts.timeout):
+                result = await fn(self, *args)
+        except pyfuse3.FUSEError as exc:
+            if self.opts.debug:
+                log.debug("fuse %s%r -> %s", name, args, errno.errorcode.get(exc.errno, exc.errno))
+            raise
+        except trio.TooSlowError:
+            self._report(name, args, f"no answer within {self.opts.timeout:g}s")
+            raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
+        except GuestfsError as exc:
+            if not isinstance(exc, NotFound):
+                self._report(name, args, str(exc))
+            raise pyfuse3.FUSEError(to_errno(exc)) from exc
+        except Exception as exc:
+            log.exception("internal error in %s%r", name, args)
+            raise pyfuse3.FUSEError(to_errno(exc)) from exc
+        if self.opts.debug:
+            log.debug("fuse %s%r ok %.1fms", name, args, (time.monotonic() - t0) * 1e3)
+        return result
+
+    return cast(F, wrapper)
+
+
+class Operations(pyfuse3.Operations):  # type: ignore[misc]
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        meta: MetadataCache,
+        content: ContentStore,
+        opts: FsOptions,
+        *,
+        root: str = "/",
+        label: str = "",
+    ) -> None:
+        super().__init__()
+        self.meta = meta
+        self.content = content
+        self.opts = opts
+        self.root = root
+        self.label = label
+        self.inodes = InodeTable(root)
+        self._dirs: dict[int, tuple[str, tuple[DirEntry, ...]]] = {}
+        self._files: dict[int, _OpenFile] = {}
+        self._next_fh = 1
+        self._last_key: dict[int, ContentKey] = {}
+        self._prefetched_upto: dict[str, int] = {}
+        self._reported: dict[tuple[str, str], float] = {}
+        self._nursery: trio.Nursery | None = None
+        self.counters: dict[str, int] = {}
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    # -- helpers --------------------------------------------------------------
+
+    def _report(self, op: str, args: Sequence[Any], message: str) -> None:
+        """Log a failure once a minute per (operation, guest path)."""
+        path = self._path_for_log(op, args)
+        now = time.monotonic()
+        key = (op, path)
+        if now - self._reported.get(key, -1e9) < 60:
+            return
+        if len(self._reported) > 10_000:
+            self._reported.clear()
+        self._reported[key] = now
+        log.warning("%s %s: %s", op, path, message)
+
+    def _path_for_log(self, op: str, args: Sequence[Any]) -> str:
+        try:
+            if op in ("read", "release"):
+                f = self._files.get(args[0])
+                return f.key.path if f else "?"
+            if op in ("readdir", "releasedir"):
+                d = self._dirs.get(args[0])
+                return d[0] if d else "?"
+            base = self.inodes.path(args[0]) or "?"
+            if op == "lookup" and isinstance(args[1], bytes):
+                return join(base, os.fsdecode(args[1]))
+            return base
+        except Exception:
+            return "?"
+
+    def _path(self, ino: int) -> str:
+        path = self.inodes.path(ino)
+        if path is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return path
+
+    def _symlink_text(self, path: str, st: GuestStat) -> str:
+        target = st.symlink_target or ""
+        return target if self.opts.raw_symlinks else rewrite_symlink(path, target)
+
+    def _attrs(self, ino: int, path: str, st: GuestStat) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        if st.type is FileType.DIRECTORY:
+            kind, default = statmod.S_IFDIR, 0o755
+        elif st.type is FileType.SYMLINK:
+            kind, default = statmod.S_IFLNK, 0o777
+        else:
+            kind, default = statmod.S_IFREG, 0o644
+        perm = default if st.permissions is None else st.permissions & 0o7777
+        if st.family is FilesystemFamily.WINDOWS and st.read_only:
+            perm &= ~0o222
+        if kind == statmod.S_IFLNK:
+            perm = 0o777
+            size = len(os.fsencode(self._symlink_text(path, st)))
+        else:
+            size = max(st.size, 0)
+        a.st_mode = kind | perm
+        a.st_nlink = 1  # unknown subdirectory count: 1 tells fts/find not to rely on it
+        a.st_uid = self.opts.uid if self.opts.uid is not None else _id_or(st.owner, os.getuid())
+        a.st_gid = self.opts.gid if self.opts.gid is not None else _id_or(st.group, os.getgid())
+        a.st_size = size
+        a.st_blocks = (size + 511) // 512
+        a.st_blksize = 128 * 1024
+        a.st_atime_ns = st.atime_ns
+        a.st_mtime_ns = st.mtime_ns
+        a.st_ctime_ns = st.mtime_ns
+        a.entry_timeout = self.meta.ttl if self.meta.ttl != float("inf") else 86400.0
+        a.attr_timeout = a.entry_timeout
+        return a
+
+    def _partial_attrs(self, ino: int, e: DirEntry) -> pyfuse3.EntryAttributes:
+        """Attributes known from a listing only (type, size). ``attr_timeout = 0`` makes
+        the kernel ask ``getattr`` before it shows any of them to a program."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        kind = {
+            FileType.DIRECTORY: statmod.S_IFDIR | 0o555,
+            FileType.SYMLINK: statmod.S_IFLNK | 0o777,
+            FileType.FILE: statmod.S_IFREG | 0o444,
+        }[e.type]
+        a.st_mode = kind
+        a.st_nlink = 1
+        a.st_uid = self.opts.uid if self.opts.uid is not None else os.getuid()
+        a.st_gid = self.opts.gid if self.opts.gid is not None else os.getgid()
+        a.st_size = max(e.size, 0) if e.type is FileType.FILE else 0
+        a.st_blocks = (a.st_size + 511) // 512
+        a.entry_timeout = self.meta.ttl if self.meta.ttl != float("inf") else 86400.0
+        a.attr_timeout = 0
+        return a
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0  # a negative entry: the kernel remembers "no such name"
+        a.entry_timeout = min(self.opts.negative_ttl, self.meta.ttl)
+        return a
+
+    # -- metadata ---------------------------------------------------------------
+
+    @_handler
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._path(parent_inode)
+        if name == b".":
+            path = parent
+        elif name == b"..":
+            path = parent_of(parent) if parent != self.root else parent
+        else:
+            sname = os.fsdecode(name)
+            if not is_safe_name(sname):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            path = join(parent, sname)
+            known = self.meta.entry(parent, sname)
+            if known is False:
+                return self._negative()
+            if isinstance(known, DirEntry) and self.meta.cached_stat(path) is None:
+                ino = self.inodes.inode(path)
+                attrs = self._partial_attrs(ino, known)
+                self.inodes.add_lookup(ino)
+                return attrs
+        try:
+            st = await self.meta.stat(path)
+        except NotFound:
+            return self._negative()
+        ino = self.inodes.inode(path)
+        attrs = self._attrs(ino, path, st)
+        if name not in (b".", b".."):
+            self.inodes.add_lookup(ino)
+        return attrs
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            try:
+                if self.inodes.forget(ino, n):
+                    self._last_key.pop(ino, None)
+            except Exception:  # forget must never raise
+                log.exception("forget(%d, %d)", ino, n)
+
+    @_handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        path = self._path(inode)
+        st = self.meta.cached_stat(path)
+        if st is None:
+            if path != self.root:
+                # A stat after a listing: fetch the siblings' stats too (ls -l, du, find).
+                self.meta.stat_ahead(parent_of(path))
+            st = await self.meta.stat(path)
+        return self._attrs(inode, path, st)
+
+    @_handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        path = self._path(inode)
+        st = await self.meta.stat(path)
+        if st.type is not FileType.SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(self._symlink_text(path, st))
+
+    @_handler
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # Without default_permissions the guest decides who reads what; only writes
+        # are known to fail.
+        return not mode & os.W_OK
+
+    @_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = s.f_bfree = s.f_bavail = 0
+        s.f_files = s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- directories --------------------------------------------------------------
+
+    @_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        path = self._path(inode)
+        entries = await self.meta.listdir(path)
+        if path != self.root:
+            # Walking into a subdirectory of a listed directory is how find, du,
+            # grep -r and cp -r move: list its siblings ahead, in parallel.
+            self.meta.list_ahead(parent_of(path))
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = (path, entries)
+        return fh
+
+    @_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        snap = self._dirs.get(fh)
+        if snap is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        path, entries = snap
+        for i in range(start_id, len(entries)):
+            e = entries[i]
+            child = join(path, e.name)
+            ino = self.inodes.inode(child)
+            st = self.meta.cached_stat(child)
+            attrs = self._attrs(ino, child, st) if st else self._partial_attrs(ino, e)
+            if not pyfuse3.readdir_reply(token, os.fsencode(e.name), attrs, i + 1):
+                break
+            self.inodes.add_lookup(ino)
+
+    @_handler
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files ----------------------------------------------------------------------
+
+    @_handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        path = self._path(inode)
+        st = await self.meta.stat(path)
+        if st.type is FileType.DIRECTORY:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if st.type is FileType.SYMLINK:
+            raise pyfuse3.FUSEError(errno.ELOOP)
+        key = ContentKey(path, st.size, st.mtime_ns)
+        handle = None if st.size == 0 else await self.content.open(key)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._files[fh] = _OpenFile(key, handle)
+        # Pages cached by the kernel stay valid only while the version is the same.
+        keep = self._last_key.get(inode) == key
+        self._last_key[inode] = key
+        if self.opts.prefetch and path != self.root:
+            self._schedule_prefetch(parent_of(path), path.rsplit("/", 1)[-1])
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self._files.get(fh)
+        if f is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if f.handle is None or off >= f.key.size:
+            return b""
+        return await self.content.read(f.handle, off, size)
+
+    @_handler
+    async def release(self, fh: int) -> None:
+        f = self._files.pop(fh, None)
+        if f is not None and f.handle is not None:
+            self.content.release(f.handle)
+
+    # -- prefetch ---------------------------------------------------------------------
+
+    def _schedule_prefetch(self, parent: str, name: str) -> None:
+        entries = self.meta.cached_listing(parent)
+        if entries is None or self._nursery is None:
+            return
+        try:
+            idx = next(i for i, e in enumerate(entries) if e.name == name)
+        except StopIteration:
+            return
+        if self._prefetched_upto.get(parent, -1) > idx + _PREFETCH_FILES // 2:
+            return
+        picked: list[str] = []
+        last = idx
+        for i in range(idx + 1, len(entries)):
+            e = entries[i]
+            last = i
+            if e.type is FileType.FILE and 0 < e.size <= _PREFETCH_MAX_FILE:
+                picked.append(join(parent, e.name))
+                if len(picked) >= _PREFETCH_FILES:
+                    break
+        self._prefetched_upto[parent] = last
+        if picked:
+            self.meta.stat_ahead(parent)
+            self._nursery.start_soon(self._prefetch, picked)
+
+    async def _prefetch(self, paths: list[str]) -> None:
+        for path in paths:
+            try:
+                st = await self.meta.stat(path)
+                if st.type is not FileType.FILE or st.size == 0:
+                    continue
+                if not await self.content.prefetch(ContentKey(path, st.size, st.mtime_ns)):
+                    return  # budget spent
+            except Exception as exc:
+                log.debug("prefetch of %r skipped: %s", path, exc)
+
+    # -- xattrs -------------------------------------------------------------------------
+
+    def _xattrs(self, inode: int) -> dict[bytes, bytes]:
+        path = self._path(inode)
+        out = {b"user.guestfs.guest_path": os.fsencode(path)}
+        key = self._last_key.get(inode)
+        st = self.meta.cached_stat(path)
+        if key is not None and (st is None or (st.size, st.mtime_ns) == (key.size, key.mtime_ns)):
+            digest = EMPTY_SHA256 if key.size == 0 else self.content.sha256(key)
+            if digest:
+                out[b"user.guestfs.sha256"] = digest.encode()
+            when = self.content.transfer_time(key)
+            if when is not None:
+                iso = datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds")
+                out[b"user.guestfs.transfer_time"] = iso.replace("+00:00", "Z").encode()
+        if st is not None and st.family is FilesystemFamily.WINDOWS:
+            if st.hidden is not None:
+                out[b"user.guestfs.hidden"] = b"1" if st.hidden else b"0"
+            if st.read_only is not None:
+                out[b"user.guestfs.read_only"] = b"1" if st.read_only else b"0"
+        return out
+
+    @_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(_XATTR_PREFIX):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        value = self._xattrs(inode).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @_handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return list(self._xattrs(inode))
+
+    # -- everything that would write: refused --------------------------------------
+
+    async def _erofs(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = write = create = mkdir = mknod = symlink = link = _erofs
+    unlink = rmdir = rename = setxattr = removexattr = _erofs
+
+
+def _id_or(value: int | None, default: int) -> int:
+    return default if value is None or value < 0 or value > 0xFFFFFFFE else value
+

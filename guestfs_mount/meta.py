@@ -1,0 +1,275 @@
+"""Metadata cache: guest listings and stat results, with a TTL, bounded, deduplicated.
+
+Every remote metadata call of the mount goes through here, so that:
+
+* concurrent requests for the same path share one API call (``_Flights``);
+* a path's stat and a directory's listing are reused for ``ttl`` seconds
+  (for ever with ``frozen``: an evidence view that never changes once seen);
+* ``NotFound`` is remembered too, so repeated probes (shells, ``git``) cost nothing;
+* listing a directory makes no per-file call, but once a stat of one of its entries is
+  asked for, the rest are fetched in parallel (``stat_ahead``): ``ls -l`` then costs a
+  few round trips instead of one per entry, and plain ``ls`` costs one listing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import cachetools
+import trio
+
+from .errors import NotFound
+from .model import DirEntry, FileType, GuestStat
+from .paths import join
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class GuestBackend(Protocol):
+    """The calls the metadata cache needs; bound to one VM."""
+
+    async def list_dir(self, path: str) -> list[DirEntry]: ...
+
+    async def stat(self, path: str) -> GuestStat: ...
+
+
+@dataclass
+class _Flight(Generic[T]):
+    done: trio.Event = field(default_factory=trio.Event)
+    value: T | None = None
+    error: BaseException | None = None
+    cancelled: bool = False
+
+
+class _Flights(Generic[T]):
+    """One in-flight fetch per key; late callers wait for it and share its outcome."""
+
+    def __init__(self) -> None:
+        self._flights: dict[Hashable, _Flight[T]] = {}
+
+    def busy(self, key: Hashable) -> bool:
+        return key in self._flights
+
+    async def run(self, key: Hashable, fetch: Callable[[], Awaitable[T]]) -> T:
+        while (flight := self._flights.get(key)) is not None:
+            await flight.done.wait()
+            if flight.cancelled:
+                continue  # its owner was cancelled: try again, maybe as the new owner
+            if flight.error is not None:
+                raise flight.error
+            return flight.value  # type: ignore[return-value]
+        flight = self._flights[key] = _Flight()
+        try:
+            flight.value = await fetch()
+            return flight.value
+        except Exception as exc:
+            flight.error = exc
+            raise
+        except BaseException:
+            flight.cancelled = True
+            raise
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+
+class MetadataCache:
+    def __init__(
+        self,
+        backend: GuestBackend,
+        *,
+        ttl: float = 60.0,
+        negative_ttl: float | None = None,
+        frozen: bool = False,
+        max_stats: int = 500_000,
+        max_listed_entries: int = 2_000_000,
+        stat_parallel: int = 32,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.frozen = frozen
+        self.ttl = math.inf if frozen else ttl
+        neg = self.ttl if negative_ttl is None else min(negative_ttl, self.ttl)
+        self._stats: cachetools.Cache[str, GuestStat]
+        self._missing: cachetools.Cache[str, bool]
+        self._lists: cachetools.Cache[str, tuple[DirEntry, ...]]
+        if frozen:
+            # An evidence view must not forget (and so possibly change) what it showed.
+            self._stats = cachetools.Cache(maxsize=math.inf)
+            self._missing = cachetools.Cache(maxsize=math.inf)
+            self._lists = cachetools.Cache(maxsize=math.inf)
+        else:
+            self._stats = cachetools.TTLCache(max_stats, ttl, timer=clock)
+            self._missing = cachetools.TTLCache(max_stats, neg, timer=clock)
+            self._lists = cachetools.TTLCache(
+                max_listed_entries, ttl, timer=clock, getsizeof=lambda v: len(v) + 1
+            )
+        self._stat_flights: _Flights[GuestStat] = _Flights()
+        self._list_flights: _Flights[tuple[DirEntry, ...]] = _Flights()
+        self._ahead_done: cachetools.Cache[str, bool] = (
+            cachetools.Cache(maxsize=math.inf)
+            if frozen
+            else cachetools.TTLCache(100_000, ttl, timer=clock)
+        )
+        # A semaphore, not a CapacityLimiter: it is released by the task it was taken for.
+        self._list_ahead_done: cachetools.Cache[str, bool] = (
+            cachetools.Cache(maxsize=math.inf)
+            if frozen
+            else cachetools.TTLCache(100_000, ttl, timer=clock)
+        )
+        self._limiter = trio.Semaphore(stat_parallel)
+        self._nursery: trio.Nursery | None = None
+        self.counters = {"stat_calls": 0, "list_calls": 0, "stat_hits": 0, "list_hits": 0}
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    # -- stat -----------------------------------------------------------------
+
+    def cached_stat(self, path: str) -> GuestStat | None:
+        return self._stats.get(path)
+
+    def known_missing(self, path: str) -> bool:
+        return self._missing.get(path, False)
+
+    async def stat(self, path: str) -> GuestStat:
+        st = self._stats.get(path)
+        if st is not None:
+            self.counters["stat_hits"] += 1
+            return st
+        if self._missing.get(path):
+            raise NotFound(f"{path}: no such file in the guest (cached)", path=path)
+        return await self._stat_flights.run(path, lambda: self._fetch_stat(path))
+
+    async def _fetch_stat(self, path: str) -> GuestStat:
+        self.counters["stat_calls"] += 1
+        try:
+            st = await self.backend.stat(path)
+        except NotFound:
+            self._missing[path] = True
+            raise
+        self._stats[path] = st
+        self._missing.pop(path, None)
+        return st
+
+    # -- listings ---------------------------------------------------------------
+
+    def cached_listing(self, path: str) -> tuple[DirEntry, ...] | None:
+        return self._lists.get(path)
+
+    async def listdir(self, path: str) -> tuple[DirEntry, ...]:
+        entries = self._lists.get(path)
+        if entries is not None:
+            self.counters["list_hits"] += 1
+            return entries
+        return await self._list_flights.run(path, lambda: self._fetch_listing(path))
+
+    async def _fetch_listing(self, path: str) -> tuple[DirEntry, ...]:
+        self.counters["list_calls"] += 1
+        entries = tuple(await self.backend.list_dir(path))
+        try:
+            self._lists[path] = entries
+        except ValueError:
+            log.warning("listing of %r has %d entries: too large to cache", path, len(entries))
+        self._ahead_done.pop(path, None)
+        return entries
+
+    def entry(self, parent: str, name: str) -> DirEntry | None | bool:
+        """From a cached listing of ``parent``: the entry, ``False`` if the listing is
+        cached and has no such name, ``None`` if nothing is known."""
+        entries = self._lists.get(parent)
+        if entries is None:
+            return None
+        index = self._index_of(parent, entries)
+        return index.get(name, False)
+
+    _indexes: dict[int, tuple[tuple[DirEntry, ...], dict[str, DirEntry]]]
+
+    def _index_of(self, parent: str, entries: tuple[DirEntry, ...]) -> dict[str, DirEntry]:
+        # Keyed on the tuple's identity and holding a reference to it, so a new listing
+        # of the same directory gets a fresh index and an old id cannot be reused.
+        cache = self.__dict__.setdefault("_indexes", {})
+        hit = cache.get(id(entries))
+        if hit is not None and hit[0] is entries:
+            return hit[1]
+        if len(cache) > 256:
+            cache.clear()
+        index = {e.name: e for e in entries}
+        cache[id(entries)] = (entries, index)
+        return index
+
+    # -- stat-ahead --------------------------------------------------------------
+
+    def stat_ahead(self, parent: str) -> None:
+        """Fetch, in the background and in parallel, the stat of every entry of
+        ``parent``'s cached listing that is not cached yet."""
+        if self._nursery is None or self._ahead_done.get(parent):
+            return
+        entries = self._lists.get(parent)
+        if entries is None:
+            return
+        self._ahead_done[parent] = True
+        todo = [join(parent, e.name) for e in entries]
+        todo = [p for p in todo if p not in self._stats and not self._stat_flights.busy(p)]
+        if todo:
+            self._nursery.start_soon(self._stat_many, todo)
+
+    async def _stat_many(self, paths: list[str]) -> None:
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                await self._limiter.acquire()
+                nursery.start_soon(self._stat_quietly, path)
+
+    async def _stat_quietly(self, path: str) -> None:
+        try:
+            if path not in self._stats:
+                await self._stat_flights.run(path, lambda: self._fetch_stat(path))
+        except Exception as exc:  # the foreground request will see and report it
+            log.debug("stat-ahead of %r failed: %s", path, exc)
+        finally:
+            self._limiter.release()
+
+    def list_ahead(self, parent: str, max_dirs: int = 1000) -> None:
+        """List, in the background, the subdirectories of ``parent``'s cached listing.
+        When ``parent``'s entries were being stat'ed ahead, stat theirs ahead as well,
+        so a ``du``/``find -ls`` walk finds both ready one level down."""
+        if self._nursery is None or self._list_ahead_done.get(parent):
+            return
+        entries = self._lists.get(parent)
+        if entries is None:
+            return
+        self._list_ahead_done[parent] = True
+        dirs = [join(parent, e.name) for e in entries if e.type is FileType.DIRECTORY]
+        dirs = [d for d in dirs if d not in self._lists and not self._list_flights.busy(d)]
+        if dirs:
+            hungry = bool(self._ahead_done.get(parent))
+            self._nursery.start_soon(self._list_many, dirs[:max_dirs], hungry)
+
+    async def _list_many(self, dirs: list[str], then_stat: bool) -> None:
+        async with trio.open_nursery() as nursery:
+            for d in dirs:
+                await self._limiter.acquire()
+                nursery.start_soon(self._list_quietly, d, then_stat)
+
+    async def _list_quietly(self, path: str, then_stat: bool) -> None:
+        try:
+            if path not in self._lists:
+                await self._list_flights.run(path, lambda: self._fetch_listing(path))
+            if then_stat:
+                self.stat_ahead(path)
+        except Exception as exc:
+            log.debug("list-ahead of %r failed: %s", path, exc)
+        finally:
+            self._limiter.release()
+
+    def invalidate(self, path: str) -> None:
+        self._stats.pop(path, None)
+        self._missing.pop(path, None)
+        self._lists.pop(path, None)

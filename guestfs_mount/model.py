@@ -1,0 +1,115 @@
+"""Plain data shared by every layer: what the guest reports about its files.
+
+Guest paths and names are ``str``. A guest name that is not valid UTF-8 travels as a
+``str`` with lone surrogates (Python's ``surrogateescape``), so ``os.fsencode(name)``
+gives back the guest's bytes; every layer keeps that property.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FileType(enum.Enum):
+    FILE = "FILE"
+    DIRECTORY = "DIRECTORY"
+    SYMLINK = "SYMLINK"
+
+
+class FilesystemFamily(enum.Enum):
+    POSIX = "POSIX"
+    WINDOWS = "WINDOWS"
+
+
+class PowerState(enum.Enum):
+    POWERED_ON = "POWERED_ON"
+    POWERED_OFF = "POWERED_OFF"
+    SUSPENDED = "SUSPENDED"
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    """One ``files?action=list`` summary: all the list API tells about an entry."""
+
+    name: str
+    type: FileType
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One page of ``files?action=list``. ``end_of_data`` is ``status == END_OF_DATA``."""
+
+    entries: tuple[DirEntry, ...]
+    total: int
+    end_of_data: bool
+    start_index: int | None = None
+    end_index: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuestStat:
+    """``files/{path}?action=get``: the full attributes of one guest path.
+
+    Times are integer nanoseconds since the epoch. ``permissions`` holds only the
+    chmod(2) bits (``0o7777`` at most); ``owner``/``group`` are None for Windows guests.
+    """
+
+    type: FileType
+    size: int
+    mtime_ns: int
+    atime_ns: int
+    family: FilesystemFamily = FilesystemFamily.POSIX
+    owner: int | None = None
+    group: int | None = None
+    permissions: int | None = None
+    symlink_target: str | None = None
+    hidden: bool | None = None
+    read_only: bool | None = None
+    created_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VmInfo:
+    vm: str
+    name: str
+    power_state: PowerState
+
+
+class CredentialType(enum.Enum):
+    USERNAME_PASSWORD = "USERNAME_PASSWORD"
+    SAML_BEARER_TOKEN = "SAML_BEARER_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class GuestCredentials:
+    """Guest account sent with every guest operation. Secrets are kept out of ``repr``."""
+
+    type: CredentialType
+    user_name: str | None = None
+    password: str | None = field(default=None, repr=False)
+    saml_token: str | None = field(default=None, repr=False)
+    interactive_session: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {
+            "type": self.type.value,
+            "interactive_session": self.interactive_session,
+        }
+        if self.user_name is not None:
+            body["user_name"] = self.user_name
+        if self.type is CredentialType.USERNAME_PASSWORD and self.password is not None:
+            body["password"] = self.password
+        if self.type is CredentialType.SAML_BEARER_TOKEN and self.saml_token is not None:
+            body["saml_token"] = self.saml_token
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """What a finished download delivered."""
+
+    nbytes: int
+    sha256: str
+    seconds: float

@@ -1,0 +1,208 @@
+"""Lifecycle of one mount: connect, check, mount, serve, unmount.
+
+Everything runs in one ``trio.run``: the vCenter client and the caches are opened
+around ``pyfuse3.main()`` and closed after it. ``serve`` reports readiness (or the
+one-line reason it cannot start) through a callback, so the CLI can return only
+when the mount is usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from .audit import AuditLog
+from .cache.content import ContentCache, ContentKey, TransferEvent
+from .errors import ConfigError
+from .fs import FsOptions, Operations
+from .meta import MetadataCache
+from .model import DirEntry, FileType, GuestStat, TransferResult
+from .vcenter.client import ClientConfig, VCenterClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountConfig:
+    client: ClientConfig
+    vm: str
+    mountpoint: str
+    guest_root: str = "/"
+    fs: FsOptions = field(default_factory=FsOptions)
+    frozen: bool = False
+    cache_dir: str | None = None
+    cache_size: int = 4 << 30
+    keep_cache: bool = False
+    allow_other: bool = False
+    audit_log: str | None = None
+    grace: float = 5.0
+    max_tasks: int = 64
+    read_ahead_kb: int = 4096
+    debug_fuse: bool = False
+
+
+class _Guest:
+    """The metadata backend: the client's calls bound to one VM."""
+
+    def __init__(self, client: VCenterClient, vm: str) -> None:
+        self.client = client
+        self.vm = vm
+
+    async def list_dir(self, path: str) -> list[DirEntry]:
+        return await self.client.list_dir(self.vm, path)
+
+    async def stat(self, path: str) -> GuestStat:
+        return await self.client.stat(self.vm, path)
+
+    async def fetch(
+        self, path: str, size: int, sink: Callable[[bytes], object]
+    ) -> TransferResult:
+        return await self.client.download(self.vm, path, size, sink)  # type: ignore[arg-type]
+
+
+def _mount_options(cfg: MountConfig) -> set[str]:
+    opts = {"ro", "fsname=guestfs", "subtype=guestfs", "nodev", "nosuid", "noatime"}
+    if cfg.allow_other:
+        # Other local users get the guest's mode bits checked by the kernel; the
+        # mounting user alone otherwise, limited only by what the guest account can read.
+        opts |= {"allow_other", "default_permissions"}
+    if cfg.debug_fuse:
+        opts.add("debug")
+    return opts
+
+
+def _bdi_of(mountpoint: str) -> str | None:
+    """``major:minor`` of a mount from /proc/self/mountinfo (a stat of the mount point
+    itself would deadlock here: this thread serves it). ``mountpoint`` must already be
+    a real path."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    want = os.fsencode(mountpoint)
+    found = None
+    for line in lines:
+        parts = line.split()
+        if len(parts) > 4 and _unescape(parts[4]) == want:
+            found = parts[2].decode()  # the last match is the topmost mount
+    return found
+
+
+def _unescape(field: bytes) -> bytes:
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def _raise_read_ahead(mountpoint: str, kb: int) -> None:
+    dev = _bdi_of(mountpoint)
+    if dev is None or os.geteuid() != 0:
+        return
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except OSError as exc:
+        log.debug("could not raise read_ahead_kb: %s", exc)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state, if it is listening."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.debug("sd_notify failed: %s", exc)
+
+
+async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
+    """Mount and serve until unmounted or signalled. ``ready(None)`` once the mount is
+    usable; any error before that propagates (the caller reports it)."""
+    async with VCenterClient(cfg.client) as client:
+        vm = await client.find_vm(cfg.vm)
+        await client.check_guest_ready(vm.vm)
+        root = await client.stat(vm.vm, cfg.guest_root)  # also proves the guest login works
+        if root.type is not FileType.DIRECTORY:
+            raise ConfigError(f"guest path {cfg.guest_root!r} is not a directory")
+        guest = _Guest(client, vm.vm)
+
+        own_dir = cfg.cache_dir is None
+        cache_dir = cfg.cache_dir or tempfile.mkdtemp(prefix="guestfs-mount-")
+        audit = (
+            AuditLog(cfg.audit_log, vcenter=client.vcenter_host, vm=vm.vm, vm_name=vm.name)
+            if cfg.audit_log
+            else None
+        )
+
+        def on_transfer_end(ev: TransferEvent) -> None:
+            if audit is not None:
+                audit.record(ev)
+
+        content = ContentCache(
+            cache_dir,
+            cfg.cache_size,
+            guest.fetch,  # type: ignore[arg-type]
+            keep=cfg.keep_cache,
+            on_transfer_end=on_transfer_end,
+        )
+        meta = MetadataCache(
+            guest, ttl=cfg.fs.ttl, negative_ttl=cfg.fs.negative_ttl, frozen=cfg.frozen
+        )
+        ops = Operations(meta, content, cfg.fs, root=cfg.guest_root, label=vm.name)
+        meta._stats[cfg.guest_root] = root  # seed: the root was just fetched
+        try:
+            async with trio.open_nursery() as nursery:
+                await content.start(nursery)
+                meta.start(nursery)
+                ops.start(nursery)
+                pyfuse3.init(ops, cfg.mountpoint, _mount_options(cfg))
+                try:
+                    _raise_read_ahead(cfg.mountpoint, cfg.read_ahead_kb)
+                    log.info(
+                        "mounted %s (%s) %s on %s", vm.name, vm.vm, cfg.guest_root, cfg.mountpoint
+                    )
+                    ready(None)
+                    sd_notify("READY=1")
+                    nursery.start_soon(_stop_on_signal, nursery.cancel_scope, cfg.grace)
+                    await pyfuse3.main(max_tasks=cfg.max_tasks)
+                    nursery.cancel_scope.cancel()  # main() returned: unmounted from outside
+                finally:
+                    sd_notify("STOPPING=1")
+                    pyfuse3.close(unmount=True)
+        finally:
+            with trio.CancelScope(shield=True):
+                await content.aclose()
+            if audit is not None:
+                audit.close()
+            if own_dir and not cfg.keep_cache:
+                try:
+                    os.rmdir(cache_dir)
+                except OSError:
+                    pass
+            log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _stop_on_signal(scope: trio.CancelScope, grace: float) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for sig in signals:
+            log.info("signal %d: unmounting", sig)
+            pyfuse3.terminate()  # stop taking new requests
+            break
+    await trio.sleep(grace)  # let handlers in flight finish
+    scope.cancel()
+
+
+__all__ = ["ContentKey", "MountConfig", "sd_notify", "serve"]

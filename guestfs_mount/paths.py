@@ -1,0 +1,72 @@
+"""Guest path arithmetic: joining, normalising, and making symlink targets safe.
+
+Pure functions on ``str`` guest paths (POSIX form, ``/`` separated). Guest data is
+untrusted: nothing here ever yields a path that leaves the guest root.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+NAME_MAX = 255
+
+
+def is_safe_name(name: str) -> bool:
+    """True when ``name`` can be one directory entry of the mount."""
+    if name in ("", ".", ".."):
+        return False
+    if "/" in name or "\0" in name:
+        return False
+    return len(os.fsencode(name)) <= NAME_MAX
+
+
+def join(parent: str, name: str) -> str:
+    return parent + name if parent.endswith("/") else parent + "/" + name
+
+
+def parent_of(path: str) -> str:
+    return posixpath.dirname(path) or "/"
+
+
+def split_components(path: str) -> list[str]:
+    return [c for c in path.split("/") if c and c != "."]
+
+
+def normalize(path: str) -> str:
+    """Absolute, with ``.``/``..``/``//`` resolved lexically and ``..`` clamped at ``/``
+    (as the kernel does at a root)."""
+    out: list[str] = []
+    for comp in split_components(path):
+        if comp == "..":
+            if out:
+                out.pop()
+        else:
+            out.append(comp)
+    return "/" + "/".join(out)
+
+
+def rewrite_symlink(link_path: str, target: str) -> str:
+    """The target to show for the guest symlink ``link_path -> target``.
+
+    The result always resolves inside the mount: an absolute target becomes relative
+    to the link's directory, and a relative one that climbs above the guest root is
+    replaced by its clamped equivalent. A relative target that stays inside is kept
+    as the guest wrote it.
+    """
+    if not target:
+        return target
+    base = parent_of(link_path)
+    if not target.startswith("/"):
+        depth = len(split_components(base))
+        for comp in split_components(target):
+            depth = depth - 1 if comp == ".." else depth + 1
+            if depth < 0:
+                break
+        else:
+            return target
+    resolved = normalize(target if target.startswith("/") else join(base, target))
+    rel = posixpath.relpath(resolved, base)
+    if target.endswith("/") and target.strip("/") and rel != ".":
+        rel += "/"
+    return rel

@@ -1,0 +1,142 @@
+"""``/_sim`` admin routes on the vCenter listener (no authentication: a loopback test tool).
+
+==========================  ==================================================
+``GET  /_sim/stats``        call counters, transfer counters, sessions, bytes
+``POST /_sim/stats/reset``  zero the counters
+``GET  /_sim/faults``       current fault settings
+``POST /_sim/faults``       change some faults (see faults.Faults.update)
+``POST /_sim/faults/reset`` clear every fault
+``POST /_sim/vms/{vm}/power``  ``{"state": "POWERED_ON"|"POWERED_OFF"|"SUSPENDED"}``
+``POST /_sim/vms/{vm}/tools``  ``{"running": bool}``
+``POST /_sim/sessions/expire``  drop every vCenter session
+``POST /_sim/restart``      drop sessions and transfer URLs, cut in-flight bodies
+``GET  /_sim/info``         VMs and options (no secrets)
+==========================  ==================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from .faults import FaultError
+from .state import POWER_STATES, SimState
+from .vapi import JsonResponse
+
+log = logging.getLogger("guestfs_mount.sim.admin")
+
+
+def _bad(message: str, status: int = 400) -> JsonResponse:
+    return JsonResponse({"error": message}, status_code=status)
+
+
+async def _json(request: Request) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    return json.loads(raw)
+
+
+def routes(state: SimState) -> list[BaseRoute]:
+    async def stats(request: Request) -> Response:
+        return JsonResponse(state.stats_json())
+
+    async def stats_reset(request: Request) -> Response:
+        state.reset_stats()
+        return JsonResponse(state.stats_json())
+
+    async def faults_get(request: Request) -> Response:
+        return JsonResponse(state.faults.to_json())
+
+    async def faults_post(request: Request) -> Response:
+        try:
+            body = await _json(request)
+            if not isinstance(body, dict):
+                raise FaultError("body must be a JSON object")
+            state.faults.update(body)
+        except (ValueError, FaultError) as exc:
+            return _bad(str(exc))
+        log.info("faults set: %s", body)
+        return JsonResponse(state.faults.to_json())
+
+    async def faults_reset(request: Request) -> Response:
+        state.faults.reset()
+        return JsonResponse(state.faults.to_json())
+
+    async def vm_power(request: Request) -> Response:
+        vm = state.vms.get(request.path_params["vm"])
+        if vm is None:
+            return _bad("unknown vm", 404)
+        try:
+            body = await _json(request)
+        except ValueError as exc:
+            return _bad(str(exc))
+        new = body.get("state") if isinstance(body, dict) else None
+        if new not in POWER_STATES:
+            return _bad(f"state must be one of {list(POWER_STATES)}")
+        state.set_power(vm, new)
+        log.info("%s power -> %s", vm.vm, new)
+        return JsonResponse(vm.summary())
+
+    async def vm_tools(request: Request) -> Response:
+        vm = state.vms.get(request.path_params["vm"])
+        if vm is None:
+            return _bad("unknown vm", 404)
+        try:
+            body = await _json(request)
+        except ValueError as exc:
+            return _bad(str(exc))
+        running = body.get("running") if isinstance(body, dict) else None
+        if not isinstance(running, bool):
+            return _bad("running must be a boolean")
+        vm.tools_running = running
+        log.info("%s tools running -> %s", vm.vm, running)
+        return JsonResponse({"vm": vm.vm, "tools_running": running})
+
+    async def sessions_expire(request: Request) -> Response:
+        n = len(state.sessions)
+        state.drop_sessions()
+        return JsonResponse({"expired": n})
+
+    async def restart(request: Request) -> Response:
+        state.restart()
+        log.info("simulated vCenter restart")
+        return JsonResponse({"restarted": True})
+
+    async def info(request: Request) -> Response:
+        opts = state.options
+        return JsonResponse(
+            {
+                "vms": [
+                    {**vm.summary(), "tools_running": vm.tools_running,
+                     "root": vm.root.decode("utf-8", "surrogateescape")}
+                    for vm in state.vms.values()
+                ],
+                "options": {
+                    "session_idle_timeout": opts.session_idle_timeout,
+                    "transfer_ttl": opts.transfer_ttl,
+                    "max_page_size": opts.max_page_size,
+                    "released_api": opts.released_api,
+                    "preview_api": opts.preview_api,
+                    "esx_url_host": opts.esx_url_host,
+                },
+            }
+        )
+
+    return [
+        Route("/stats", stats, methods=["GET"]),
+        Route("/stats/reset", stats_reset, methods=["POST"]),
+        Route("/faults", faults_get, methods=["GET"]),
+        Route("/faults", faults_post, methods=["POST"]),
+        Route("/faults/reset", faults_reset, methods=["POST"]),
+        Route("/vms/{vm}/power", vm_power, methods=["POST"]),
+        Route("/vms/{vm}/tools", vm_tools, methods=["POST"]),
+        Route("/sessions/expire", sessions_expire, methods=["POST"]),
+        Route("/restart", restart, methods=["POST"]),
+        Route("/info", info, methods=["GET"]),
+    ]

@@ -1,0 +1,288 @@
+"""``guestfs-sim``: a vCenter + ESXi simulator serving host directories as guest filesystems.
+
+    guestfs-sim --demo
+    guestfs-sim --root DIR
+    guestfs-sim --vm web=/srv/web --vm db=/srv/db --config sim.toml
+    guestfs-sim ctl --ready-file ready.json POST faults '{"busy_next": 2}'
+
+See docs/simulator.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from .demo import build_demo_tree
+from .faults import FaultError, Faults
+from .server import ServerSettings, run_server
+from .state import POWER_STATES, GuestAccount, SimOptions, SimState, Vm
+
+log = logging.getLogger("guestfs_mount.sim")
+
+DEFAULT_USER = "administrator@vsphere.local"
+DEFAULT_GUEST_USER = "root"
+
+
+class UsageError(Exception):
+    pass
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="guestfs-sim",
+        description="vCenter/ESXi REST simulator for guestfs-mount (guest file operations). "
+        "Prints one JSON line when ready. Subcommand: 'guestfs-sim ctl --help'.",
+    )
+    src = p.add_argument_group("guest trees")
+    src.add_argument("--root", metavar="DIR", help="serve DIR as guest / of one VM")
+    src.add_argument("--vm-name", default="demo-vm", help="name of the --root/--demo VM")
+    src.add_argument("--vm", action="append", default=[], metavar="NAME=DIR",
+                     help="add a VM serving DIR (repeatable)")
+    src.add_argument("--demo", action="store_true",
+                     help="generate a demo guest tree in a temporary directory and serve it")
+    src.add_argument("--demo-big-mib", type=int, default=4, help=argparse.SUPPRESS)
+    src.add_argument("--config", metavar="FILE",
+                     help="JSON or TOML file: accounts, SAML tokens, subtrees, VMs")
+    acc = p.add_argument_group("accounts")
+    acc.add_argument("--user", default=DEFAULT_USER, help="vCenter user (default %(default)s)")
+    acc.add_argument("--password-file", metavar="FILE",
+                     help="file holding the vCenter password (default: random)")
+    acc.add_argument("--guest-user", default=DEFAULT_GUEST_USER,
+                     help="guest user (default %(default)s)")
+    acc.add_argument("--guest-password-file", metavar="FILE",
+                     help="file holding the guest password (default: random)")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="listen address (default %(default)s)")
+    net.add_argument("--port", type=int, default=0, help="vCenter port (default: random free)")
+    net.add_argument("--esx-port", type=int, default=0, help="ESXi port (default: random free)")
+    net.add_argument("--hostname", action="append", default=[],
+                     help="extra certificate SAN (repeatable)")
+    net.add_argument("--no-tls", action="store_true", help="plain HTTP on both listeners")
+    net.add_argument("--separate-esx-ca", action="store_true",
+                     help="sign the ESXi certificate with a second CA (esx_ca_file)")
+    net.add_argument("--cert-dir", metavar="DIR",
+                     help="where to write the CA and certificates (default: a temp dir)")
+    net.add_argument("--esx-url-host", default="*",
+                     help="host part of transfer URLs: '*' (default), NAME or NAME:PORT")
+    beh = p.add_argument_group("behaviour")
+    beh.add_argument("--session-idle-timeout", type=_positive, default=1800.0, metavar="S")
+    beh.add_argument("--transfer-ttl", type=_positive, default=600.0, metavar="S")
+    beh.add_argument("--max-page-size", type=int, default=1000, metavar="N")
+    beh.add_argument("--no-released-api", action="store_true",
+                     help="disable POST .../guest/filesystem?action=create")
+    beh.add_argument("--no-preview-api", action="store_true",
+                     help="disable the pre-release GET .../guest/filesystem")
+    beh.add_argument("--omit-content-length", action="store_true",
+                     help="send transfer bodies without Content-Length (chunked)")
+    beh.add_argument("--chunk-size", type=int, default=1024 * 1024, help=argparse.SUPPRESS)
+    beh.add_argument("--faults", metavar="JSON",
+                     help='initial faults, as for POST /_sim/faults, e.g. \'{"api_latency": 0.1}\'')
+    out = p.add_argument_group("output")
+    out.add_argument("--ready-file", metavar="FILE",
+                     help="also write the ready JSON line to FILE (atomically)")
+    out.add_argument("--log-level", default="INFO")
+    out.add_argument("--access-log", action="store_true", help="log every request to stderr")
+    return p
+
+
+def _read_secret(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        value = f.readline().rstrip("\r\n")
+    if not value:
+        raise UsageError(f"{path}: empty secret")
+    return value
+
+
+def load_config(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".toml"):
+        import tomllib
+
+        data: Any = tomllib.loads(raw.decode("utf-8"))
+    else:
+        data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: top level must be an object/table")
+    unknown = set(data) - {"vcenter_users", "guest_accounts", "vms", "faults"}
+    if unknown:
+        raise UsageError(f"{path}: unknown keys {sorted(unknown)}")
+    return data
+
+
+def _root(path: str) -> bytes:
+    real = os.path.realpath(os.fsencode(path))
+    if not os.path.isdir(real):
+        raise UsageError(f"{path}: not a directory")
+    return real
+
+
+def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]]:
+    """Build the state and settings from the command line; returns dirs to remove at exit."""
+    cleanup: list[str] = []
+    config = load_config(args.config) if args.config else {}
+    password = _read_secret(args.password_file) if args.password_file else secrets.token_urlsafe(
+        18
+    )
+    guest_password = (
+        _read_secret(args.guest_password_file)
+        if args.guest_password_file
+        else secrets.token_urlsafe(18)
+    )
+    users = {args.user: password}
+    for entry in config.get("vcenter_users", []):
+        if not isinstance(entry, dict) or not {"user", "password"} <= set(entry):
+            raise UsageError("vcenter_users entries need 'user' and 'password'")
+        users[str(entry["user"])] = str(entry["password"])
+    accounts = [GuestAccount(args.guest_user, guest_password)]
+    for entry in config.get("guest_accounts", []):
+        if not isinstance(entry, dict) or "user" not in entry:
+            raise UsageError("guest_accounts entries need 'user'")
+        tokens = entry.get("saml_tokens", [])
+        if isinstance(tokens, str):
+            tokens = [tokens]
+        subtree = str(entry.get("subtree", "/"))
+        if not subtree.startswith("/"):
+            raise UsageError(f"guest account {entry['user']}: subtree must be absolute")
+        accounts = [a for a in accounts if a.user != entry["user"]]
+        accounts.append(
+            GuestAccount(
+                str(entry["user"]),
+                None if entry.get("password") is None else str(entry["password"]),
+                tuple(str(t) for t in tokens),
+                subtree,
+            )
+        )
+    vms: list[Vm] = []
+    next_id = 42
+
+    def add_vm(name: str, root: bytes, vm_id: str | None = None, **kw: Any) -> None:
+        nonlocal next_id
+        if vm_id is None:
+            vm_id = f"vm-{next_id}"
+            next_id += 1
+        if any(v.vm == vm_id or v.name == name for v in vms):
+            raise UsageError(f"duplicate VM {name!r} / {vm_id!r}")
+        vms.append(Vm(vm_id, name, root, **kw))
+
+    if args.demo:
+        tmp = tempfile.mkdtemp(prefix="guestfs-sim-demo-")
+        cleanup.append(tmp)
+        build_demo_tree(tmp, args.demo_big_mib)
+        add_vm(args.vm_name, _root(tmp))
+    if args.root:
+        add_vm(args.vm_name if not args.demo else args.vm_name + "-2", _root(args.root))
+    for spec in args.vm:
+        name, sep, path = spec.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--vm {spec!r}: expected NAME=DIR")
+        add_vm(name, _root(path))
+    for entry in config.get("vms", []):
+        if not isinstance(entry, dict) or not {"name", "root"} <= set(entry):
+            raise UsageError("vms entries need 'name' and 'root'")
+        kw: dict[str, Any] = {}
+        if "power_state" in entry:
+            if entry["power_state"] not in POWER_STATES:
+                raise UsageError(f"power_state must be one of {POWER_STATES}")
+            kw["power_state"] = entry["power_state"]
+        for key in ("tools_running", "cpu_count", "memory_size_MiB"):
+            if key in entry:
+                kw[key] = entry[key]
+        add_vm(str(entry["name"]), _root(str(entry["root"])), entry.get("vm"), **kw)
+    if not vms:
+        raise UsageError("nothing to serve: give --root DIR, --vm NAME=DIR, --demo or vms in --config")
+
+    faults = Faults()
+    try:
+        if "faults" in config:
+            faults.update(config["faults"])
+        if args.faults:
+            faults.update(json.loads(args.faults))
+    except (ValueError, FaultError) as exc:
+        raise UsageError(f"faults: {exc}") from exc
+    if args.max_page_size < 1:
+        raise UsageError("--max-page-size must be >= 1")
+    options = SimOptions(
+        session_idle_timeout=args.session_idle_timeout,
+        transfer_ttl=args.transfer_ttl,
+        max_page_size=args.max_page_size,
+        released_api=not args.no_released_api,
+        preview_api=not args.no_preview_api,
+        esx_url_host=args.esx_url_host,
+        chunk_size=max(4096, args.chunk_size),
+    )
+    state = SimState(options, users, accounts, vms, faults)
+    cert_dir = args.cert_dir
+    if cert_dir is None:
+        cert_dir = tempfile.mkdtemp(prefix="guestfs-sim-tls-")
+        cleanup.append(cert_dir)
+    else:
+        os.makedirs(cert_dir, exist_ok=True)
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        esx_port=args.esx_port,
+        tls=not args.no_tls,
+        hostnames=list(args.hostname),
+        separate_esx_ca=args.separate_esx_ca,
+        cert_dir=cert_dir,
+        ready_file=args.ready_file,
+        omit_content_length=args.omit_content_length,
+        access_log=args.access_log,
+        ready_extra={
+            "user": args.user,
+            "password": password,
+            "guest_user": args.guest_user,
+            "guest_password": guest_password,
+        },
+    )
+    return state, settings, cleanup
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ctl"]:
+        from .ctl import ctl_main
+
+        return ctl_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        state, settings, cleanup = setup(args)
+    except (UsageError, OSError) as exc:
+        print(f"guestfs-sim: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(run_server, state, settings)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for d in cleanup:
+            shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

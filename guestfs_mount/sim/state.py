@@ -1,0 +1,470 @@
+"""The simulator's world: VMs, accounts, vCenter sessions, transfer URLs and counters.
+
+Pure logic, no HTTP. Everything runs in one trio thread, so no locking is needed;
+the only trio object used here is the CancelScope of an in-flight transfer body, which
+power-off / restart cancel.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import trio
+
+from . import guestfs
+from .faults import Faults
+from .vapi import NOT_A_FILE, VapiError, file_error
+
+Clock = Callable[[], float]
+
+POWER_STATES = ("POWERED_ON", "POWERED_OFF", "SUSPENDED")
+CALL_NAMES = (
+    "session.create",
+    "session.get",
+    "session.delete",
+    "vm.list",
+    "vm.power",
+    "vm.tools",
+    "vm.guest_operations",
+    "files.list",
+    "files.get",
+    "transfer.create",
+    "transfer.preview",
+)
+
+
+@dataclass
+class GuestAccount:
+    user: str
+    password: str | None = field(default=None, repr=False)
+    saml_tokens: tuple[str, ...] = field(default=(), repr=False)
+    subtree: str = "/"
+
+
+@dataclass
+class Vm:
+    vm: str
+    name: str
+    root: bytes  # absolute host path, realpath'ed
+    power_state: str = "POWERED_ON"
+    tools_running: bool = True
+    cpu_count: int = 2
+    memory_size_MiB: int = 4096
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "name": self.name,
+            "power_state": self.power_state,
+            "cpu_count": self.cpu_count,
+            "memory_size_MiB": self.memory_size_MiB,
+        }
+
+
+@dataclass
+class Session:
+    token: str = field(repr=False)
+    user: str
+    created: float
+    last_accessed: float
+
+
+@dataclass
+class Transfer:
+    id: int
+    token: str = field(repr=False)
+    vm: Vm
+    guest_path: str
+    resolved: guestfs.Resolved
+    created: float
+    state: str = "NEW"  # NEW | IN_FLIGHT | USED | DEAD
+    scope: trio.CancelScope | None = None
+    killed_reason: str | None = None
+
+    def kill(self, reason: str) -> None:
+        self.killed_reason = reason
+        if self.state == "IN_FLIGHT" and self.scope is not None:
+            self.scope.cancel()
+        if self.state != "USED":
+            self.state = "DEAD"
+
+
+@dataclass
+class Stats:
+    calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    created: int = 0
+    started: int = 0
+    completed: int = 0
+    failed: int = 0
+    by_path: collections.Counter[str] = field(default_factory=collections.Counter)
+    bytes_sent: int = 0
+
+
+@dataclass
+class SimOptions:
+    session_idle_timeout: float = 1800.0
+    transfer_ttl: float = 600.0
+    max_page_size: int = 1000
+    default_page_size: int = 50
+    released_api: bool = True
+    preview_api: bool = True
+    esx_url_host: str = "*"  # "*", "name" or "name:port"
+    esx_port: int = 0
+    esx_scheme: str = "https"
+    chunk_size: int = 1024 * 1024
+
+
+def iso_now(t: float) -> str:
+    dt = datetime.fromtimestamp(t, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+class SimState:
+    def __init__(
+        self,
+        options: SimOptions,
+        vcenter_users: dict[str, str],
+        guest_accounts: Iterable[GuestAccount],
+        vms: Iterable[Vm],
+        faults: Faults | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.options = options
+        self.vcenter_users = dict(vcenter_users)
+        self.guest_accounts = {a.user: a for a in guest_accounts}
+        self.vms = {v.vm: v for v in vms}
+        self.faults = faults or Faults()
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+        self.transfers: dict[int, Transfer] = {}
+        self.next_transfer_id = 1
+        self.stats = Stats()
+
+    # ---- counters --------------------------------------------------------------
+    def count(self, call: str) -> None:
+        self.stats.calls[call] += 1
+
+    def stats_json(self) -> dict[str, Any]:
+        s = self.stats
+        self.expire_sessions_idle()
+        return {
+            "calls": {name: s.calls.get(name, 0) for name in CALL_NAMES},
+            "transfers": {
+                "created": s.created,
+                "started": s.started,
+                "completed": s.completed,
+                "failed": s.failed,
+                "by_path": dict(s.by_path),
+            },
+            "sessions": len(self.sessions),
+            "bytes_sent": s.bytes_sent,
+        }
+
+    def reset_stats(self) -> None:
+        self.stats = Stats()
+
+    # ---- vCenter sessions ------------------------------------------------------
+    def login(self, user: str, password: str) -> str:
+        expected = self.vcenter_users.get(user)
+        if expected is None or not secrets.compare_digest(expected, password):
+            raise unauthenticated("Authentication required.")
+        token = secrets.token_hex(16)
+        now = self.clock()
+        self.sessions[token] = Session(token, user, now, now)
+        return token
+
+    def expire_sessions_idle(self) -> None:
+        limit = self.clock() - self.options.session_idle_timeout
+        for token in [t for t, s in self.sessions.items() if s.last_accessed < limit]:
+            del self.sessions[token]
+
+    def session(self, token: str | None) -> Session:
+        """The live session for ``token`` (touching it), or 401 UNAUTHENTICATED."""
+        self.expire_sessions_idle()
+        sess = self.sessions.get(token) if token else None
+        if sess is None:
+            raise unauthenticated("Authentication required.")
+        sess.last_accessed = self.clock()
+        return sess
+
+    def logout(self, token: str) -> None:
+        self.sessions.pop(token, None)
+
+    def drop_sessions(self) -> None:
+        self.sessions.clear()
+
+    # ---- VMs -------------------------------------------------------------------
+    def vm(self, vm_id: str) -> Vm:
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise VapiError(
+                "NOT_FOUND",
+                f"Virtual machine with identifier '{vm_id}' does not exist.",
+                msg_id="com.vmware.api.vcenter.vm.not_found",
+                args=[vm_id],
+            )
+        return vm
+
+    def set_power(self, vm: Vm, state: str) -> None:
+        if state not in POWER_STATES:
+            raise ValueError(f"state must be one of {POWER_STATES}")
+        vm.power_state = state
+        if state != "POWERED_ON":
+            self.kill_transfers(lambda t: t.vm is vm, f"virtual machine {state.lower()}")
+
+    # ---- guest operations ------------------------------------------------------
+    def guest_ready(self, vm: Vm) -> None:
+        """The VM-state checks of every guest operation (after the VM lookup)."""
+        if vm.power_state != "POWERED_ON":
+            raise VapiError(
+                "NOT_ALLOWED_IN_CURRENT_STATE",
+                f"The operation is not allowed in the current state of virtual machine "
+                f"'{vm.vm}' ({vm.power_state}).",
+                msg_id="com.vmware.api.vcenter.vm.guest.not_running",
+                args=[vm.vm, vm.power_state],
+            )
+        if not vm.tools_running:
+            raise VapiError(
+                "SERVICE_UNAVAILABLE",
+                f"VMware Tools is not running in virtual machine '{vm.vm}'.",
+                msg_id="com.vmware.api.vcenter.vm.guest.tools_not_running",
+                args=[vm.vm],
+            )
+        fault = self.faults.take_guest_fault()
+        if fault == "RESOURCE_BUSY":
+            raise VapiError(
+                "RESOURCE_BUSY",
+                f"The virtual machine '{vm.vm}' is busy.",
+                msg_id="com.vmware.api.vcenter.vm.guest.busy",
+                args=[vm.vm],
+            )
+        if fault == "SERVICE_UNAVAILABLE":
+            raise VapiError(
+                "SERVICE_UNAVAILABLE",
+                "Guest operations are not available right now.",
+                msg_id="com.vmware.api.vcenter.vm.guest.operations_unavailable",
+                args=[vm.vm],
+            )
+
+    def guest_login(self, creds: Any) -> GuestAccount:
+        """Validate a ``Vcenter.Vm.Guest.Credentials`` object."""
+        if not isinstance(creds, dict):
+            raise invalid_argument("credentials", "Missing or malformed 'credentials'.")
+        inter = creds.get("interactive_session")
+        if not isinstance(inter, bool):
+            raise invalid_argument(
+                "credentials.interactive_session",
+                "Field 'credentials.interactive_session' is required and must be a boolean.",
+            )
+        ctype = creds.get("type")
+        if ctype not in ("USERNAME_PASSWORD", "SAML_BEARER_TOKEN"):
+            raise invalid_argument(
+                "credentials.type",
+                "Field 'credentials.type' is required: USERNAME_PASSWORD or SAML_BEARER_TOKEN.",
+            )
+        for key in ("user_name", "password", "saml_token"):
+            if key in creds and creds[key] is not None and not isinstance(creds[key], str):
+                raise invalid_argument(f"credentials.{key}", f"'credentials.{key}' must be a string.")
+        user = creds.get("user_name")
+        account: GuestAccount | None = None
+        if ctype == "USERNAME_PASSWORD":
+            password = creds.get("password")
+            acc = self.guest_accounts.get(user) if isinstance(user, str) else None
+            if (
+                acc is not None
+                and acc.password is not None
+                and isinstance(password, str)
+                and secrets.compare_digest(acc.password.encode(), password.encode())
+            ):
+                account = acc
+        else:
+            token = creds.get("saml_token")
+            if isinstance(token, str):
+                for acc in self.guest_accounts.values():
+                    if any(secrets.compare_digest(t.encode(), token.encode())
+                           for t in acc.saml_tokens) and user in (None, acc.user):
+                        account = acc
+                        break
+        if account is None:
+            raise unauthenticated(
+                "Failed to authenticate with the guest operating system using the supplied "
+                "credentials.",
+                msg_id="com.vmware.api.vcenter.vm.guest.invalid_guest_login",
+            )
+        if inter:
+            raise VapiError(
+                "NOT_ALLOWED_IN_CURRENT_STATE",
+                "No interactive session of the user is logged in to the guest.",
+                msg_id="com.vmware.api.vcenter.vm.guest.no_interactive_session",
+            )
+        return account
+
+    def resolve(self, vm: Vm, account: GuestAccount, guest_path: Any) -> guestfs.Resolved:
+        if not isinstance(guest_path, str):
+            raise invalid_argument("path", "Field 'path' is required and must be a string.")
+        try:
+            res = guestfs.resolve(vm.root, guest_path)
+        except OSError as exc:
+            raise guestfs.os_error(exc, guest_path) from exc
+        if not guestfs.within(account.subtree, res.guest_path):
+            raise VapiError(
+                "UNAUTHORIZED",
+                f"User '{account.user}' is not allowed to access {guest_path}.",
+                msg_id="com.vmware.api.vcenter.vm.guest.filesystem.access_denied",
+                args=[guest_path],
+            )
+        return res
+
+    def list_files(
+        self, vm: Vm, account: GuestAccount, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        res = self.resolve(vm, account, body.get("path"))
+        iteration = body.get("iteration") or {}
+        filt = body.get("filter") or {}
+        if not isinstance(iteration, dict) or not isinstance(filt, dict):
+            raise invalid_argument("iteration", "Malformed 'iteration' or 'filter'.")
+        size = iteration.get("size", self.options.default_page_size)
+        index = iteration.get("index", 0)
+        if size is None:
+            size = self.options.default_page_size
+        if index is None:
+            index = 0
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, int)
+            or size < 1
+            or isinstance(index, bool)
+            or not isinstance(index, int)
+            or index < 0
+        ):
+            raise invalid_argument("iteration", "Invalid iteration data.")
+        size = min(size, self.options.max_page_size)
+        pattern = filt.get("match_pattern")
+        if pattern is not None and not isinstance(pattern, str):
+            raise invalid_argument("filter.match_pattern", "'match_pattern' must be a string.")
+        items = guestfs.list_entries(res, guestfs.compile_pattern(pattern))
+        page = items[index : index + size]
+        out: dict[str, Any] = {
+            "files": [{"filename": n, "type": t, "size": s} for n, t, s in page],
+            "total": len(items),
+        }
+        if page:
+            out["start_index"] = index
+            out["end_index"] = index + len(page) - 1
+        out["status"] = "END_OF_DATA" if index + len(page) >= len(items) else "READY"
+        return out
+
+    def get_file(self, vm: Vm, account: GuestAccount, guest_path: str) -> dict[str, Any]:
+        res = self.resolve(vm, account, guest_path)
+        try:
+            return guestfs.info(res)
+        except OSError as exc:
+            raise guestfs.os_error(exc, guest_path) from exc
+
+    # ---- transfers ---------------------------------------------------------------
+    def create_transfer(self, vm: Vm, account: GuestAccount, guest_path: Any) -> str:
+        res = self.resolve(vm, account, guest_path)
+        if guestfs.file_type(res.st) != "FILE" or not _is_regular(res.st):
+            raise file_error(
+                "INVALID_ARGUMENT",
+                NOT_A_FILE,
+                str(guest_path),
+                f"The path {guest_path} is not a file.",
+            )
+        if not os.access(res.host_path, os.R_OK, follow_symlinks=False):
+            raise guestfs.os_error(PermissionError(13, "denied"), str(guest_path))
+        self.expire_transfers()
+        tid = self.next_transfer_id
+        self.next_transfer_id += 1
+        token = secrets.token_urlsafe(24)
+        self.transfers[tid] = Transfer(tid, token, vm, res.guest_path, res, self.clock())
+        self.stats.created += 1
+        return self.transfer_url(tid, token)
+
+    def transfer_url(self, tid: int, token: str) -> str:
+        host = host_port(self.options.esx_url_host, self.options.esx_port)
+        return f"{self.options.esx_scheme}://{host}/guestFile?id={tid}&token={token}"
+
+    def expire_transfers(self) -> None:
+        limit = self.clock() - self.options.transfer_ttl
+        for tid, t in list(self.transfers.items()):
+            if t.state in ("USED", "DEAD") or (t.state == "NEW" and t.created < limit):
+                del self.transfers[tid]
+
+    def claim_transfer(self, tid_text: str | None, token: str | None) -> Transfer:
+        """Look a transfer up for a GET; raises TransferRefused."""
+        self.expire_transfers()
+        try:
+            tid = int(tid_text or "")
+        except ValueError:
+            raise TransferRefused(404, "unknown transfer") from None
+        t = self.transfers.get(tid)
+        if t is None or token is None or not secrets.compare_digest(t.token, token):
+            raise TransferRefused(404, "unknown or expired transfer")
+        if t.state == "IN_FLIGHT":
+            raise TransferRefused(409, "transfer already in progress")
+        if t.state != "NEW":
+            raise TransferRefused(404, "transfer no longer valid")
+        if t.vm.power_state != "POWERED_ON":
+            t.kill("virtual machine not running")
+            raise TransferRefused(404, "transfer no longer valid")
+        return t
+
+    def kill_transfers(self, pred: Callable[[Transfer], bool], reason: str) -> None:
+        for t in list(self.transfers.values()):
+            if pred(t):
+                t.kill(reason)
+        self.expire_transfers()
+
+    def restart(self) -> None:
+        """Like a restarted vCenter: sessions and transfer URLs are gone."""
+        self.drop_sessions()
+        self.kill_transfers(lambda t: True, "server restarted")
+        self.transfers.clear()
+
+
+def _is_regular(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode)
+
+
+def host_port(host: str, port: int) -> str:
+    """``host`` with ``port`` appended unless it already carries one (IPv6 bracketed)."""
+    if host.startswith("["):
+        return host if "]:" in host else f"{host}:{port}"
+    if host.count(":") == 1:
+        return host
+    if host.count(":") > 1:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+class TransferRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def unauthenticated(message: str, msg_id: str | None = None) -> VapiError:
+    return VapiError(
+        "UNAUTHENTICATED",
+        message,
+        msg_id=msg_id or "com.vmware.vapi.endpoint.method.authentication.required",
+    )
+
+
+def invalid_argument(field_name: str, message: str) -> VapiError:
+    return VapiError(
+        "INVALID_ARGUMENT",
+        message,
+        msg_id="vapi.method.input.invalid",
+        args=[field_name],
+    )

@@ -1,0 +1,142 @@
+"""SSL contexts: CA verification, SHA-256 pinning (pin-only for pinned hosts), insecure mode,
+and turning an exception chain into a readable TLS failure reason."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import ssl
+from collections.abc import Mapping
+
+from guestfs_mount.errors import ConfigError
+
+__all__ = [
+    "PinMismatch",
+    "ca_context",
+    "find_ssl_error",
+    "insecure_context",
+    "normalize_thumbprint",
+    "pinned_context",
+    "split_pin_key",
+    "ssl_reason",
+]
+
+
+class PinMismatch(ssl.SSLCertVerificationError):
+    """The peer certificate's SHA-256 is not the pinned one."""
+
+
+def normalize_thumbprint(value: str) -> str:
+    """``AB:CD:...`` or ``abcd...`` (64 hex digits) -> lower-case hex without colons."""
+    h = value.strip().replace(":", "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", h):
+        raise ConfigError(
+            f"thumbprint {value[:100]!r} is not a SHA-256 fingerprint"
+            " (64 hex digits, colons optional)"
+        )
+    return h
+
+
+def split_pin_key(key: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]:port`` -> (lower-case host, port or None)."""
+    k = key.strip().lower()
+    if k.startswith("["):
+        host, _, rest = k[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif k.count(":") == 1:
+        host, port = k.split(":")
+    else:
+        host, port = k, ""
+    if not host:
+        raise ConfigError(f"thumbprint host {key!r} is empty")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"thumbprint host {key!r} has an invalid port")
+        return host, int(port)
+    return host, None
+
+
+def ca_context(cafile: str | None) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load CA file {cafile}: {e}") from e
+
+
+def insecure_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def pinned_context(sha256_hex: str) -> ssl.SSLContext:
+    """Pin-only context: the chain is not verified, the leaf must hash to ``sha256_hex``.
+
+    Works under trio because trio's SSLStream uses ``SSLContext.wrap_bio``, which builds
+    ``ctx.sslobject_class``; the check runs before any HTTP byte is sent.
+    """
+    expected = normalize_thumbprint(sha256_hex)
+
+    class _Pinned(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            der = self.getpeercert(binary_form=True)
+            got = hashlib.sha256(der or b"").hexdigest()
+            if got != expected:
+                err = PinMismatch(
+                    f"certificate SHA-256 {_colons(got)} does not match the pinned thumbprint"
+                )
+                err.verify_message = str(err)
+                raise err
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.sslobject_class = _Pinned
+    return ctx
+
+
+def _colons(h: str) -> str:
+    return ":".join(h[i : i + 2] for i in range(0, len(h), 2)).upper()
+
+
+def find_ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The first ``ssl.SSLError`` in the __cause__/__context__ chain (also through
+    exception groups), or None."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLError):
+            return e
+        subs = getattr(e, "exceptions", None)  # BaseExceptionGroup (3.11+ / exceptiongroup)
+        if isinstance(subs, (list, tuple)):
+            stack.extend(x for x in subs if isinstance(x, BaseException))
+        for nxt in (e.__cause__, e.__context__):
+            if nxt is not None:
+                stack.append(nxt)
+    return None
+
+
+def ssl_reason(err: ssl.SSLError) -> str:
+    """Short human text for an SSL failure, e.g. ``certificate verify failed: unable to get
+    local issuer certificate``."""
+    if isinstance(err, PinMismatch):
+        return str(err.args[0]) if err.args else "certificate does not match the pin"
+    if isinstance(err, ssl.SSLCertVerificationError):
+        vm = getattr(err, "verify_message", None)
+        if vm:
+            return f"certificate verify failed: {vm}"
+    reason = getattr(err, "reason", None)
+    text = str(err.args[1]) if len(err.args) > 1 else str(err)
+    text = re.sub(r"\s*\(_ssl\.c:\d+\)", "", text)
+    text = re.sub(r"^\[SSL: [A-Z_]+\]\s*", "", text)
+    return text or (str(reason) if reason else type(err).__name__)
+
+
+def pins_by_key(thumbprints: Mapping[str, str]) -> dict[tuple[str, int | None], str]:
+    return {split_pin_key(k): normalize_thumbprint(v) for k, v in thumbprints.items()}

@@ -1,0 +1,65 @@
+import os
+import posixpath
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from guestfs_mount.paths import is_safe_name, join, normalize, parent_of, rewrite_symlink
+
+
+def test_safe_names():
+    for bad in ["", ".", "..", "a/b", "nul\0", "x" * 256]:
+        assert not is_safe_name(bad)
+    for good in ["a", "with space", "new\nline", "é" * 127, os.fsdecode(b"\xff\xfe"), "..."]:
+        assert is_safe_name(good)
+
+
+def test_join_and_parent():
+    assert join("/", "a") == "/a"
+    assert join("/a", "b") == "/a/b"
+    assert parent_of("/a/b") == "/a"
+    assert parent_of("/a") == "/"
+
+
+def test_normalize_clamps_at_root():
+    assert normalize("/../../etc/passwd") == "/etc/passwd"
+    assert normalize("/a/./b//../c") == "/a/c"
+    assert normalize("/") == "/"
+
+
+def test_absolute_target_becomes_relative_inside():
+    assert rewrite_symlink("/a/b/link", "/etc/passwd") == "../../etc/passwd"
+    assert rewrite_symlink("/link", "/etc/passwd") == "etc/passwd"
+    assert rewrite_symlink("/a/link", "/") == ".."
+    assert rewrite_symlink("/link", "/") == "."
+
+
+def test_relative_target_kept_when_inside():
+    assert rewrite_symlink("/a/b/link", "../c") == "../c"
+    assert rewrite_symlink("/a/link", "x/y") == "x/y"
+
+
+def test_relative_target_climbing_out_is_clamped():
+    # The guest kernel clamps at its root; on the host the same text would escape.
+    assert rewrite_symlink("/a/link", "../../../etc/shadow") == "../etc/shadow"
+
+
+segment = st.sampled_from(["a", "b", "..", ".", "", "c d"])
+
+
+@given(
+    link=st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=4),
+    target=st.lists(segment, max_size=8),
+    absolute=st.booleans(),
+)
+def test_rewritten_target_never_leaves_the_mount(link, target, absolute):
+    link_path = "/" + "/".join(link)
+    text = ("/" if absolute else "") + "/".join(target)
+    out = rewrite_symlink(link_path, text)
+    if not out:
+        return
+    assert not out.startswith("/")
+    # Resolve on a fake host mount at /mnt/x: it must stay under it.
+    base = posixpath.join("/mnt/x", parent_of(link_path).lstrip("/"))
+    resolved = posixpath.normpath(posixpath.join(base, out))
+    assert resolved == "/mnt/x" or resolved.startswith("/mnt/x/")
