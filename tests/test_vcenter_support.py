@@ -136,14 +136,12 @@ class FakeVCenter:
             it = body.get("iteration", {})
             i, n = it.get("index", 0), it.get("size", 50)
             page = entries[i : i + n]
-            return httpx.Response(
-                200,
-                json={
-                    "files": page,
-                    "total": len(entries),
-                    "status": "END_OF_DATA" if i + n >= len(entries) else "READY",
-                },
-            )
+            result = {
+                "files": page,
+                "total": len(entries),
+                "status": "END_OF_DATA" if i + n >= len(entries) else "READY",
+            }
+            return httpx.Response(200, content=json.dumps(result).encode())
         if name == "files.get":
             enc = req.url.raw_path.decode().split("/files/", 1)[1].split("?")[0]
             path = os.fsdecode(urllib.parse.unquote_to_bytes(enc))

@@ -56,6 +56,7 @@ Fetch = Callable[[str, int, Sink], Awaitable[TransferResult]]
 WRITE_CHUNK = 1 << 20  # sink chunks are joined to at least this much per pwrite
 WRITE_QUEUE = 8  # chunks queued to the disk writer before the sink waits (backpressure)
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_NOBODY = 1 << 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +111,11 @@ class _Entry:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     linger_scope: trio.CancelScope | None = None
     progress: trio.Event = field(default_factory=trio.Event)
+    wanted: int = _NOBODY  # smallest end offset a waiting reader needs
 
     def wake(self) -> None:
         """Wake every reader waiting for progress or for the end of the download."""
+        self.wanted = _NOBODY
         self.progress.set()
         self.progress = trio.Event()
 
@@ -271,6 +274,7 @@ class ContentCache:
                 raise CacheError("content cache closed", errno.EIO)
             if entry.written >= end or entry.state is _State.COMPLETE:
                 break
+            entry.wanted = min(entry.wanted, end)  # lets the sink flush early for us
             await entry.progress.wait()
         if end <= offset:
             await trio.lowlevel.checkpoint()
@@ -478,7 +482,8 @@ class ContentCache:
                 raise TransferError(f"download of {key.path!r} is longer than {key.size} bytes")
             pending.append(chunk)
             pending_len += len(chunk)
-            if pending_len >= WRITE_CHUNK:
+            # Write in >= 1 MiB pieces, or sooner when a waiting reader needs these bytes.
+            if pending_len >= WRITE_CHUNK or offset < entry.wanted <= offset + pending_len:
                 data = pending[0] if len(pending) == 1 else b"".join(pending)
                 pending.clear()
                 pending_len = 0

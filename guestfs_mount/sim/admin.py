@@ -113,8 +113,11 @@ def routes(state: SimState) -> list[BaseRoute]:
         return JsonResponse(
             {
                 "vms": [
-                    {**vm.summary(), "tools_running": vm.tools_running,
-                     "root": vm.root.decode("utf-8", "surrogateescape")}
+                    {
+                        **vm.summary(),
+                        "tools_running": vm.tools_running,
+                        "root": vm.root.decode("utf-8", "surrogateescape"),
+                    }
                     for vm in state.vms.values()
                 ],
                 "options": {

@@ -54,50 +54,89 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("guest trees")
     src.add_argument("--root", metavar="DIR", help="serve DIR as guest / of one VM")
     src.add_argument("--vm-name", default="demo-vm", help="name of the --root/--demo VM")
-    src.add_argument("--vm", action="append", default=[], metavar="NAME=DIR",
-                     help="add a VM serving DIR (repeatable)")
-    src.add_argument("--demo", action="store_true",
-                     help="generate a demo guest tree in a temporary directory and serve it")
+    src.add_argument(
+        "--vm",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="add a VM serving DIR (repeatable)",
+    )
+    src.add_argument(
+        "--demo",
+        action="store_true",
+        help="generate a demo guest tree in a temporary directory and serve it",
+    )
     src.add_argument("--demo-big-mib", type=int, default=4, help=argparse.SUPPRESS)
-    src.add_argument("--config", metavar="FILE",
-                     help="JSON or TOML file: accounts, SAML tokens, subtrees, VMs")
+    src.add_argument(
+        "--config", metavar="FILE", help="JSON or TOML file: accounts, SAML tokens, subtrees, VMs"
+    )
     acc = p.add_argument_group("accounts")
     acc.add_argument("--user", default=DEFAULT_USER, help="vCenter user (default %(default)s)")
-    acc.add_argument("--password-file", metavar="FILE",
-                     help="file holding the vCenter password (default: random)")
-    acc.add_argument("--guest-user", default=DEFAULT_GUEST_USER,
-                     help="guest user (default %(default)s)")
-    acc.add_argument("--guest-password-file", metavar="FILE",
-                     help="file holding the guest password (default: random)")
+    acc.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="file holding the vCenter password (default: random)",
+    )
+    acc.add_argument(
+        "--guest-user", default=DEFAULT_GUEST_USER, help="guest user (default %(default)s)"
+    )
+    acc.add_argument(
+        "--guest-password-file",
+        metavar="FILE",
+        help="file holding the guest password (default: random)",
+    )
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="listen address (default %(default)s)")
     net.add_argument("--port", type=int, default=0, help="vCenter port (default: random free)")
     net.add_argument("--esx-port", type=int, default=0, help="ESXi port (default: random free)")
-    net.add_argument("--hostname", action="append", default=[],
-                     help="extra certificate SAN (repeatable)")
+    net.add_argument(
+        "--hostname", action="append", default=[], help="extra certificate SAN (repeatable)"
+    )
     net.add_argument("--no-tls", action="store_true", help="plain HTTP on both listeners")
-    net.add_argument("--separate-esx-ca", action="store_true",
-                     help="sign the ESXi certificate with a second CA (esx_ca_file)")
-    net.add_argument("--cert-dir", metavar="DIR",
-                     help="where to write the CA and certificates (default: a temp dir)")
-    net.add_argument("--esx-url-host", default="*",
-                     help="host part of transfer URLs: '*' (default), NAME or NAME:PORT")
+    net.add_argument(
+        "--separate-esx-ca",
+        action="store_true",
+        help="sign the ESXi certificate with a second CA (esx_ca_file)",
+    )
+    net.add_argument(
+        "--cert-dir",
+        metavar="DIR",
+        help="where to write the CA and certificates (default: a temp dir)",
+    )
+    net.add_argument(
+        "--esx-url-host",
+        default="*",
+        help="host part of transfer URLs: '*' (default), NAME or NAME:PORT",
+    )
     beh = p.add_argument_group("behaviour")
     beh.add_argument("--session-idle-timeout", type=_positive, default=1800.0, metavar="S")
     beh.add_argument("--transfer-ttl", type=_positive, default=600.0, metavar="S")
     beh.add_argument("--max-page-size", type=int, default=1000, metavar="N")
-    beh.add_argument("--no-released-api", action="store_true",
-                     help="disable POST .../guest/filesystem?action=create")
-    beh.add_argument("--no-preview-api", action="store_true",
-                     help="disable the pre-release GET .../guest/filesystem")
-    beh.add_argument("--omit-content-length", action="store_true",
-                     help="send transfer bodies without Content-Length (chunked)")
+    beh.add_argument(
+        "--no-released-api",
+        action="store_true",
+        help="disable POST .../guest/filesystem?action=create",
+    )
+    beh.add_argument(
+        "--no-preview-api",
+        action="store_true",
+        help="disable the pre-release GET .../guest/filesystem",
+    )
+    beh.add_argument(
+        "--omit-content-length",
+        action="store_true",
+        help="send transfer bodies without Content-Length (chunked)",
+    )
     beh.add_argument("--chunk-size", type=int, default=1024 * 1024, help=argparse.SUPPRESS)
-    beh.add_argument("--faults", metavar="JSON",
-                     help='initial faults, as for POST /_sim/faults, e.g. \'{"api_latency": 0.1}\'')
+    beh.add_argument(
+        "--faults",
+        metavar="JSON",
+        help="initial faults, as for POST /_sim/faults, e.g. '{\"api_latency\": 0.1}'",
+    )
     out = p.add_argument_group("output")
-    out.add_argument("--ready-file", metavar="FILE",
-                     help="also write the ready JSON line to FILE (atomically)")
+    out.add_argument(
+        "--ready-file", metavar="FILE", help="also write the ready JSON line to FILE (atomically)"
+    )
     out.add_argument("--log-level", default="INFO")
     out.add_argument("--access-log", action="store_true", help="log every request to stderr")
     return p
@@ -139,9 +178,7 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
     """Build the state and settings from the command line; returns dirs to remove at exit."""
     cleanup: list[str] = []
     config = load_config(args.config) if args.config else {}
-    password = _read_secret(args.password_file) if args.password_file else secrets.token_urlsafe(
-        18
-    )
+    password = _read_secret(args.password_file) if args.password_file else secrets.token_urlsafe(18)
     guest_password = (
         _read_secret(args.guest_password_file)
         if args.guest_password_file
@@ -208,7 +245,9 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
                 kw[key] = entry[key]
         add_vm(str(entry["name"]), _root(str(entry["root"])), entry.get("vm"), **kw)
     if not vms:
-        raise UsageError("nothing to serve: give --root DIR, --vm NAME=DIR, --demo or vms in --config")
+        raise UsageError(
+            "nothing to serve: give --root DIR, --vm NAME=DIR, --demo or vms in --config"
+        )
 
     faults = Faults()
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -19,8 +20,11 @@ import httpx
 
 
 def ctl_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="guestfs-sim ctl", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="guestfs-sim ctl",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--ready-file", required=True, help="the simulator's --ready-file")
     p.add_argument("method", type=str.upper, choices=["GET", "POST"])
     p.add_argument("path", help="admin path, e.g. stats, faults, faults/reset, restart")
@@ -35,7 +39,8 @@ def ctl_main(argv: Sequence[str]) -> int:
         return 2
     path = args.path.removeprefix("/").removeprefix("_sim/")
     url = f"{info['admin_url']}/{path}"
-    verify: bool | str = info.get("ca_file") or True
+    ca = info.get("ca_file")
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else True
     try:
         with httpx.Client(verify=verify, timeout=30) as client:
             resp = client.request(args.method, url, json=body)

@@ -90,7 +90,7 @@ class GuestFileApp:
         if not (self.omit_content_length or faults.omit_content_length):
             headers.append((b"content-length", str(body_len).encode()))
         sent = 0
-        completed = False
+        empty_done = False
         client_gone = False
 
         async def watch_disconnect(cancel: trio.CancelScope) -> None:
@@ -138,18 +138,20 @@ class GuestFileApp:
                             data = _flip(data)
                     else:
                         data = b"\0" * n  # padding
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    last = sent + len(data) == body_len
+                    await send({"type": "http.response.body", "body": data, "more_body": not last})
                     sent += len(data)
                     stats.bytes_sent += len(data)
                     if bw is not None:
                         ahead = start + sent / bw - trio.current_time()
                         if ahead > 0:
                             await trio.sleep(ahead)
-                if sent == body_len:
+                if body_len == 0:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    completed = True
+                    empty_done = True
                 nursery.cancel_scope.cancel()
         t.scope = None
+        completed = sent == body_len and (body_len > 0 or empty_done)
         if completed:
             t.state = "USED"
             stats.completed += 1

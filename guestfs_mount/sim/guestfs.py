@@ -76,8 +76,11 @@ def os_error(exc: OSError, guest_path: str) -> VapiError:
     )
 
 
-def resolve(root: bytes, guest_path: str) -> Resolved:
+def resolve(root: bytes, guest_path: str, follow: bool = False) -> Resolved:
     """Resolve ``guest_path`` under ``root`` (an absolute, symlink-free host path).
+
+    With ``follow`` a final symlink is expanded too (``stat`` rather than ``lstat``;
+    used for listing, as the guest's opendir() follows it).
 
     Raises VapiError (INVALID_ARGUMENT for a relative or over-long path or a symlink
     loop, NOT_FOUND for a missing component).
@@ -115,7 +118,7 @@ def resolve(root: bytes, guest_path: str) -> Resolved:
             st = os.lstat(host)
         except OSError as exc:
             raise os_error(exc, guest_path) from exc
-        if stat.S_ISLNK(st.st_mode) and pending:
+        if stat.S_ISLNK(st.st_mode) and (pending or follow):
             links += 1
             if links > MAXSYMLINKS:
                 raise os_error(OSError(errno.ELOOP, "loop"), guest_path)
@@ -190,9 +193,7 @@ def compile_pattern(pattern: str | None) -> re.Pattern[str] | None:
         ) from exc
 
 
-def list_entries(
-    res: Resolved, pattern: re.Pattern[str] | None
-) -> list[tuple[str, str, int]]:
+def list_entries(res: Resolved, pattern: re.Pattern[str] | None) -> list[tuple[str, str, int]]:
     """(name, type, size) of a directory's entries, sorted by name bytes; or the one
     entry of a non-directory. Never ``.`` nor ``..``."""
     if not stat.S_ISDIR(res.st.st_mode):
@@ -231,9 +232,11 @@ def open_regular(root: bytes, res: Resolved) -> int:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise os_error(OSError(errno.EISDIR, "not a file"), res.guest_path)
-        real = os.fsencode(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists(
-            "/proc/self/fd"
-        ) else os.path.realpath(res.host_path)
+        real = (
+            os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))
+            if os.path.exists("/proc/self/fd")
+            else os.path.realpath(res.host_path)
+        )
         if not (real == root or real.startswith(root.rstrip(b"/") + b"/")):
             raise os_error(OSError(errno.EACCES, "outside root"), res.guest_path)
         os.set_blocking(fd, True)

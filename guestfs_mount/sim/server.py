@@ -99,9 +99,7 @@ async def run_server(state: SimState, settings: ServerSettings) -> dict[str, Any
                     return
 
             nursery.start_soon(watch_signals)
-            vc_binds = await nursery.start(
-                _serve, vc_app, vc_cfg, shutdown
-            )
+            vc_binds = await nursery.start(_serve, vc_app, vc_cfg, shutdown)
             esx_binds = await nursery.start(_serve, esx_app, esx_cfg, shutdown)
             vc_port = _port_of(vc_binds[0])
             esx_port = _port_of(esx_binds[0])

@@ -272,7 +272,9 @@ class SimState:
             )
         for key in ("user_name", "password", "saml_token"):
             if key in creds and creds[key] is not None and not isinstance(creds[key], str):
-                raise invalid_argument(f"credentials.{key}", f"'credentials.{key}' must be a string.")
+                raise invalid_argument(
+                    f"credentials.{key}", f"'credentials.{key}' must be a string."
+                )
         user = creds.get("user_name")
         account: GuestAccount | None = None
         if ctype == "USERNAME_PASSWORD":
@@ -289,8 +291,9 @@ class SimState:
             token = creds.get("saml_token")
             if isinstance(token, str):
                 for acc in self.guest_accounts.values():
-                    if any(secrets.compare_digest(t.encode(), token.encode())
-                           for t in acc.saml_tokens) and user in (None, acc.user):
+                    if any(
+                        secrets.compare_digest(t.encode(), token.encode()) for t in acc.saml_tokens
+                    ) and user in (None, acc.user):
                         account = acc
                         break
         if account is None:
@@ -307,11 +310,13 @@ class SimState:
             )
         return account
 
-    def resolve(self, vm: Vm, account: GuestAccount, guest_path: Any) -> guestfs.Resolved:
+    def resolve(
+        self, vm: Vm, account: GuestAccount, guest_path: Any, follow: bool = False
+    ) -> guestfs.Resolved:
         if not isinstance(guest_path, str):
             raise invalid_argument("path", "Field 'path' is required and must be a string.")
         try:
-            res = guestfs.resolve(vm.root, guest_path)
+            res = guestfs.resolve(vm.root, guest_path, follow)
         except OSError as exc:
             raise guestfs.os_error(exc, guest_path) from exc
         if not guestfs.within(account.subtree, res.guest_path):
@@ -323,10 +328,8 @@ class SimState:
             )
         return res
 
-    def list_files(
-        self, vm: Vm, account: GuestAccount, body: dict[str, Any]
-    ) -> dict[str, Any]:
-        res = self.resolve(vm, account, body.get("path"))
+    def list_files(self, vm: Vm, account: GuestAccount, body: dict[str, Any]) -> dict[str, Any]:
+        res = self.resolve(vm, account, body.get("path"), follow=True)
         iteration = body.get("iteration") or {}
         filt = body.get("filter") or {}
         if not isinstance(iteration, dict) or not isinstance(filt, dict):

@@ -55,8 +55,9 @@ class ApiRouter:
             return await self.dispatch(request, segs)
         except VapiError as err:
             if err.status >= 500 or err.error_type not in ("NOT_FOUND",):
-                log.info("%s %s -> %s %s", request.method, request.url.path, err.status,
-                         err.error_type)
+                log.info(
+                    "%s %s -> %s %s", request.method, request.url.path, err.status, err.error_type
+                )
             return error_response(err)
 
     async def dispatch(self, request: Request, segs: list[bytes]) -> Response:
@@ -199,8 +200,7 @@ class ApiRouter:
             raise invalid_argument("power_states", f"Invalid power state(s): {sorted(bad)}.")
         # The simulator has no folders/hosts/clusters...: such a filter matches nothing.
         unmatched = any(
-            q.getlist(k)
-            for k in ("folders", "datacenters", "hosts", "clusters", "resource_pools")
+            q.getlist(k) for k in ("folders", "datacenters", "hosts", "clusters", "resource_pools")
         )
         out = [
             vm.summary()

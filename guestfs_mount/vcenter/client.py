@@ -147,17 +147,30 @@ def _q(segment: str) -> str:
 
 
 def _transport_reason(exc: BaseException) -> str:
-    """The most specific non-empty message in the cause chain (httpx under trio has none)."""
+    """The most specific message in the cause chain (httpx under trio has none): an
+    OSError's text if there is one (also inside exception groups), else the deepest
+    non-empty message."""
     seen: set[int] = set()
     best = ""
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
+    os_text = ""
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
         seen.add(id(e))
+        if isinstance(e, OSError) and (e.strerror or str(e)):
+            os_text = e.strerror or str(e)  # the deepest one wins
         s = str(e).strip()
         if s:
             best = s
-        e = e.__cause__ or e.__context__
-    return best or type(exc).__name__
+        subs = getattr(e, "exceptions", None)
+        if isinstance(subs, (list, tuple)):
+            stack.extend(x for x in subs if isinstance(x, BaseException))
+        for nxt in (e.__context__, e.__cause__):
+            if nxt is not None:
+                stack.append(nxt)
+    return os_text or best or type(exc).__name__
 
 
 class VCenterClient:

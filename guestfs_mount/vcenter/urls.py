@@ -29,8 +29,8 @@ def redact_url(url: str) -> str:
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     """Remove query strings of URLs, ``token=...``-like pairs and the given secret values."""
-    text = _TOKENISH.sub(r"\1=<redacted>", text)
     text = re.sub(r"(https?://[^\s\"'<>?]*)\?[^\s\"'<>]*", r"\1?<redacted>", text)
+    text = _TOKENISH.sub(r"\1=<redacted>", text)
     for s in secrets:
         if s and len(s) >= 3:
             text = text.replace(s, "<redacted>")

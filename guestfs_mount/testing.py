@@ -1,0 +1,132 @@
+"""Run ``guestfs-mount`` against a simulator in a subprocess: for tests and benchmarks.
+
+``mounted(sim, mnt)`` starts the daemon in the foreground, waits until the kernel shows
+the mount, and on exit unmounts with ``fusermount3 -u`` and checks that the daemon
+exited cleanly, that nothing stayed mounted and that its stderr holds no traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+
+class MountError(RuntimeError):
+    pass
+
+
+def mount_env(sim: Any, **overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        GUESTFS_USER=sim.user,
+        GUESTFS_PASSWORD=sim.password,
+        GUESTFS_GUEST_USER=sim.guest_user,
+        GUESTFS_GUEST_PASSWORD=sim.guest_password,
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(overrides)
+    return env
+
+
+def mount_argv(sim: Any, mnt: str, *extra: str, vm: str | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "guestfs_mount.cli", sim.vcenter_url, vm or sim.vms[0]["name"], mnt]
+    if sim.ca_file:
+        argv += ["--ca-file", sim.ca_file]
+    if getattr(sim, "esx_ca_file", None) and sim.esx_ca_file != sim.ca_file:
+        argv += ["--esx-ca-file", sim.esx_ca_file]
+    return argv + list(extra)
+
+
+def unmount(mnt: str, lazy: bool = False) -> None:
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), mnt]
+    subprocess.run(cmd, check=False, capture_output=True)
+
+
+def wait_for_mount(mnt: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.ismount(mnt):
+        if proc is not None and proc.poll() is not None:
+            raise MountError(f"guestfs-mount exited with {proc.returncode} before mounting")
+        if time.monotonic() > deadline:
+            raise MountError(f"{mnt} not mounted after {timeout}s")
+        time.sleep(0.02)
+
+
+class Mounted:
+    def __init__(self, mnt: str, proc: subprocess.Popen[bytes], stderr_path: str) -> None:
+        self.mnt = mnt
+        self.proc = proc
+        self.stderr_path = stderr_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr_text(self) -> str:
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.mnt, *parts)
+
+
+@contextlib.contextmanager
+def mounted(
+    sim: Any,
+    mnt: str,
+    *extra: str,
+    vm: str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+    allowed_tracebacks: bool = False,
+    argv: Sequence[str] | None = None,
+) -> Iterator[Mounted]:
+    os.makedirs(mnt, exist_ok=True)
+    fd, stderr_path = tempfile.mkstemp(prefix="guestfs-mount-stderr-", suffix=".log")
+    os.close(fd)
+    cmd = list(argv) if argv else mount_argv(sim, mnt, "--foreground", *extra, vm=vm)
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=dict(env or mount_env(sim))
+        )
+    m = Mounted(mnt, proc, stderr_path)
+    clean = False
+    try:
+        try:
+            wait_for_mount(mnt, proc, timeout)
+        except MountError as exc:
+            raise MountError(f"{exc}:\n{m.stderr_text()}") from None
+        yield m
+        clean = True
+    finally:
+        if proc.poll() is None:
+            unmount(mnt)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                clean = False
+        leaked = os.path.ismount(mnt)
+        if leaked:
+            unmount(mnt, lazy=True)
+        text = m.stderr_text()
+        os.unlink(stderr_path)
+        if clean:
+            if leaked:
+                raise MountError(f"{mnt} still mounted after the daemon exited")
+            if proc.returncode != 0:
+                raise MountError(f"guestfs-mount exited with {proc.returncode}:\n{text}")
+            if "Traceback" in text and not allowed_tracebacks:
+                raise MountError(f"traceback in guestfs-mount's stderr:\n{text}")

@@ -1,0 +1,710 @@
+"""VCenterClient against an httpx.MockTransport fake vCenter/ESX."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from guestfs_mount.errors import (
+    CircuitOpen,
+    ConfigError,
+    GuestAuthFailed,
+    InvalidArgument,
+    NotAllowedInCurrentState,
+    NotFound,
+    ProtocolError,
+    RemoteTimeout,
+    ResourceBusy,
+    ServiceUnavailable,
+    TransferError,
+    TransportError,
+    Unauthenticated,
+    UnsafeTransferUrl,
+)
+from guestfs_mount.model import FileType
+
+try:
+    from .test_vcenter_support import (
+        FakeVCenter,
+        assert_no_secrets,
+        err,
+        make_client,
+        stat_body,
+    )
+except ImportError:
+    from test_vcenter_support import (  # type: ignore[no-redef]
+        FakeVCenter,
+        assert_no_secrets,
+        err,
+        make_client,
+        stat_body,
+    )
+
+
+def entries(n: int, prefix: str = "f") -> list[dict[str, Any]]:
+    return [{"filename": f"{prefix}{i}", "type": "FILE", "size": i} for i in range(n)]
+
+
+# --- session / VM lookup -----------------------------------------------------------------------
+
+
+async def test_login_and_find_vm() -> None:
+    fake = FakeVCenter()
+    async with make_client(fake) as c:
+        await c.login()
+        vm = await c.find_vm("web")
+        assert vm.vm == "vm-42"
+        assert (await c.find_vm("vm-42")).name == "web"
+        await c.check_guest_ready("vm-42")
+    # session deleted on close, with the header
+    last = fake.requests[-1]
+    assert last.method == "DELETE" and last.url.path == "/api/session"
+    assert c.stats.calls["vm.list"] >= 2
+
+
+async def test_find_vm_not_found_and_ambiguous() -> None:
+    fake = FakeVCenter()
+    fake.vms.append({"vm": "vm-43", "name": "web", "power_state": "POWERED_OFF"})
+    async with make_client(fake) as c:
+        with pytest.raises(ConfigError, match="vm-42, vm-43"):
+            await c.find_vm("web")
+        with pytest.raises(NotFound, match="nope"):
+            await c.find_vm("nope")
+
+
+async def test_guest_not_ready() -> None:
+    fake = FakeVCenter()
+
+    async def off(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"state": "POWERED_OFF"})
+
+    fake.hooks["vm.power"] = off
+    async with make_client(fake) as c:
+        with pytest.raises(NotAllowedInCurrentState, match="powered off"):
+            await c.check_guest_ready("vm-42")
+
+    fake = FakeVCenter()
+
+    async def no_ops(req: httpx.Request) -> httpx.Response:
+        return err(404, "OPERATION_NOT_FOUND")
+
+    async def tools(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"run_state": "NOT_RUNNING"})
+
+    fake.hooks["vm.guest.operations"] = no_ops
+    fake.hooks["vm.tools"] = tools
+    async with make_client(fake) as c:
+        with pytest.raises(ServiceUnavailable, match="VMware Tools is not running"):
+            await c.check_guest_ready("vm-42")
+
+
+async def test_wrong_vcenter_password() -> None:
+    fake = FakeVCenter(password="other")
+    async with make_client(fake) as c:
+        with pytest.raises(Unauthenticated) as ei:
+            await c.login()
+    assert "vCenter login as admin@vsphere.local failed" in str(ei.value)
+    assert not isinstance(ei.value, GuestAuthFailed)
+    assert_no_secrets(str(ei.value))
+
+
+async def test_relogin_on_expired_session() -> None:
+    fake = FakeVCenter()
+    async with make_client(fake) as c:
+        await c.find_vm("web")
+        fake.expire_sessions()
+        await c.find_vm("web")
+        assert c.stats.relogins == 1
+        assert fake.n_logins == 2
+
+
+async def test_single_relogin_under_concurrency(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeVCenter(login_delay=0.01)
+    fake.stats["/a"] = stat_body()
+    async with make_client(fake) as c:
+        await c.find_vm("web")
+        await trio.sleep(1800)  # idle: the session expires
+        fake.expire_sessions()
+        async with trio.open_nursery() as n:
+            for _ in range(20):
+                n.start_soon(c.stat, "vm-42", "/a")
+        assert fake.n_logins == 2
+        assert c.stats.relogins == 1
+
+
+async def test_guest_auth_failure_detected(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeVCenter(guest_password="different")
+    fake.stats["/a"] = stat_body()
+    async with make_client(fake) as c:
+        await c.find_vm("web")  # verifies the session on a non-guest call
+        with pytest.raises(GuestAuthFailed, match="guest login as root refused by VM vm-42") as ei:
+            await c.stat("vm-42", "/a")
+        assert fake.n_logins == 1  # fresh session: no pointless re-login
+        assert_no_secrets(repr(ei.value) + str(ei.value))
+        # an older session: one re-login, then the 401 on the fresh one is the guest's fault
+        await trio.sleep(60)
+        with pytest.raises(GuestAuthFailed):
+            await c.list_dir("vm-42", "/")
+        assert fake.n_logins == 2
+
+
+async def test_error_type_dispatch_not_status() -> None:
+    fake = FakeVCenter()
+    fake.stats["/a"] = stat_body()
+
+    async def weird(req: httpx.Request) -> httpx.Response:
+        return err(500, "NOT_FOUND", "Entity does not exist")
+
+    fake.hooks["files.get"] = weird
+    async with make_client(fake) as c:
+        with pytest.raises(NotFound, match=r"stat /a on VM vm-42 failed: NOT_FOUND: Entity"):
+            await c.stat("vm-42", "/a")
+
+    async def bad_arg(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            403,
+            json={
+                "type": "com.vmware.vapi.std.errors.invalid_argument",
+                "value": {
+                    "error_type": "INVALID_ARGUMENT",
+                    "messages": [],
+                    "data": {"reason": "NOT_A_FILE"},
+                },
+            },
+        )
+
+    fake.hooks["files.get"] = bad_arg
+    async with make_client(fake) as c:
+        with pytest.raises(InvalidArgument) as ei:
+            await c.stat("vm-42", "/a")
+        assert ei.value.reason == "NOT_A_FILE"
+        assert ei.value.path == "/a"
+
+
+# --- list / stat ---------------------------------------------------------------------------------
+
+
+async def test_list_paging() -> None:
+    fake = FakeVCenter()
+    fake.files["/etc"] = entries(7)
+    async with make_client(fake, list_page_size=3) as c:
+        got = await c.list_dir("vm-42", "/etc")
+    assert [e.name for e in got] == [f"f{i}" for i in range(7)]
+    assert got[3].size == 3 and got[0].type is FileType.FILE
+    idx = [json.loads(r.content)["iteration"]["index"] for r in fake.requests if "list" in str(r.url)]
+    assert idx == [0, 3, 6]
+
+
+async def test_list_hostile_entries(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeVCenter()
+    fake.files["/d"] = [
+        {"filename": "ok", "type": "FILE", "size": 1},
+        {"filename": "", "type": "FILE", "size": 1},
+        {"filename": ".", "type": "DIRECTORY", "size": 1},
+        {"filename": "..", "type": "DIRECTORY", "size": 1},
+        {"filename": "../../etc/passwd", "type": "FILE", "size": 1},
+        {"filename": "a\x00b", "type": "FILE", "size": 1},
+        {"filename": "x" * 256, "type": "FILE", "size": 1},
+        {"filename": "é" * 128, "type": "FILE", "size": 1},  # 256 bytes
+        {"filename": "ok", "type": "FILE", "size": 2},
+        {"filename": "neg", "type": "FILE", "size": -1},
+        {"filename": "huge", "type": "FILE", "size": 2**64},
+        {"filename": "dev", "type": "SOCKET", "size": 0},
+        {"filename": "bool", "type": "FILE", "size": True},
+        "not an object",
+        {"filename": "bad\udcff", "type": "FILE", "size": 3},
+    ]
+    caplog.set_level(logging.WARNING, logger="guestfs_mount.vcenter")
+    async with make_client(fake, list_page_size=4) as c:
+        got = await c.list_dir("vm-42", "/d")
+    assert [(e.name, e.size) for e in got] == [("ok", 1), ("bad\udcff", 3)]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "skipped 13" in warnings[0].getMessage()
+
+
+async def test_list_never_ending_ready() -> None:
+    fake = FakeVCenter()
+
+    async def stuck(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"files": [], "total": 5, "status": "READY"})
+
+    fake.hooks["files.list"] = stuck
+    async with make_client(fake) as c:
+        with pytest.raises(ProtocolError, match="READY without entries"):
+            await c.list_dir("vm-42", "/d")
+    assert sum("list" in str(r.url) for r in fake.requests) == 4
+
+
+async def test_list_too_many_entries() -> None:
+    fake = FakeVCenter()
+    counter = [0]
+
+    async def endless(req: httpx.Request) -> httpx.Response:
+        counter[0] += 1
+        files = entries(10, prefix=f"p{counter[0]}_")
+        return httpx.Response(200, json={"files": files, "total": 10, "status": "READY"})
+
+    fake.hooks["files.list"] = endless
+    async with make_client(fake, max_list_entries=95) as c:
+        with pytest.raises(ProtocolError, match="more than 95 entries"):
+            await c.list_dir("vm-42", "/d")
+
+
+async def test_list_malformed_page() -> None:
+    fake = FakeVCenter()
+
+    async def bad(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"<html>")
+
+    fake.hooks["files.list"] = bad
+    async with make_client(fake) as c:
+        with pytest.raises(ProtocolError, match="list /d on VM vm-42"):
+            await c.list_dir("vm-42", "/d")
+
+
+async def test_stat_url_encoding_and_body() -> None:
+    fake = FakeVCenter()
+    path = "/tmp/we ird/na\udcffme?#%"
+    fake.stats[path] = stat_body("DIRECTORY", 4096)
+    async with make_client(fake) as c:
+        st = await c.stat("vm-42", path)
+    assert st.type is FileType.DIRECTORY and st.permissions == 0o644
+    assert st.mtime_ns == 1704164645_500_000_000
+    assert st.atime_ns == 1704164645_000_000_000 - 3600 * 10**9
+    req = next(r for r in fake.requests if "action=get" in str(r.url))
+    assert req.url.raw_path.startswith(
+        b"/api/vcenter/vm/vm-42/guest/filesystem/files/%2Ftmp%2Fwe%20ird%2Fna%FFme%3F%23%25?"
+    )
+    assert req.headers["content-type"] == "application/json"
+    assert json.loads(req.content)["credentials"]["user_name"] == "root"
+
+
+async def test_list_path_with_surrogates_in_body() -> None:
+    fake = FakeVCenter()
+    fake.files["/x\udcfe"] = entries(1)
+    async with make_client(fake) as c:
+        got = await c.list_dir("vm-42", "/x\udcfe")
+    assert len(got) == 1
+    req = next(r for r in fake.requests if "action=list" in str(r.url))
+    assert b'"\\udcfe"' in req.content or b"\\udcfe" in req.content
+
+
+# --- transfers -----------------------------------------------------------------------------------
+
+
+async def test_create_transfer_star_substitution() -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b"x"
+    async with make_client(fake, server="vc.example.com:8443") as c:
+        url = await c.create_transfer("vm-42", "/f")
+        assert url.startswith("https://vc.example.com:8443/guestFile?")
+        fake.transfer_host = "*:9443"
+        url = await c.create_transfer("vm-42", "/f")
+        assert url.startswith("https://vc.example.com:9443/guestFile?")
+        assert c.transfer_api == "released"
+
+
+async def test_transfer_preview_fallback_remembered() -> None:
+    fake = FakeVCenter(released=False)
+    fake.contents["/f"] = b"x"
+    async with make_client(fake) as c:
+        await c.create_transfer("vm-42", "/f")
+        await c.create_transfer("vm-42", "/f")
+        assert c.transfer_api == "preview"
+    ops = [fake.op(r) for r in fake.requests if "filesystem" in str(r.url)]
+    assert ops == ["transfer.create", "transfer.preview", "transfer.preview"]
+    preview = next(r for r in fake.requests if fake.op(r) == "transfer.preview")
+    assert preview.method == "GET"
+    assert json.loads(preview.content)["path"] == "/f"
+
+
+async def test_transfer_bare_405_falls_back_but_not_found_does_not() -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b"x"
+
+    async def bare(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(405, text="Method Not Allowed")
+
+    fake.hooks["transfer.create"] = bare
+    async with make_client(fake) as c:
+        await c.create_transfer("vm-42", "/f")
+        assert c.transfer_api == "preview"
+    fake = FakeVCenter()
+    async with make_client(fake) as c:
+        with pytest.raises(NotFound, match="/missing"):
+            await c.create_transfer("vm-42", "/missing")
+        assert c.transfer_api is None
+    fake = FakeVCenter(released=False)
+    fake.contents["/f"] = b"x"
+    async with make_client(fake, api="released") as c:
+        with pytest.raises(ProtocolError):
+            await c.create_transfer("vm-42", "/f")
+
+
+async def test_transfer_api_preview_only() -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b"x"
+    async with make_client(fake, api="preview") as c:
+        await c.create_transfer("vm-42", "/f")
+    assert [fake.op(r) for r in fake.requests if "filesystem" in str(r.url)] == ["transfer.preview"]
+
+
+@pytest.mark.parametrize(
+    ("host", "kw", "ok"),
+    [
+        ("esx1.example.com", {}, False),
+        ("esx1.example.com", {"esx_hosts": ("esx*.example.com",)}, True),
+        ("esx1.example.com", {"thumbprints": {"esx1.example.com": "ab" * 32}}, True),
+        ("esx1.example.com:444", {"thumbprints": {"esx1.example.com:443": "ab" * 32}}, False),
+        ("evil.com", {"insecure": True}, True),
+        ("VC.example.com", {}, True),
+    ],
+)
+async def test_transfer_host_policy(host: str, kw: dict[str, Any], ok: bool) -> None:
+    fake = FakeVCenter(transfer_host=host)
+    fake.contents["/f"] = b"x"
+    async with make_client(fake, **kw) as c:
+        if ok:
+            await c.create_transfer("vm-42", "/f")
+        else:
+            with pytest.raises(UnsafeTransferUrl, match="--esx-host") as ei:
+                await c.create_transfer("vm-42", "/f")
+            assert_no_secrets(str(ei.value))
+
+
+async def test_transfer_http_refused_unless_allowed() -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b"x"
+
+    async def http_url(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(201, json="http://*/guestFile?id=/f&token=UrLtOkEnXyZ")
+
+    fake.hooks["transfer.create"] = http_url
+    async with make_client(fake) as c:
+        with pytest.raises(UnsafeTransferUrl, match="plain http") as ei:
+            await c.create_transfer("vm-42", "/f")
+        assert_no_secrets(str(ei.value))
+    async with make_client(fake, allow_http=True) as c:
+        assert (await c.create_transfer("vm-42", "/f")).startswith("http://vc.example.com:443/")
+    for bad in ("ftp://*/x", "https://user:pw@*/x", "https://*:99999/x", ""):
+
+        async def hook(req: httpx.Request, bad: str = bad) -> httpx.Response:
+            return httpx.Response(201, json=bad)
+
+        fake.hooks["transfer.create"] = hook
+        async with make_client(fake) as c:
+            with pytest.raises((UnsafeTransferUrl, ProtocolError)):
+                await c.create_transfer("vm-42", "/f")
+
+
+async def _collect(c: Any, path: str, size: int) -> tuple[list[bytes], Any]:
+    chunks: list[bytes] = []
+
+    async def sink(b: bytes) -> None:
+        chunks.append(b)
+
+    res = await c.download("vm-42", path, size, sink)
+    return chunks, res
+
+
+async def test_download_ok_rechunked() -> None:
+    fake = FakeVCenter()
+    data = bytes(range(256)) * (4096 * 3 + 7)  # ~3 MiB, not a multiple of 1 MiB
+    fake.contents["/big"] = data
+    fake.content_length = False
+    async with make_client(fake) as c:
+        chunks, res = await _collect(c, "/big", len(data))
+        assert b"".join(chunks) == data
+        assert all(len(ch) >= 1 << 20 for ch in chunks[:-1])
+        assert res.nbytes == len(data)
+        assert res.sha256 == hashlib.sha256(data).hexdigest()
+        assert c.stats.bytes_downloaded == len(data)
+    get = next(r for r in fake.requests if fake.op(r) == "esx.get")
+    assert get.headers["accept-encoding"] == "identity"
+    assert "vmware-api-session-id" not in get.headers
+
+
+@pytest.mark.parametrize("actual", [5, 15])
+async def test_download_size_mismatch(actual: int) -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b"z" * actual
+    fake.content_length = False
+    async with make_client(fake) as c:
+        with pytest.raises(TransferError, match="bytes") as ei:
+            await _collect(c, "/f", 10)
+    assert_no_secrets(str(ei.value))
+
+
+async def test_download_content_length_mismatch() -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b"z" * 5
+    async with make_client(fake) as c:
+        with pytest.raises(TransferError, match="Content-Length"):
+            await _collect(c, "/f", 10)
+
+
+async def test_download_long_body_stops_early() -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b""
+    yielded = [0]
+
+    async def infinite(req: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            while True:
+                yielded[0] += 1
+                yield b"a" * 65536
+
+        return httpx.Response(200, content=body())
+
+    fake.hooks["esx.get"] = infinite
+    async with make_client(fake) as c:
+        with pytest.raises(TransferError, match="more than"):
+            await _collect(c, "/f", 100_000)
+    assert yielded[0] <= 3
+
+
+async def test_download_status_and_redirect() -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b"z"
+
+    async def redirect(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"location": "https://evil.com/x"})
+
+    fake.hooks["esx.get"] = redirect
+    async with make_client(fake) as c:
+        with pytest.raises(UnsafeTransferUrl, match="redirect"):
+            await _collect(c, "/f", 1)
+
+    async def gone(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, text="gone")
+
+    fake.hooks["esx.get"] = gone
+    async with make_client(fake) as c:
+        with pytest.raises(TransferError, match="HTTP 404"):
+            await _collect(c, "/f", 1)
+
+
+async def test_api_redirect_refused() -> None:
+    fake = FakeVCenter()
+
+    async def redirect(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(301, headers={"location": "https://evil.com/api"})
+
+    fake.hooks["vm.list"] = redirect
+    async with make_client(fake) as c:
+        with pytest.raises(ProtocolError, match="redirect"):
+            await c.find_vm("web")
+    assert not any("evil" in str(r.url) for r in fake.requests)
+
+
+async def test_download_stall(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b""
+
+    async def stall(req: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"a" * 10
+            await trio.sleep(1000)
+            yield b"b"
+
+        return httpx.Response(200, content=body())
+
+    fake.hooks["esx.get"] = stall
+    async with make_client(fake, transfer_stall_timeout=7) as c:
+        t0 = trio.current_time()
+        with pytest.raises(TransferError, match="no data for 7s"):
+            await _collect(c, "/f", 20)
+        assert 7 <= trio.current_time() - t0 < 8
+
+
+async def test_download_broken_connection_not_retried_after_first_byte() -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b""
+
+    async def broken(req: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"a" * (2 << 20)
+            raise httpx.ReadError("connection reset")
+
+        return httpx.Response(200, content=body())
+
+    fake.hooks["esx.get"] = broken
+    async with make_client(fake) as c:
+        with pytest.raises(TransferError, match="connection broke"):
+            await _collect(c, "/f", 3 << 20)
+    assert sum(fake.op(r) == "esx.get" for r in fake.requests) == 1
+
+
+async def test_download_retried_before_first_byte(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b"hello"
+    n = [0]
+
+    async def busy(req: httpx.Request) -> httpx.Response | None:
+        n[0] += 1
+        if n[0] <= 2:
+            return err(500, "RESOURCE_BUSY", "busy")
+        return None
+
+    async def refuse_once(req: httpx.Request) -> httpx.Response | None:
+        if n[0] == 3:
+            n[0] += 1
+            raise httpx.ConnectError("")
+        return None
+
+    fake.hooks["transfer.create"] = busy
+    fake.hooks["esx.get"] = refuse_once
+    async with make_client(fake) as c:
+        chunks, _ = await _collect(c, "/f", 5)
+        assert b"".join(chunks) == b"hello"
+        assert c.stats.retries == 3
+
+
+# --- retries / breaker / timeouts -----------------------------------------------------------------
+
+
+async def test_retry_within_budget_then_fail(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeVCenter()
+
+    async def busy(req: httpx.Request) -> httpx.Response:
+        return err(400, "RESOURCE_BUSY", "VM busy")
+
+    fake.hooks["files.get"] = busy
+    async with make_client(fake, retry_budget=10.0) as c:
+        t0 = trio.current_time()
+        with pytest.raises(ResourceBusy, match="VM busy"):
+            await c.stat("vm-42", "/a")
+        assert trio.current_time() - t0 <= 10.0
+        assert c.stats.retries >= 5
+        assert c.stats.errors["ResourceBusy"] == 1
+
+
+async def test_no_retry_on_not_found() -> None:
+    fake = FakeVCenter()
+    async with make_client(fake) as c:
+        with pytest.raises(NotFound):
+            await c.stat("vm-42", "/missing")
+        assert c.stats.retries == 0
+
+
+async def test_call_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeVCenter()
+
+    async def slow(req: httpx.Request) -> httpx.Response:
+        await trio.sleep(100)
+        return httpx.Response(200, json=[])
+
+    fake.hooks["vm.list"] = slow
+    async with make_client(fake, call_timeout=2.0, retry_budget=0) as c:
+        with pytest.raises(RemoteTimeout, match="vc.example.com:443"):
+            await c.find_vm("web")
+
+
+async def test_transport_error_message_and_breaker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = FakeVCenter()
+    down = [True]
+
+    async def refused(req: httpx.Request) -> httpx.Response | None:
+        if down[0]:
+            raise httpx.ConnectError("") from OSError(111, "Connection refused")
+        return None
+
+    fake.hooks["vm.list"] = refused
+    async with make_client(
+        fake, retry_budget=0, breaker_threshold=3, breaker_cooldown=5.0
+    ) as c:
+        await c.login()
+        for _ in range(3):
+            with pytest.raises(TransportError, match="Connection refused"):
+                await c.find_vm("web")
+        before = len(fake.requests)
+        with pytest.raises(CircuitOpen):
+            await c.find_vm("web")
+        assert len(fake.requests) == before  # failed fast
+        await trio.sleep(5.1)
+        # half-open: one probe; it fails -> open again
+        with pytest.raises(TransportError):
+            await c.find_vm("web")
+        with pytest.raises(CircuitOpen):
+            await c.find_vm("web")
+        await trio.sleep(5.1)
+        down[0] = False
+        assert (await c.find_vm("web")).vm == "vm-42"  # probe succeeds: closed
+        assert (await c.find_vm("web")).vm == "vm-42"
+
+
+async def test_retry_transport_errors_then_success(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = FakeVCenter()
+    n = [0]
+
+    async def flaky(req: httpx.Request) -> httpx.Response | None:
+        n[0] += 1
+        if n[0] <= 3:
+            raise httpx.ReadError("")
+        return None
+
+    fake.hooks["vm.list"] = flaky
+    async with make_client(fake) as c:
+        assert (await c.find_vm("web")).vm == "vm-42"
+        assert c.stats.retries == 3
+
+
+# --- secrets -------------------------------------------------------------------------------------
+
+
+async def test_no_secrets_in_logs_or_errors(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake = FakeVCenter()
+    fake.contents["/f"] = b"data"
+    fake.stats["/f"] = stat_body()
+    raised: list[BaseException] = []
+    async with make_client(fake, debug=True, retry_budget=1.0) as c:
+        await c.find_vm("web")
+        await c.stat("vm-42", "/f")
+        await _collect(c, "/f", 4)
+        await trio.sleep(1800)
+        fake.expire_sessions()
+        await c.list_dir("vm-42", "/") if "/" in fake.files else None
+        for coro in (
+            lambda: c.stat("vm-42", "/nope"),
+            lambda: _collect(c, "/f", 5),
+            lambda: c.create_transfer("vm-43", "/nope"),
+        ):
+            try:
+                await coro()
+            except Exception as e:
+                raised.append(e)
+        fake.guest_password = "changed"
+        try:
+            await c.stat("vm-42", "/f")
+        except Exception as e:
+            raised.append(e)
+    fake.password = "changed"
+    async with make_client(fake) as c:
+        try:
+            await c.login()
+        except Exception as e:
+            raised.append(e)
+    assert len(raised) == 5
+    for e in raised:
+        assert_no_secrets(str(e) + repr(e) + repr(e.args))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "POST /api/vcenter/vm/vm-42/guest/filesystem/files/%2Ff?action=get 200" in text
+    assert "GET https://vc.example.com/guestFile?<redacted> 200" in text
+    assert_no_secrets(text)
+    assert_no_secrets(repr(c.config))
