@@ -168,8 +168,10 @@ def _guest_credentials(args: argparse.Namespace) -> GuestCredentials:
 
 
 def _is_stale(path: str) -> bool:
+    # statvfs always reaches the filesystem; a stat may be answered from the
+    # kernel's attribute cache even when the daemon behind it is dead.
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False

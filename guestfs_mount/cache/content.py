@@ -605,7 +605,11 @@ class ContentCache:
                 entry.linger_scope = None
             if entry.handles == 0 and entry.state is _State.RUNNING:
                 log.debug("cancelling unused download of %r", entry.key.path)
+                # Detach at once: an open() arriving while the task winds down must start
+                # a new download, not join one that is about to fail.
                 entry.scope.cancel()
+                self._detach(entry)
+                self._maybe_close(entry)
 
     # -- internals: space and eviction ---------------------------------------------------
 

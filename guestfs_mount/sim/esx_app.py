@@ -91,6 +91,7 @@ class GuestFileApp:
             headers.append((b"content-length", str(body_len).encode()))
         sent = 0
         empty_done = False
+        finishing = False
         client_gone = False
 
         async def watch_disconnect(cancel: trio.CancelScope) -> None:
@@ -98,6 +99,8 @@ class GuestFileApp:
             while True:
                 msg = await receive()
                 if msg["type"] == "http.disconnect":
+                    if finishing:
+                        return
                     client_gone = True
                     cancel.cancel()
                     return
@@ -139,14 +142,20 @@ class GuestFileApp:
                     else:
                         data = b"\0" * n  # padding
                     last = sent + len(data) == body_len
+                    if last:
+                        # Hypercorn reports http.disconnect while finishing the response
+                        finishing = True
+                        sent += len(data)
                     await send({"type": "http.response.body", "body": data, "more_body": not last})
-                    sent += len(data)
+                    if not last:
+                        sent += len(data)
                     stats.bytes_sent += len(data)
                     if bw is not None:
                         ahead = start + sent / bw - trio.current_time()
                         if ahead > 0:
                             await trio.sleep(ahead)
                 if body_len == 0:
+                    finishing = True
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     empty_done = True
                 nursery.cancel_scope.cancel()

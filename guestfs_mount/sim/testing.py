@@ -248,7 +248,10 @@ class ApiClient:
         return self.http.get(f"{self.base}{path}", headers=self.headers, **kw)
 
     def post(self, path: str, body: Any = None, **kw: Any) -> httpx.Response:
-        return self.http.post(f"{self.base}{path}", json=body, headers=self.headers, **kw)
+        # not json=: httpx encodes strictly as UTF-8, and guest paths may hold surrogates
+        headers = {**self.headers, "content-type": "application/json"}
+        content = None if body is None else json.dumps(body, ensure_ascii=True)
+        return self.http.post(f"{self.base}{path}", content=content, headers=headers, **kw)
 
     def vm_path(self, vm: str | None = None) -> str:
         return f"/api/vcenter/vm/{vm or self.sim.vm_id()}"
@@ -310,7 +313,7 @@ class ApiClient:
         return self.http.request(
             "GET",
             f"{self.base}{self.vm_path(vm)}/guest/filesystem",
-            content=json.dumps(body),
+            content=json.dumps(body, ensure_ascii=True),
             headers={**self.headers, "content-type": "application/json"},
         )
 

@@ -1,0 +1,204 @@
+"""Starting, refusing to start, and stopping: what a user sees on the command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from guestfs_mount.sim.testing import run_simulator
+from guestfs_mount.testing import mount_argv, mount_env, mounted, unmount, wait_for_mount
+from tests import trees
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("guest"))
+    trees.build(root)
+    trees.write_random_file(os.path.join(root, "slow.bin"), 64 << 20)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sim(source):
+    with run_simulator("--root", source) as s:
+        yield s
+
+
+def _start(sim, mnt, *extra, env=None, vm=None):
+    """Daemon mode (the default): returns when mounted or failed."""
+    return subprocess.run(
+        mount_argv(sim, mnt, *extra, vm=vm), env=env or mount_env(sim),
+        capture_output=True, text=True, timeout=90,
+    )
+
+
+def _daemon_pids(mnt):
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"guestfs_mount.cli" in argv and os.fsencode(mnt) in argv:
+                pids.append(int(pid))
+    return pids
+
+
+def _assert_refused(res, *words, secrets=()):
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("guestfs-mount: error: ")
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+    for s in secrets:
+        assert s not in res.stderr and s not in res.stdout
+
+
+def test_daemon_mode_returns_when_ready_and_unmounts(sim, tmp_path):
+    mnt = str(tmp_path / "m")
+    os.mkdir(mnt)
+    res = _start(sim, mnt)
+    try:
+        assert res.returncode == 0, res.stderr
+        assert os.path.ismount(mnt)  # ready when the command returned, not later
+        with open(os.path.join(mnt, "etc/hosts")) as f:
+            assert "localhost" in f.read()
+    finally:
+        unmount(mnt)
+    deadline = time.monotonic() + 15
+    while _daemon_pids(mnt) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _daemon_pids(mnt)
+    assert not os.path.ismount(mnt)
+
+
+def test_wrong_vcenter_password(sim, tmp_path):
+    mnt = str(tmp_path)
+    res = _start(sim, mnt, env=mount_env(sim, GUESTFS_PASSWORD="wrong-pass-123"))
+    _assert_refused(res, "login", secrets=["wrong-pass-123", sim.password])
+    assert not os.path.ismount(mnt)
+
+
+def test_wrong_guest_password(sim, tmp_path):
+    res = _start(sim, str(tmp_path), env=mount_env(sim, GUESTFS_GUEST_PASSWORD="bad-guest-pw"))
+    _assert_refused(res, "guest", secrets=["bad-guest-pw", sim.guest_password])
+
+
+def test_unknown_vm(sim, tmp_path):
+    res = _start(sim, str(tmp_path), vm="no-such-vm")
+    _assert_refused(res, "no-such-vm", "vm")
+
+
+def test_vm_powered_off(sim, tmp_path):
+    vm = sim.vms[0]["vm"]
+    sim.power(vm, "POWERED_OFF")
+    try:
+        res = _start(sim, str(tmp_path))
+    finally:
+        sim.power(vm, "POWERED_ON")
+    _assert_refused(res, "powered off")
+
+
+def test_tools_not_running(sim, tmp_path):
+    vm = sim.vms[0]["vm"]
+    sim.tools(vm, False)
+    try:
+        res = _start(sim, str(tmp_path))
+    finally:
+        sim.tools(vm, True)
+    _assert_refused(res, "tools")
+
+
+def test_unreachable_server(sim, tmp_path):
+    argv = mount_argv(sim, str(tmp_path))
+    argv[3] = "https://127.0.0.1:9"
+    res = subprocess.run(argv, env=mount_env(sim), capture_output=True, text=True, timeout=90)
+    _assert_refused(res, "127.0.0.1:9")
+
+
+def test_untrusted_certificate(sim, tmp_path):
+    argv = [a for a in mount_argv(sim, str(tmp_path)) if a != sim.ca_file and a != "--ca-file"]
+    res = subprocess.run(argv, env=mount_env(sim), capture_output=True, text=True, timeout=90)
+    _assert_refused(res, "certificate")
+
+
+def test_mount_point_missing(sim, tmp_path):
+    res = _start(sim, str(tmp_path / "nope"))
+    _assert_refused(res, "does not exist")
+
+
+def test_mount_point_not_empty(sim, tmp_path):
+    (tmp_path / "file").write_text("x")
+    res = _start(sim, str(tmp_path))
+    _assert_refused(res, "not empty")
+
+
+def test_mount_point_already_mounted(sim, tmp_path):
+    mnt = str(tmp_path / "m")
+    with mounted(sim, mnt):
+        res = _start(sim, mnt)
+        _assert_refused(res, "already")
+        assert os.path.ismount(mnt)
+
+
+def test_sigterm_during_active_read_unmounts(sim, tmp_path):
+    mnt = str(tmp_path / "m")
+    sim.faults(bandwidth=2 << 20)  # 64 MiB at 2 MiB/s: the read is still running
+    outcome = {}
+    try:
+        with mounted(sim, mnt) as m:
+            def reader():
+                try:
+                    with open(os.path.join(mnt, "slow.bin"), "rb") as f:
+                        while f.read(1 << 20):
+                            pass
+                    outcome["done"] = True
+                except OSError as exc:
+                    outcome["errno"] = exc.errno
+
+            t = threading.Thread(target=reader, daemon=True)
+            t.start()
+            time.sleep(1.5)
+            t0 = time.monotonic()
+            m.proc.send_signal(signal.SIGTERM)
+            m.proc.wait(timeout=30)
+            elapsed = time.monotonic() - t0
+            t.join(timeout=30)
+            assert not t.is_alive(), "reader still blocked after the daemon exited"
+            assert m.proc.returncode == 0
+            assert not os.path.ismount(mnt)
+            assert "errno" in outcome  # an error, not a silently short file
+            assert elapsed < 20
+    finally:
+        sim.reset_faults()
+
+
+def test_stale_mount_is_cleaned(sim, tmp_path):
+    mnt = str(tmp_path / "m")
+    os.mkdir(mnt)
+    with open(os.devnull, "wb") as devnull:
+        proc = subprocess.Popen(mount_argv(sim, mnt, "--foreground"), env=mount_env(sim),
+                                stdout=devnull, stderr=devnull)
+    try:
+        wait_for_mount(mnt, proc, 30)
+        proc.kill()
+        proc.wait()
+        with pytest.raises(OSError):
+            os.listdir(mnt)  # "Transport endpoint is not connected"
+        res = _start(sim, mnt)
+        assert res.returncode == 0, res.stderr
+        assert "stale" in res.stderr
+        assert os.path.exists(os.path.join(mnt, "etc/hosts"))
+    finally:
+        unmount(mnt)
+        unmount(mnt, lazy=True)
