@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from . import __version__
 from .errors import ConfigError, GuestfsError
 from .fs import FsOptions
-from .mount import MountConfig
 from .model import CredentialType, GuestCredentials
+from .mount import MountConfig
 from .vcenter.client import ClientConfig
 
 log = logging.getLogger("guestfs_mount")
@@ -70,64 +70,141 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", help="an existing empty directory")
 
     a = p.add_argument_group("vCenter and guest accounts")
-    a.add_argument("--user", default=os.environ.get("GUESTFS_USER"),
-                   help="vCenter user (default: $GUESTFS_USER)")
-    a.add_argument("--password-file", metavar="FILE",
-                   help="file holding the vCenter password (default: $GUESTFS_PASSWORD or prompt)")
-    a.add_argument("--guest-user", default=os.environ.get("GUESTFS_GUEST_USER"),
-                   help="guest account (default: $GUESTFS_GUEST_USER)")
-    a.add_argument("--guest-password-file", metavar="FILE",
-                   help="file holding the guest password (default: $GUESTFS_GUEST_PASSWORD or prompt)")
-    a.add_argument("--saml-token-file", metavar="FILE",
-                   help="authenticate in the guest with this SAML bearer token instead")
+    a.add_argument(
+        "--user",
+        default=os.environ.get("GUESTFS_USER"),
+        help="vCenter user (default: $GUESTFS_USER)",
+    )
+    a.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="file holding the vCenter password (default: $GUESTFS_PASSWORD or prompt)",
+    )
+    a.add_argument(
+        "--guest-user",
+        default=os.environ.get("GUESTFS_GUEST_USER"),
+        help="guest account (default: $GUESTFS_GUEST_USER)",
+    )
+    a.add_argument(
+        "--guest-password-file",
+        metavar="FILE",
+        help="file holding the guest password "
+        "(default: $GUESTFS_GUEST_PASSWORD or prompt)",
+    )
+    a.add_argument(
+        "--saml-token-file",
+        metavar="FILE",
+        help="authenticate in the guest with this SAML bearer token instead",
+    )
 
     t = p.add_argument_group("TLS and trust")
     t.add_argument("--ca-file", metavar="PEM", help="CA bundle for vCenter (default: system)")
-    t.add_argument("--esx-ca-file", metavar="PEM",
-                   help="CA bundle for ESXi transfer hosts (default: --ca-file)")
-    t.add_argument("--thumbprint", metavar="HOST=SHA256", action="append", type=_thumbprint,
-                   default=[], help="pin a host's certificate by SHA-256 (repeatable)")
-    t.add_argument("--esx-host", metavar="PATTERN", action="append", default=[],
-                   help="trust transfer URLs on hosts matching this glob (repeatable)")
-    t.add_argument("--insecure", action="store_true",
-                   help="do not verify TLS certificates or transfer hosts (dangerous)")
-    t.add_argument("--api", choices=("auto", "released", "preview"), default="auto",
-                   help="transfer API form: released (7.0U2+), preview (7.0U1), auto (default)")
+    t.add_argument(
+        "--esx-ca-file",
+        metavar="PEM",
+        help="CA bundle for ESXi transfer hosts (default: --ca-file)",
+    )
+    t.add_argument(
+        "--thumbprint",
+        metavar="HOST=SHA256",
+        action="append",
+        type=_thumbprint,
+        default=[],
+        help="pin a host's certificate by SHA-256 (repeatable)",
+    )
+    t.add_argument(
+        "--esx-host",
+        metavar="PATTERN",
+        action="append",
+        default=[],
+        help="trust transfer URLs on hosts matching this glob (repeatable)",
+    )
+    t.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify TLS certificates or transfer hosts (dangerous)",
+    )
+    t.add_argument(
+        "--api",
+        choices=("auto", "released", "preview"),
+        default="auto",
+        help="transfer API form: released (7.0U2+), preview (7.0U1), auto (default)",
+    )
 
     v = p.add_argument_group("what the mount shows")
-    v.add_argument("--guest-root", default="/", metavar="PATH",
-                   help="guest directory shown at the mount point (default: /)")
+    v.add_argument(
+        "--guest-root",
+        default="/",
+        metavar="PATH",
+        help="guest directory shown at the mount point (default: /)",
+    )
     v.add_argument("--uid", type=int, help="show every file as owned by this uid")
     v.add_argument("--gid", type=int, help="show every file as owned by this gid")
-    v.add_argument("--raw-symlinks", action="store_true",
-                   help="show symlink targets unchanged (default: absolute targets are "
-                        "rewritten to stay inside the mount)")
-    v.add_argument("--allow-other", action="store_true",
-                   help="let other local users in (the guest's mode bits then apply)")
-    v.add_argument("--metadata-ttl", type=float, default=60.0, metavar="SECONDS",
-                   help="how long listings and attributes are reused (default: 60)")
-    v.add_argument("--frozen", action="store_true",
-                   help="evidence view: nothing fetched once ever changes during the mount")
+    v.add_argument(
+        "--raw-symlinks",
+        action="store_true",
+        help="show symlink targets unchanged (default: absolute targets are "
+        "rewritten to stay inside the mount)",
+    )
+    v.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other local users in (the guest's mode bits then apply)",
+    )
+    v.add_argument(
+        "--metadata-ttl",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long listings and attributes are reused (default: 60)",
+    )
+    v.add_argument(
+        "--frozen",
+        action="store_true",
+        help="evidence view: nothing fetched once ever changes during the mount",
+    )
 
     c = p.add_argument_group("cache and performance")
-    c.add_argument("--cache-dir", metavar="DIR", help="where file contents are cached "
-                   "(default: a private temporary directory)")
-    c.add_argument("--cache-size", type=parse_size, default=None, metavar="SIZE",
-                   help="disk the content cache may use (default: 25%% of free space, at most 8G)")
+    c.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where file contents are cached (default: a private temporary directory)",
+    )
+    c.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="disk the content cache may use (default: 25%% of free space, at most 8G)",
+    )
     c.add_argument("--keep-cache", action="store_true", help="keep cached files at unmount")
-    c.add_argument("--no-prefetch", action="store_true",
-                   help="do not download small files ahead of a sequential directory read")
-    c.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="longest any file operation may block (default: 60)")
+    c.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="do not download small files ahead of a sequential directory read",
+    )
+    c.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest any file operation may block (default: 60)",
+    )
 
     o = p.add_argument_group("running")
-    o.add_argument("-f", "--foreground", action="store_true",
-                   help="stay in the foreground (for systemd and debugging)")
-    o.add_argument("--debug", action="store_true",
-                   help="log every API call and FUSE request")
+    o.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground (for systemd and debugging)",
+    )
+    o.add_argument("--debug", action="store_true", help="log every API call and FUSE request")
     o.add_argument("--log-file", metavar="FILE", help="log here (daemon default: syslog)")
-    o.add_argument("--audit-log", metavar="FILE",
-                   help="append a JSON line per file transfer (time, path, SHA-256, ...)")
+    o.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="append a JSON line per file transfer (time, path, SHA-256, ...)",
+    )
     return p
 
 
@@ -161,10 +238,15 @@ def _guest_credentials(args: argparse.Namespace) -> GuestCredentials:
         )
     if not args.guest_user:
         raise ConfigError("no guest user: use --guest-user or $GUESTFS_GUEST_USER")
-    pw = _secret(args.guest_password_file, "GUESTFS_GUEST_PASSWORD", "guest password",
-                 f"Password of guest user {args.guest_user}: ")
-    return GuestCredentials(CredentialType.USERNAME_PASSWORD, user_name=args.guest_user,
-                            password=pw)
+    pw = _secret(
+        args.guest_password_file,
+        "GUESTFS_GUEST_PASSWORD",
+        "guest password",
+        f"Password of guest user {args.guest_user}: ",
+    )
+    return GuestCredentials(
+        CredentialType.USERNAME_PASSWORD, user_name=args.guest_user, password=pw
+    )
 
 
 def _is_stale(path: str) -> bool:
@@ -221,8 +303,9 @@ def _server_url(server: str) -> tuple[str, bool]:
 def build_config(args: argparse.Namespace) -> MountConfig:
     if not args.user:
         raise ConfigError("no vCenter user: use --user or $GUESTFS_USER")
-    password = _secret(args.password_file, "GUESTFS_PASSWORD", "password",
-                       f"vCenter password of {args.user}: ")
+    password = _secret(
+        args.password_file, "GUESTFS_PASSWORD", "password", f"vCenter password of {args.user}: "
+    )
     guest = _guest_credentials(args)
     server, plain_http = _server_url(args.server)
     if args.insecure:
@@ -356,8 +439,11 @@ def _daemonize(cfg: MountConfig, args: argparse.Namespace) -> int:
             print(f"guestfs-mount: error: {answer[6:]}", file=sys.stderr)
         else:
             _, status = os.waitpid(pid, 0)
-            print(f"guestfs-mount: error: the daemon exited before mounting "
-                  f"(status {status}); run with --foreground to see why", file=sys.stderr)
+            print(
+                f"guestfs-mount: error: the daemon exited before mounting "
+                f"(status {status}); run with --foreground to see why",
+                file=sys.stderr,
+            )
         return EXIT_ERROR
     # child: new session, no terminal, stdio to /dev/null
     os.close(r)

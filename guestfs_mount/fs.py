@@ -26,7 +26,7 @@ from .cache.content import ContentKey
 from .errors import GuestfsError, NotFound, to_errno
 from .inodes import InodeTable
 from .meta import MetadataCache
-from .model import DirEntry, FileType, FilesystemFamily, GuestStat
+from .model import DirEntry, FilesystemFamily, FileType, GuestStat
 from .paths import is_safe_name, join, parent_of, rewrite_symlink
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _handler(fn: F) -> F:
     return cast(F, wrapper)
 
 
-class Operations(pyfuse3.Operations):  # type: ignore[misc]
+class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
@@ -450,15 +450,8 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return list(self._xattrs(inode))
 
-    # -- everything that would write: refused --------------------------------------
-
-    async def _erofs(self, *args: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    setattr = write = create = mkdir = mknod = symlink = link = _erofs
-    unlink = rmdir = rename = setxattr = removexattr = _erofs
+    # Writes never get here: the mount is 'ro', so the kernel answers EROFS itself.
 
 
 def _id_or(value: int | None, default: int) -> int:
     return default if value is None or value < 0 or value > 0xFFFFFFFE else value
-

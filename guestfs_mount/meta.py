@@ -181,7 +181,7 @@ class MetadataCache:
         self._ahead_done.pop(path, None)
         return entries
 
-    def entry(self, parent: str, name: str) -> DirEntry | None | bool:
+    def entry(self, parent: str, name: str) -> DirEntry | bool | None:
         """From a cached listing of ``parent``: the entry, ``False`` if the listing is
         cached and has no such name, ``None`` if nothing is known."""
         entries = self._lists.get(parent)
@@ -195,6 +195,7 @@ class MetadataCache:
     def _index_of(self, parent: str, entries: tuple[DirEntry, ...]) -> dict[str, DirEntry]:
         # Keyed on the tuple's identity and holding a reference to it, so a new listing
         # of the same directory gets a fresh index and an old id cannot be reused.
+        cache: dict[int, tuple[tuple[DirEntry, ...], dict[str, DirEntry]]]
         cache = self.__dict__.setdefault("_indexes", {})
         hit = cache.get(id(entries))
         if hit is not None and hit[0] is entries:

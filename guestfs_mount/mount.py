@@ -63,9 +63,7 @@ class _Guest:
     async def stat(self, path: str) -> GuestStat:
         return await self.client.stat(self.vm, path)
 
-    async def fetch(
-        self, path: str, size: int, sink: Callable[[bytes], object]
-    ) -> TransferResult:
+    async def fetch(self, path: str, size: int, sink: Callable[[bytes], object]) -> TransferResult:
         return await self.client.download(self.vm, path, size, sink)  # type: ignore[arg-type]
 
 
@@ -154,7 +152,7 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
         content = ContentCache(
             cache_dir,
             cfg.cache_size,
-            guest.fetch,  # type: ignore[arg-type]
+            guest.fetch,
             keep=cfg.keep_cache,
             on_transfer_end=on_transfer_end,
         )

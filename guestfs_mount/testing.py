@@ -36,7 +36,14 @@ def mount_env(sim: Any, **overrides: str) -> dict[str, str]:
 
 
 def mount_argv(sim: Any, mnt: str, *extra: str, vm: str | None = None) -> list[str]:
-    argv = [sys.executable, "-m", "guestfs_mount.cli", sim.vcenter_url, vm or sim.vms[0]["name"], mnt]
+    argv = [
+        sys.executable,
+        "-m",
+        "guestfs_mount.cli",
+        sim.vcenter_url,
+        vm or sim.vms[0]["name"],
+        mnt,
+    ]
     if sim.ca_file:
         argv += ["--ca-file", sim.ca_file]
     if getattr(sim, "esx_ca_file", None) and sim.esx_ca_file != sim.ca_file:

@@ -34,8 +34,11 @@ def sim(source):
 def _start(sim, mnt, *extra, env=None, vm=None):
     """Daemon mode (the default): returns when mounted or failed."""
     return subprocess.run(
-        mount_argv(sim, mnt, *extra, vm=vm), env=env or mount_env(sim),
-        capture_output=True, text=True, timeout=90,
+        mount_argv(sim, mnt, *extra, vm=vm),
+        env=env or mount_env(sim),
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
 
 
@@ -157,6 +160,7 @@ def test_sigterm_during_active_read_unmounts(sim, tmp_path):
     outcome = {}
     try:
         with mounted(sim, mnt) as m:
+
             def reader():
                 try:
                     with open(os.path.join(mnt, "slow.bin"), "rb") as f:
@@ -187,8 +191,9 @@ def test_stale_mount_is_cleaned(sim, tmp_path):
     mnt = str(tmp_path / "m")
     os.mkdir(mnt)
     with open(os.devnull, "wb") as devnull:
-        proc = subprocess.Popen(mount_argv(sim, mnt, "--foreground"), env=mount_env(sim),
-                                stdout=devnull, stderr=devnull)
+        proc = subprocess.Popen(
+            mount_argv(sim, mnt, "--foreground"), env=mount_env(sim), stdout=devnull, stderr=devnull
+        )
     try:
         wait_for_mount(mnt, proc, 30)
         proc.kill()

@@ -132,9 +132,8 @@ def test_symlinks(mnt):
 def test_missing_file_and_directory_errors(mnt):
     with pytest.raises(FileNotFoundError):
         os.stat(mnt.path("no/such/file"))
-    with pytest.raises(IsADirectoryError):
-        with open(mnt.path("data")) as f:
-            f.read()
+    with pytest.raises(IsADirectoryError), open(mnt.path("data")) as f:
+        f.read()
 
 
 def test_large_file_sequential_and_random(source, sim, mnt):
@@ -195,15 +194,21 @@ def test_xattrs(mnt):
 
 
 def test_tools_work(source, mnt):
-    out = subprocess.run(["grep", "-r", "-l", "alpha", mnt.path("data")], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["grep", "-r", "-l", "alpha", mnt.path("data")], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == mnt.path("data/nested/a.txt")
-    found = subprocess.run(["find", mnt.path("data"), "-name", "*.txt"], capture_output=True,
-                           text=True, check=True).stdout.split()
+    found = subprocess.run(
+        ["find", mnt.path("data"), "-name", "*.txt"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert sorted(os.path.relpath(p, mnt.path("data")) for p in found) == [
-        "nested/a.txt", "nested/deeper/b.txt", "small.txt"]
-    ls = subprocess.run(["ls", "-l", mnt.path("etc")], capture_output=True, text=True,
-                        check=True).stdout
+        "nested/a.txt",
+        "nested/deeper/b.txt",
+        "small.txt",
+    ]
+    ls = subprocess.run(
+        ["ls", "-l", mnt.path("etc")], capture_output=True, text=True, check=True
+    ).stdout
     assert "-rw------- 1 root root" in ls and "hosts" in ls
     df = subprocess.run(["df", mnt.mnt], capture_output=True, text=True)
     assert df.returncode == 0

@@ -36,11 +36,17 @@ def build(root: str) -> None:
         _write(root, os.path.join("names", name), f"odd {i}\n".encode())
     os.chown(os.path.join(root, "data/nested/a.txt"), 1234, 5678)
     os.chown(os.path.join(root, "data/nested"), 42, 43)
-    os.utime(os.path.join(root, "data/small.txt"), ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+    os.utime(
+        os.path.join(root, "data/small.txt"),
+        ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321),
+    )
     # Files only one test touches (others must not read them first).
     os.makedirs(os.path.join(root, "solo"), exist_ok=True)
     _write(root, "solo/times.txt", b"t\n")
-    os.utime(os.path.join(root, "solo/times.txt"), ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+    os.utime(
+        os.path.join(root, "solo/times.txt"),
+        ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321),
+    )
     _write(root, "solo/shared.bin", os.urandom(5 * 1024 * 1024 + 3))
     os.symlink("../etc/hosts", os.path.join(root, "links/relative"))
     os.symlink("/etc/hosts", os.path.join(root, "links/absolute"))

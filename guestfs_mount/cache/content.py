@@ -260,6 +260,7 @@ class ContentCache:
         """Bytes [offset, min(offset + size, key.size)); waits only for those to be on disk.
 
         Raises the download's error if it failed (never partial data of a failed attempt).
+        A read that reaches ``key.size`` returns only once the whole transfer was verified.
         """
         entry = self._handles.get(handle)
         if entry is None:
@@ -272,7 +273,11 @@ class ContentCache:
                 raise entry.error
             if entry.fd_closed:
                 raise CacheError("content cache closed", errno.EIO)
-            if entry.written >= end or entry.state is _State.COMPLETE:
+            if entry.state is _State.COMPLETE:
+                break
+            # A read reaching the end of the file waits for the verdict on the whole
+            # transfer (length check), so a failed attempt never looks like a clean EOF.
+            if entry.written >= end and end < entry.key.size:
                 break
             entry.wanted = min(entry.wanted, end)  # lets the sink flush early for us
             await entry.progress.wait()

@@ -42,8 +42,15 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
 class Sim:
     """A running simulator: its ready info plus admin helpers."""
 
-    def __init__(self, info: dict[str, Any], proc: subprocess.Popen[bytes], stderr_path: str):
+    def __init__(
+        self,
+        info: dict[str, Any],
+        proc: subprocess.Popen[bytes],
+        stderr_path: str,
+        ready_file: str = "",
+    ) -> None:
         self.info = info
+        self.ready_file = ready_file
         self.proc = proc
         self._stderr_path = stderr_path
         self._admin = httpx.Client(verify=ssl_context(info.get("ca_file")), timeout=30)
@@ -178,7 +185,7 @@ def run_simulator(
                 time.sleep(0.02)
             with open(ready, encoding="utf-8") as f:
                 info = json.loads(f.readline())
-            sim = Sim(info, proc, stderr_path)
+            sim = Sim(info, proc, stderr_path, ready)
             try:
                 yield sim
             except BaseException:
