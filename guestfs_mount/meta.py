@@ -159,6 +159,10 @@ class MetadataCache:
         self._missing.pop(path, None)
         return st
 
+    def seed(self, path: str, st: GuestStat) -> None:
+        """Remember a stat fetched elsewhere (the root, checked at start)."""
+        self._stats[path] = st
+
     # -- listings ---------------------------------------------------------------
 
     def cached_listing(self, path: str) -> tuple[DirEntry, ...] | None:

@@ -14,14 +14,17 @@ import re
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyfuse3
 import trio
 
 from .audit import AuditLog
 from .cache.content import ContentCache, ContentKey, TransferEvent
+from .control import serve_control, socket_path
 from .errors import ConfigError
 from .fs import FsOptions, Operations
 from .meta import MetadataCache
@@ -151,7 +154,9 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
 
         content = ContentCache(
             cache_dir,
-            cfg.cache_size,
+            # --frozen: content once read must never change, so it is never evicted
+            # (a second download could bring other bytes).
+            (1 << 62) if cfg.frozen else cfg.cache_size,
             guest.fetch,
             keep=cfg.keep_cache,
             on_transfer_end=on_transfer_end,
@@ -160,18 +165,44 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
             guest, ttl=cfg.fs.ttl, negative_ttl=cfg.fs.negative_ttl, frozen=cfg.frozen
         )
         ops = Operations(meta, content, cfg.fs, root=cfg.guest_root, label=vm.name)
-        meta._stats[cfg.guest_root] = root  # seed: the root was just fetched
+        meta.seed(cfg.guest_root, root)
+        started = time.time()
+
+        def snapshot() -> dict[str, Any]:
+            return {
+                "mountpoint": cfg.mountpoint,
+                "vcenter": client.vcenter_netloc,
+                "vm": vm.vm,
+                "vm_name": vm.name,
+                "guest_root": cfg.guest_root,
+                "pid": os.getpid(),
+                "started": started,
+                "frozen": cfg.frozen,
+                "transfers": content.in_flight(),
+                "cache": {
+                    "dir": cache_dir,
+                    "usage": content.usage,
+                    "max_bytes": content.max_bytes,
+                    "stats": content.stats,
+                },
+                "api": client.stats.snapshot(),
+                "metadata": dict(meta.counters),
+                "inodes": len(ops.inodes),
+            }
+
         try:
             async with trio.open_nursery() as nursery:
                 await content.start(nursery)
                 meta.start(nursery)
                 ops.start(nursery)
+                control_path = socket_path(cfg.mountpoint)  # cfg.mountpoint is a real path
                 pyfuse3.init(ops, cfg.mountpoint, _mount_options(cfg))
                 try:
                     _raise_read_ahead(cfg.mountpoint, cfg.read_ahead_kb)
                     log.info(
                         "mounted %s (%s) %s on %s", vm.name, vm.vm, cfg.guest_root, cfg.mountpoint
                     )
+                    nursery.start_soon(_serve_control_quietly, control_path, snapshot)
                     ready(None)
                     sd_notify("READY=1")
                     nursery.start_soon(_stop_on_signal, nursery.cancel_scope, cfg.grace)
@@ -191,6 +222,13 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
                 except OSError:
                     pass
             log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _serve_control_quietly(path: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+    try:
+        await serve_control(path, snapshot)
+    except OSError as exc:  # status is a convenience: never let it stop the mount
+        log.warning("no control socket (guestfs-mount status will not see this mount): %s", exc)
 
 
 async def _stop_on_signal(scope: trio.CancelScope, grace: float) -> None:

@@ -69,8 +69,12 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
             {
                 "vcenter_users": [{"user": "ro@vsphere.local", "password": "pw-ro"}],
                 "guest_accounts": [
-                    {"user": "alice", "password": "pw-alice", "subtree": "/home/alice",
-                     "saml_tokens": [SAML]}
+                    {
+                        "user": "alice",
+                        "password": "pw-alice",
+                        "subtree": "/home/alice",
+                        "saml_tokens": [SAML],
+                    }
                 ],
                 "vms": [{"name": "off-vm", "root": str(other), "power_state": "POWERED_OFF"}],
             }
@@ -89,12 +93,17 @@ def api(sim: Sim) -> Iterator[ApiClient]:
 
 
 def alice(password: str = "pw-alice") -> dict[str, Any]:
-    return {"interactive_session": False, "type": "USERNAME_PASSWORD", "user_name": "alice",
-            "password": password}
+    return {
+        "interactive_session": False,
+        "type": "USERNAME_PASSWORD",
+        "user_name": "alice",
+        "password": password,
+    }
 
 
-def assert_error(resp: httpx.Response, status: int, error_type: str,
-                 reason: str | None = None) -> dict[str, Any]:
+def assert_error(
+    resp: httpx.Response, status: int, error_type: str, reason: str | None = None
+) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/json")
     body = resp.json()
@@ -161,8 +170,9 @@ def test_vm_list_and_filters(api: ApiClient, sim: Sim) -> None:
     r = api.get("/api/vcenter/vm", params={"power_states": "POWERED_OFF"}).json()
     assert [v["name"] for v in r] == ["off-vm"]
     assert api.get("/api/vcenter/vm", params={"names": "nope"}).json() == []
-    assert_error(api.get("/api/vcenter/vm", params={"power_states": "BOGUS"}), 400,
-                 "INVALID_ARGUMENT")
+    assert_error(
+        api.get("/api/vcenter/vm", params={"power_states": "BOGUS"}), 400, "INVALID_ARGUMENT"
+    )
 
 
 def test_vm_state_endpoints(api: ApiClient, sim: Sim) -> None:
@@ -171,20 +181,24 @@ def test_vm_state_endpoints(api: ApiClient, sim: Sim) -> None:
     tools = api.get(f"/api/vcenter/vm/{vm}/tools").json()
     assert tools["run_state"] == "RUNNING"
     assert api.get(f"/api/vcenter/vm/{vm}/guest/operations").json() == {
-        "guest_operations_ready": True, "interactive_guest_operations_ready": False}
+        "guest_operations_ready": True,
+        "interactive_guest_operations_ready": False,
+    }
     off = sim.vm_id("off-vm")
     assert api.get(f"/api/vcenter/vm/{off}/power").json()["state"] == "POWERED_OFF"
     assert api.get(f"/api/vcenter/vm/{off}/tools").json()["run_state"] == "NOT_RUNNING"
-    assert not api.get(f"/api/vcenter/vm/{off}/guest/operations").json()[
-        "guest_operations_ready"]
+    assert not api.get(f"/api/vcenter/vm/{off}/guest/operations").json()["guest_operations_ready"]
     for suffix in ("power", "tools", "guest/operations"):
         assert_error(api.get(f"/api/vcenter/vm/vm-999/{suffix}"), 404, "NOT_FOUND")
 
 
 def test_unknown_operation(api: ApiClient) -> None:
     assert_error(api.get("/api/vcenter/nothing"), 404, "OPERATION_NOT_FOUND")
-    assert_error(api.post("/api/vcenter/vm/vm-42/guest/filesystem?action=bogus", {}), 404,
-                 "OPERATION_NOT_FOUND")
+    assert_error(
+        api.post("/api/vcenter/vm/vm-42/guest/filesystem?action=bogus", {}),
+        404,
+        "OPERATION_NOT_FOUND",
+    )
 
 
 # ---- listing ---------------------------------------------------------------------------
@@ -193,8 +207,13 @@ def test_unknown_operation(api: ApiClient) -> None:
 def test_list_directory(api: ApiClient) -> None:
     r = api.list("/dir")
     assert r.status_code == 200
-    assert r.json() == {"files": [{"filename": "sub", "type": "DIRECTORY", "size": 4096}],
-                        "total": 1, "start_index": 0, "end_index": 0, "status": "END_OF_DATA"}
+    assert r.json() == {
+        "files": [{"filename": "sub", "type": "DIRECTORY", "size": 4096}],
+        "total": 1,
+        "start_index": 0,
+        "end_index": 0,
+        "status": "END_OF_DATA",
+    }
     root = api.list("/", size=1000).json()
     names = [f["filename"] for f in root["files"]]
     assert "." not in names and ".." not in names
@@ -231,7 +250,10 @@ def test_list_filter(api: ApiClient) -> None:
     r = api.list("/many", pattern=r"\.log$", size=1000).json()
     assert r["total"] == 100 and all(f["filename"].endswith(".log") for f in r["files"])
     assert api.list("/many", pattern="^nothing$").json() == {
-        "files": [], "total": 0, "status": "END_OF_DATA"}
+        "files": [],
+        "total": 0,
+        "status": "END_OF_DATA",
+    }
     assert_error(api.list("/many", pattern="(unclosed"), 400, "INVALID_ARGUMENT")
     assert_error(api.list("/many", size=0), 400, "INVALID_ARGUMENT")
     assert_error(api.list("/many", index=-1), 400, "INVALID_ARGUMENT")
@@ -261,17 +283,24 @@ def test_stat_file(api: ApiClient) -> None:
     assert attrs["filesystem_family"] == "POSIX"
     assert set(attrs["posix_attributes"]) == {"owner", "group", "permissions"}
     assert "symlink_target" not in attrs
-    assert api.stat("/dir/sub/file.txt").json()["attributes"]["posix_attributes"][
-        "permissions"] == "640"
+    assert (
+        api.stat("/dir/sub/file.txt").json()["attributes"]["posix_attributes"]["permissions"]
+        == "640"
+    )
     assert api.stat("/dir").json()["type"] == "DIRECTORY"
     assert api.stat("/fifo").json()["type"] == "FILE"
     assert api.stat("/").json()["type"] == "DIRECTORY"
 
 
 def test_stat_symlinks(api: ApiClient) -> None:
-    for path, target in [("/rel", "etc/hosts"), ("/abs", "/etc/hosts"),
-                         ("/dangling", "/nope/nothing"), ("/loop1", "loop2"),
-                         ("/up", "../../.."), ("/parentlink", "../outside")]:
+    for path, target in [
+        ("/rel", "etc/hosts"),
+        ("/abs", "/etc/hosts"),
+        ("/dangling", "/nope/nothing"),
+        ("/loop1", "loop2"),
+        ("/up", "../../.."),
+        ("/parentlink", "../outside"),
+    ]:
         info = api.stat(path).json()
         assert info["type"] == "SYMLINK", path
         assert info["attributes"]["symlink_target"] == target
@@ -295,9 +324,13 @@ def test_path_encodings(api: ApiClient, sim: Sim) -> None:
 
 
 def test_path_escapes(api: ApiClient) -> None:
-    for path in ["/../outside/secret.txt", "/up/outside/secret.txt",
-                 "/parentlink/secret.txt", "/../../../../etc/../outside/secret.txt",
-                 "/dir/../../outside/secret.txt"]:
+    for path in [
+        "/../outside/secret.txt",
+        "/up/outside/secret.txt",
+        "/parentlink/secret.txt",
+        "/../../../../etc/../outside/secret.txt",
+        "/dir/../../outside/secret.txt",
+    ]:
         assert_error(api.stat(path), 404, "NOT_FOUND", "FILE_NOT_FOUND")
         assert_error(api.create_transfer(path), 404, "NOT_FOUND", "FILE_NOT_FOUND")
         assert_error(api.list(path), 404, "NOT_FOUND", "FILE_NOT_FOUND")
@@ -326,7 +359,8 @@ def test_transfer_released(api: ApiClient, sim: Sim) -> None:
         assert got.content == data
         again = c.get(esx_url(sim, url))  # single use
         assert again.status_code in (403, 404) and again.headers["content-type"].startswith(
-            "text/plain")
+            "text/plain"
+        )
     assert api.download("/empty") == b""
 
 
@@ -349,10 +383,13 @@ def test_transfer_bad_token(sim: Sim, api: ApiClient) -> None:
 
 
 def test_transfer_upload_spec_refused(api: ApiClient, sim: Sim) -> None:
-    body = {"credentials": sim.guest_credentials(),
-            "spec": {"path": "/tmp/x", "attributes": {"size": 3, "overwrite": True}}}
-    assert_error(api.post(f"{api.vm_path()}/guest/filesystem?action=create", body), 400,
-                 "INVALID_ARGUMENT")
+    body = {
+        "credentials": sim.guest_credentials(),
+        "spec": {"path": "/tmp/x", "attributes": {"size": 3, "overwrite": True}},
+    }
+    assert_error(
+        api.post(f"{api.vm_path()}/guest/filesystem?action=create", body), 400, "INVALID_ARGUMENT"
+    )
 
 
 # ---- the seed's error table (plus credentials) -----------------------------------------
@@ -370,8 +407,9 @@ def test_errors_vm_state(api: ApiClient, sim: Sim) -> None:
     assert_error(api.stat("/x.txt", vm=off), 400, "NOT_ALLOWED_IN_CURRENT_STATE")
     for state in ("SUSPENDED", "POWERED_OFF"):
         sim.power(sim.vm_id("second"), state)
-        assert_error(api.stat("/x.txt", vm=sim.vm_id("second")), 400,
-                     "NOT_ALLOWED_IN_CURRENT_STATE")
+        assert_error(
+            api.stat("/x.txt", vm=sim.vm_id("second")), 400, "NOT_ALLOWED_IN_CURRENT_STATE"
+        )
     sim.power(sim.vm_id("second"), "POWERED_ON")
     assert api.stat("/x.txt", vm=sim.vm_id("second")).status_code == 200
     assert_error(api.create_transfer("/x", vm="vm-999"), 404, "NOT_FOUND")
@@ -414,8 +452,11 @@ def test_errors_guest_credentials(api: ApiClient, sim: Sim) -> None:
     assert_error(r, 400, "INVALID_ARGUMENT")
     saml = {"interactive_session": False, "type": "SAML_BEARER_TOKEN", "saml_token": SAML}
     assert api.stat("/home/alice/a.txt", credentials=saml).status_code == 200
-    assert_error(api.stat("/home/alice/a.txt", credentials={**saml, "saml_token": "x"}), 401,
-                 "UNAUTHENTICATED")
+    assert_error(
+        api.stat("/home/alice/a.txt", credentials={**saml, "saml_token": "x"}),
+        401,
+        "UNAUTHENTICATED",
+    )
 
 
 def test_errors_unauthorized_subtree(api: ApiClient) -> None:
@@ -426,10 +467,10 @@ def test_errors_unauthorized_subtree(api: ApiClient) -> None:
     assert_error(api.list("/home", credentials=alice()), 403, "UNAUTHORIZED")
     # a symlink inside the subtree pointing elsewhere does not widen it
     assert_error(api.list("/home/alice/to-bob", credentials=alice()), 403, "UNAUTHORIZED")
-    assert_error(api.create_transfer("/home/alice/to-bob/b.txt", credentials=alice()), 403,
-                 "UNAUTHORIZED")
-    assert_error(api.stat("/home/alice/a.txt", credentials=alice("bad")), 401,
-                 "UNAUTHENTICATED")
+    assert_error(
+        api.create_transfer("/home/alice/to-bob/b.txt", credentials=alice()), 403, "UNAUTHORIZED"
+    )
+    assert_error(api.stat("/home/alice/a.txt", credentials=alice("bad")), 401, "UNAUTHENTICATED")
 
 
 def test_stats_counters(api: ApiClient, sim: Sim) -> None:
@@ -444,13 +485,21 @@ def test_stats_counters(api: ApiClient, sim: Sim) -> None:
     assert s["transfers"]["created"] == 2 and s["transfers"]["started"] == 1
     assert s["transfers"]["completed"] == 1 and s["transfers"]["by_path"] == {"/etc/hosts": 1}
     assert s["bytes_sent"] == 20 and s["sessions"] >= 1
-    assert set(s["calls"]) >= {"session.create", "vm.list", "vm.power", "vm.tools",
-                               "vm.guest_operations", "session.get", "session.delete"}
+    assert set(s["calls"]) >= {
+        "session.create",
+        "vm.list",
+        "vm.power",
+        "vm.tools",
+        "vm.guest_operations",
+        "session.get",
+        "session.delete",
+    }
 
 
 def test_timestamps_millis(api: ApiClient, sim: Sim) -> None:
     p = Path(sim.root()) / "dir/sub/file.txt"
     os.utime(p, ns=(0, 1_000_000_000 * 1_600_000_000 + 5_000_000))
     assert api.stat("/dir/sub/file.txt").json()["attributes"]["last_modified"] == (
-        "2020-09-13T12:26:40.005Z")
+        "2020-09-13T12:26:40.005Z"
+    )
     assert time.time() > 0

@@ -90,3 +90,32 @@ async def test_untrusted_ca(sim: Any) -> None:
     async with VCenterClient(cfg(sim, ca_file=None, retry_budget=0)) as c:
         with pytest.raises(TlsError, match="not trusted"):
             await c.login()
+
+
+async def test_separate_esx_ca(sim: Any) -> None:
+    with testing.run_simulator("--root", str(sim.root_dir), "--separate-esx-ca") as s2:
+        assert s2.esx_ca_file and s2.esx_ca_file != s2.ca_file
+        async with VCenterClient(cfg(s2)) as c:
+            got: list[bytes] = []
+
+            async def sink(b: bytes) -> None:
+                got.append(b)
+
+            await c.download(s2.vm_id(), "/dir/small.txt", 6, sink)
+            assert b"".join(got) == b"hello\n"
+        async with VCenterClient(cfg(s2, esx_ca_file=None, retry_budget=0)) as c:
+            with pytest.raises(TlsError, match="not trusted"):
+                await c.download(s2.vm_id(), "/dir/small.txt", 6, sink)
+
+
+async def test_preview_fallback(sim: Any) -> None:
+    with testing.run_simulator("--root", str(sim.root_dir), "--no-released-api") as s2:
+        async with VCenterClient(cfg(s2)) as c:
+            got: list[bytes] = []
+
+            async def sink(b: bytes) -> None:
+                got.append(b)
+
+            await c.download(s2.vm_id(), "/dir/small.txt", 6, sink)
+            assert b"".join(got) == b"hello\n"
+            assert c.transfer_api == "preview"

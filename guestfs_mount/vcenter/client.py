@@ -788,7 +788,10 @@ class VCenterClient:
         cfg = self.config
         vc, esx = self._clients()
         u = httpx.URL(url)
-        client = vc if (u.host or "").lower() == self._server.host else esx
+        port = u.port or (443 if u.scheme == "https" else 80)
+        # `*` with vCenter's own port: the vCenter listener (vCenter's CA); else ESX's CA.
+        same = (u.host or "").lower() == self._server.host and port == self._server.port
+        client = vc if same else esx
         desc = f"download of {_show(path)} from VM {vm}"
         req = client.build_request("GET", u, headers={"Accept-Encoding": "identity"})
         resp = await self._send(client, req, name="transfer.get", desc=desc, stream=True)

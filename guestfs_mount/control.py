@@ -1,0 +1,105 @@
+"""The control socket: a mount answers ``status`` requests with a JSON document.
+
+One Unix socket per mount in a per-user runtime directory (0700; the socket 0600),
+so only the mounting user can ask. The protocol is one line in (``status``), one JSON
+document out, then close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+
+
+def runtime_dir() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "guestfs-mount")
+    if os.geteuid() == 0:
+        return "/run/guestfs-mount"
+    return os.path.join("/tmp", f"guestfs-mount-{os.geteuid()}")
+
+
+def socket_path(mountpoint: str) -> str:
+    # No realpath here: inside the daemon the mount point is its own mount, and a
+    # syscall on it from the serving thread would deadlock. Callers pass real paths.
+    digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+    return os.path.join(runtime_dir(), f"{digest}.sock")
+
+
+def _private_dir(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{path} must be a private directory owned by uid {os.geteuid()}")
+
+
+async def serve_control(path: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+    """Serve ``snapshot()`` on ``path`` until cancelled; the socket is removed after."""
+    _private_dir(os.path.dirname(path))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(5):
+                request = await stream.receive_some(256)
+                if request.strip() == b"status":
+                    body = json.dumps(snapshot(), ensure_ascii=True, default=str)
+                    await stream.send_all(body.encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("control request failed")
+        finally:
+            await stream.aclose()
+
+    try:
+        await trio.serve_listeners(handle, [listener])
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def ask(path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Synchronous client: the status document of the mount behind ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(b"status\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    doc = json.loads(b"".join(chunks))
+    if not isinstance(doc, dict):
+        raise ValueError("malformed status answer")
+    return doc
+
+
+def sockets() -> Iterator[str]:
+    d = runtime_dir()
+    try:
+        names = sorted(os.listdir(d))
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.endswith(".sock"):
+            yield os.path.join(d, name)
