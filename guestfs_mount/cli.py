@@ -352,6 +352,21 @@ def build_config(args: argparse.Namespace) -> MountConfig:
     )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """Guest names are hostile: control characters in them must not forge log lines
+    or terminal escapes. Shown as \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class _OneLineFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(args: argparse.Namespace, daemon: bool) -> None:
     level = logging.DEBUG if args.debug else logging.INFO
     root = logging.getLogger()
@@ -361,18 +376,18 @@ def setup_logging(args: argparse.Namespace, daemon: bool) -> None:
     handler: logging.Handler
     if args.log_file:
         handler = logging.FileHandler(args.log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     elif daemon:
         try:
             from logging.handlers import SysLogHandler
 
             handler = SysLogHandler(address="/dev/log")
-            handler.setFormatter(logging.Formatter("guestfs-mount[%(process)d]: %(message)s"))
+            handler.setFormatter(_OneLineFormatter("guestfs-mount[%(process)d]: %(message)s"))
         except OSError:
             handler = logging.NullHandler()
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("guestfs-mount: %(levelname)s: %(message)s"))
+        handler.setFormatter(_OneLineFormatter("guestfs-mount: %(levelname)s: %(message)s"))
     root.addHandler(handler)
     if not args.debug:
         for noisy in ("httpx", "httpcore", "hpack"):
@@ -410,7 +425,7 @@ def _run(cfg: MountConfig, ready_fd: int | None) -> int:
         leaf = _leaf(exc)
         if not isinstance(leaf, (GuestfsError, OSError, RuntimeError)):
             log.exception("internal error")
-        msg = _describe(leaf)
+        msg = one_line(_describe(leaf))
         if not said:
             if ready_fd is not None:
                 os.write(ready_fd, ("error " + msg + "\n").encode(errors="replace"))
@@ -436,7 +451,7 @@ def _daemonize(cfg: MountConfig, args: argparse.Namespace) -> int:
         if answer == "ok":
             return EXIT_OK
         if answer.startswith("error "):
-            print(f"guestfs-mount: error: {answer[6:]}", file=sys.stderr)
+            print(f"guestfs-mount: error: {one_line(answer[6:])}", file=sys.stderr)
         else:
             _, status = os.waitpid(pid, 0)
             print(
@@ -469,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = build_config(args)
     except ConfigError as exc:
-        print(f"guestfs-mount: error: {exc}", file=sys.stderr)
+        print(f"guestfs-mount: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     if args.foreground:
         return _run(cfg, None)

@@ -305,15 +305,24 @@ def _wall_offset(state: SimState) -> float:
     return time.time() - state.clock()
 
 
-def build_vcenter_app(state: SimState) -> Starlette:
+def build_vcenter_app(state: SimState) -> Any:
     api = ApiRouter(state)
-    return Starlette(
+    rest = Starlette(
         routes=[
-            Mount("/api", app=api),
             Mount("/_sim", routes=admin.routes(state)),
             Route("/", _root),
         ]
     )
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        # /api goes straight to the router: Starlette's path patterns do not match a
+        # decoded newline, and guest names may contain one (files/%2Fa%0Ab).
+        if scope["type"] == "http" and (scope.get("raw_path") or b"").startswith(b"/api/"):
+            await api(scope, receive, send)
+        else:
+            await rest(scope, receive, send)
+
+    return app
 
 
 async def _root(request: Request) -> Response:
