@@ -27,7 +27,7 @@ from .errors import GuestfsError, NotFound, to_errno
 from .inodes import InodeTable
 from .meta import MetadataCache
 from .model import DirEntry, FilesystemFamily, FileType, GuestStat
-from .paths import is_safe_name, join, parent_of, rewrite_symlink
+from .paths import PosixPaths, rewrite_symlink
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,10 @@ class Operations(pyfuse3.Operations):
         *,
         root: str = "/",
         label: str = "",
+        paths: PosixPaths | None = None,
     ) -> None:
         super().__init__()
+        self.paths = paths or PosixPaths()
         self.meta = meta
         self.content = content
         self.opts = opts
@@ -156,7 +158,7 @@ class Operations(pyfuse3.Operations):
                 return d[0] if d else "?"
             base = self.inodes.path(args[0]) or "?"
             if op == "lookup" and isinstance(args[1], bytes):
-                return join(base, os.fsdecode(args[1]))
+                return self.paths.join(base, os.fsdecode(args[1]))
             return base
         except Exception:
             return "?"
@@ -169,7 +171,9 @@ class Operations(pyfuse3.Operations):
 
     def _symlink_text(self, path: str, st: GuestStat) -> str:
         target = st.symlink_target or ""
-        return target if self.opts.raw_symlinks else rewrite_symlink(path, target)
+        if self.opts.raw_symlinks or self.paths.windows:
+            return target
+        return rewrite_symlink(path, target)
 
     def _attrs(self, ino: int, path: str, st: GuestStat) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -238,13 +242,20 @@ class Operations(pyfuse3.Operations):
         if name == b".":
             path = parent
         elif name == b"..":
-            path = parent_of(parent) if parent != self.root else parent
+            path = self.paths.parent(parent) if parent != self.root else parent
         else:
             sname = os.fsdecode(name)
-            if not is_safe_name(sname):
+            if not self.paths.is_safe_name(sname):
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            path = join(parent, sname)
             known = self.meta.entry(parent, sname)
+            if known is not False and self.paths.case_insensitive:
+                # One name, one inode: resolve "readme.TXT" to the listed "README.txt".
+                if known is None:
+                    await self.meta.listdir(parent)
+                known = self.meta.entry_casefold(parent, sname)
+                if isinstance(known, DirEntry):
+                    sname = known.name
+            path = self.paths.join(parent, sname)
             if known is False:
                 return self._negative()
             if isinstance(known, DirEntry) and self.meta.cached_stat(path) is None:
@@ -277,7 +288,7 @@ class Operations(pyfuse3.Operations):
         if st is None:
             if path != self.root:
                 # A stat after a listing: fetch the siblings' stats too (ls -l, du, find).
-                self.meta.stat_ahead(parent_of(path))
+                self.meta.stat_ahead(self.paths.parent(path))
             st = await self.meta.stat(path)
         return self._attrs(inode, path, st)
 
@@ -313,7 +324,7 @@ class Operations(pyfuse3.Operations):
         if path != self.root:
             # Walking into a subdirectory of a listed directory is how find, du,
             # grep -r and cp -r move: list its siblings ahead, in parallel.
-            self.meta.list_ahead(parent_of(path))
+            self.meta.list_ahead(self.paths.parent(path))
         fh = self._next_fh
         self._next_fh += 1
         self._dirs[fh] = (path, entries)
@@ -327,7 +338,7 @@ class Operations(pyfuse3.Operations):
         path, entries = snap
         for i in range(start_id, len(entries)):
             e = entries[i]
-            child = join(path, e.name)
+            child = self.paths.join(path, e.name)
             ino = self.inodes.inode(child)
             st = self.meta.cached_stat(child)
             attrs = self._attrs(ino, child, st) if st else self._partial_attrs(ino, e)
@@ -360,7 +371,7 @@ class Operations(pyfuse3.Operations):
         keep = self._last_key.get(inode) == key
         self._last_key[inode] = key
         if self.opts.prefetch and path != self.root:
-            self._schedule_prefetch(parent_of(path), path.rsplit("/", 1)[-1])
+            self._schedule_prefetch(self.paths.parent(path), self.paths.basename(path))
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_handler
@@ -396,7 +407,7 @@ class Operations(pyfuse3.Operations):
             e = entries[i]
             last = i
             if e.type is FileType.FILE and 0 < e.size <= _PREFETCH_MAX_FILE:
-                picked.append(join(parent, e.name))
+                picked.append(self.paths.join(parent, e.name))
                 if len(picked) >= _PREFETCH_FILES:
                     break
         self._prefetched_upto[parent] = last

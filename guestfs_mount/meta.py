@@ -25,7 +25,7 @@ import trio
 
 from .errors import NotFound
 from .model import DirEntry, FileType, GuestStat
-from .paths import join
+from .paths import PosixPaths
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,10 @@ class MetadataCache:
         max_listed_entries: int = 2_000_000,
         stat_parallel: int = 32,
         clock: Callable[[], float] = time.monotonic,
+        paths: PosixPaths | None = None,
     ) -> None:
         self.backend = backend
+        self.paths = paths or PosixPaths()
         self.frozen = frozen
         self.ttl = math.inf if frozen else ttl
         neg = self.ttl if negative_ttl is None else min(negative_ttl, self.ttl)
@@ -194,6 +196,17 @@ class MetadataCache:
         index = self._index_of(parent, entries)
         return index.get(name, False)
 
+    def entry_casefold(self, parent: str, name: str) -> DirEntry | bool | None:
+        """Like ``entry`` but ignoring case, as Windows guests look names up."""
+        entries = self._lists.get(parent)
+        if entries is None:
+            return None
+        folded = name.casefold()
+        for e in entries:
+            if e.name.casefold() == folded:
+                return e
+        return False
+
     _indexes: dict[int, tuple[tuple[DirEntry, ...], dict[str, DirEntry]]]
 
     def _index_of(self, parent: str, entries: tuple[DirEntry, ...]) -> dict[str, DirEntry]:
@@ -221,7 +234,7 @@ class MetadataCache:
         if entries is None:
             return
         self._ahead_done[parent] = True
-        todo = [join(parent, e.name) for e in entries]
+        todo = [self.paths.join(parent, e.name) for e in entries]
         todo = [p for p in todo if p not in self._stats and not self._stat_flights.busy(p)]
         if todo:
             self._nursery.start_soon(self._stat_many, todo)
@@ -251,7 +264,7 @@ class MetadataCache:
         if entries is None:
             return
         self._list_ahead_done[parent] = True
-        dirs = [join(parent, e.name) for e in entries if e.type is FileType.DIRECTORY]
+        dirs = [self.paths.join(parent, e.name) for e in entries if e.type is FileType.DIRECTORY]
         dirs = [d for d in dirs if d not in self._lists and not self._list_flights.busy(d)]
         if dirs:
             hungry = bool(self._ahead_done.get(parent))

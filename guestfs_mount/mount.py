@@ -25,10 +25,11 @@ import trio
 from .audit import AuditLog
 from .cache.content import ContentCache, ContentKey, TransferEvent
 from .control import serve_control, socket_path
-from .errors import ConfigError
+from .errors import ConfigError, InvalidArgument, NotFound
 from .fs import FsOptions, Operations
 from .meta import MetadataCache
-from .model import DirEntry, FileType, GuestStat, TransferResult
+from .model import DirEntry, FilesystemFamily, FileType, GuestStat, TransferResult
+from .paths import flavor_for
 from .vcenter.client import ClientConfig, VCenterClient
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,14 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
     async with VCenterClient(cfg.client) as client:
         vm = await client.find_vm(cfg.vm)
         await client.check_guest_ready(vm.vm)
-        root = await client.stat(vm.vm, cfg.guest_root)  # also proves the guest login works
+        try:
+            root = await client.stat(vm.vm, cfg.guest_root)  # also proves the guest login works
+        except (NotFound, InvalidArgument) as exc:
+            hint = "" if cfg.guest_root != "/" else " (a Windows guest needs --guest-root 'C:\\')"
+            raise ConfigError(f"guest root {cfg.guest_root!r}: {exc}{hint}") from exc
         if root.type is not FileType.DIRECTORY:
             raise ConfigError(f"guest path {cfg.guest_root!r} is not a directory")
+        paths = flavor_for(cfg.guest_root, root.family is FilesystemFamily.WINDOWS)
         guest = _Guest(client, vm.vm)
 
         own_dir = cfg.cache_dir is None
@@ -162,9 +168,9 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
             on_transfer_end=on_transfer_end,
         )
         meta = MetadataCache(
-            guest, ttl=cfg.fs.ttl, negative_ttl=cfg.fs.negative_ttl, frozen=cfg.frozen
+            guest, ttl=cfg.fs.ttl, negative_ttl=cfg.fs.negative_ttl, frozen=cfg.frozen, paths=paths
         )
-        ops = Operations(meta, content, cfg.fs, root=cfg.guest_root, label=vm.name)
+        ops = Operations(meta, content, cfg.fs, root=cfg.guest_root, label=vm.name, paths=paths)
         meta.seed(cfg.guest_root, root)
         started = time.time()
 

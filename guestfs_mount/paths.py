@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 
 NAME_MAX = 255
 
@@ -70,3 +71,57 @@ def rewrite_symlink(link_path: str, target: str) -> str:
     if target.endswith("/") and target.strip("/") and rel != ".":
         rel += "/"
     return rel
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]?$")
+
+
+class PosixPaths:
+    """How guest paths are spelled on a POSIX guest."""
+
+    windows = False
+    case_insensitive = False
+    sep = "/"
+
+    def join(self, parent: str, name: str) -> str:
+        return join(parent, name)
+
+    def parent(self, path: str) -> str:
+        return parent_of(path)
+
+    def is_safe_name(self, name: str) -> bool:
+        return is_safe_name(name)
+
+    def basename(self, path: str) -> str:
+        return path.rsplit("/", 1)[-1]
+
+
+class WindowsPaths(PosixPaths):
+    """``C:\\Users\\x``: backslashes, drive roots, case-insensitive names."""
+
+    windows = True
+    case_insensitive = True
+    sep = "\\"
+
+    def join(self, parent: str, name: str) -> str:
+        return parent + name if parent.endswith(("\\", "/")) else parent + "\\" + name
+
+    def parent(self, path: str) -> str:
+        trimmed = path.rstrip("\\/")
+        cut = max(trimmed.rfind("\\"), trimmed.rfind("/"))
+        if cut < 0:
+            return path
+        head = trimmed[:cut]
+        return head + "\\" if head.endswith(":") else head
+
+    def is_safe_name(self, name: str) -> bool:
+        return is_safe_name(name) and not any(c in name for c in "\\:")
+
+    def basename(self, path: str) -> str:
+        trimmed = path.rstrip("\\/")
+        return trimmed[max(trimmed.rfind("\\"), trimmed.rfind("/")) + 1 :]
+
+
+def flavor_for(root: str, windows: bool = False) -> PosixPaths:
+    """The path flavour of a guest, from its root path (``C:\\``) or reported family."""
+    return WindowsPaths() if windows or _DRIVE.match(root) else PosixPaths()

@@ -139,7 +139,7 @@ def test_status_shows_mount_and_transfer_in_flight(sim, tmp_path):
             assert 0 <= tr["done"] < tr["total"]
             human = subprocess.run([sys.executable, "-m", "guestfs_mount.cli", "status"],
                                    capture_output=True, text=True).stdout
-            assert "/data/status.bin" in human and "demo" in human or sim.vms[0]["name"] in human
+            assert ("/data/status.bin" in human and "demo" in human) or sim.vms[0]["name"] in human
             sim.reset_faults()
             t.join(timeout=30)
     finally:
