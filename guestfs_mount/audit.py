@@ -42,6 +42,8 @@ class AuditLog:
             "started": _iso(ev.started),
             "seconds": round(ev.seconds, 6),
             "result": "ok" if ev.error is None else "error",
+            # Fetched ahead of a sequential directory read, not by an open (--no-prefetch).
+            "prefetch": ev.prefetch,
         }
         if ev.error is not None:
             line["error"] = f"{type(ev.error).__name__}: {ev.error}"

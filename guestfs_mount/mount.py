@@ -149,7 +149,7 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
         own_dir = cfg.cache_dir is None
         cache_dir = cfg.cache_dir or tempfile.mkdtemp(prefix="guestfs-mount-")
         audit = (
-            AuditLog(cfg.audit_log, vcenter=client.vcenter_host, vm=vm.vm, vm_name=vm.name)
+            AuditLog(cfg.audit_log, vcenter=client.vcenter_netloc, vm=vm.vm, vm_name=vm.name)
             if cfg.audit_log
             else None
         )
