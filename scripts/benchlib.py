@@ -122,6 +122,24 @@ def vm_hwm_mib(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
+def abort_fuse_connection(mnt: str) -> None:
+    """Abort the FUSE connection of the mount on ``mnt`` (ours) through fusectl."""
+    dev = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 4 and parts[4] == os.fsencode(mnt):
+                dev = parts[2].decode()
+    if dev is None:
+        return
+    ctl = "/sys/fs/fuse/connections"
+    if not os.listdir(ctl):
+        subprocess.run(["mount", "-t", "fusectl", "none", ctl], check=False)
+    print(f"!! mount on {mnt} hung (no FUSE INIT reply?): aborting connection {dev}", flush=True)
+    with contextlib.suppress(OSError), open(f"{ctl}/{dev.split(':')[1]}/abort", "w") as f:
+        f.write("1")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -93,7 +93,10 @@ def files(source: str) -> Files:
 @pytest.fixture
 def mnt(sim: Any, tmp_path: Any) -> Iterator[Any]:
     with mounted(sim, str(tmp_path / "m"), "--no-prefetch", "--timeout", str(TIMEOUT)) as m:
-        yield m
+        try:
+            yield m
+        finally:  # a stalled server would hold the unmount up
+            sim.reset_faults()
 
 
 def read_all(path: str, chunk: int = 128 * 1024) -> tuple[bytes, int | None]:
@@ -113,7 +116,10 @@ def read_all(path: str, chunk: int = 128 * 1024) -> tuple[bytes, int | None]:
                 return bytes(got), None
             got += b
     finally:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:  # ENOTCONN once the daemon is gone
+            pass
 
 
 def in_thread(fn: Callable[[], Any], timeout: float) -> tuple[Any, float]:
@@ -319,49 +325,104 @@ def test_busy_beyond_budget_fails_within_timeout(sim: Any, mnt: Any, files: File
 # --- the server stops answering -------------------------------------------------------------
 
 
-def test_vcenter_stops_answering_breaker_and_recovery(
-    sim: Any, mnt: Any, files: Files, source: str
-) -> None:
+def _warm_dirs(m: Any, n: int) -> None:
+    """List dirs/ so that lookups of dirs/dNN need no API call (known from the listing)."""
+    assert len(os.listdir(m.path("dirs"))) >= n
+
+
+def test_vcenter_stops_answering_then_recovers(sim: Any, mnt: Any, files: Files) -> None:
+    """Every kind of blocked syscall returns within --timeout; then the mount recovers."""
+    _warm_dirs(mnt, 20)
+    rels = [files.fresh() for _ in range(2)]
+    assert os.listdir(mnt.path("f"))  # f/ listed: opening f/NN needs a stat and a transfer
     sim.faults(stall_api=True)
-    rels = [files.fresh() for _ in range(4)]
-    blocked: list[Callable[[], Any]] = [
-        lambda r=r: read_all(mnt.path(r)) for r in rels[:2]  # type: ignore[misc]
-    ] + [
-        lambda: read_all(mnt.path("dirs", "d02", "x.txt")),
-        lambda: read_all(mnt.path("dirs", "d03")),  # a directory: lookup
+    calls: list[Callable[[], Any]] = [
+        lambda: read_all(mnt.path(rels[0])),  # open -> stat -> create transfer
+        lambda: os.stat(mnt.path("dirs", "d12", "x.txt")),  # lookup in a new directory
+        lambda: os.listdir(mnt.path("dirs", "d13")),  # opendir -> list
     ]
     outs: list[tuple[Any, float]] = []
     threads = [
         threading.Thread(target=lambda f=f: outs.append(in_thread(f, TIMEOUT + SLACK)))
-        for f in blocked
+        for f in calls
     ]
-    t0 = time.monotonic()
-    for t in threads:
+    for t in threads:  # concurrently: different directories, so the kernel runs them in parallel
         t.start()
     for t in threads:
         t.join(TIMEOUT + SLACK + 1)
-    assert len(outs) == len(blocked), "a syscall stayed blocked"
-    assert time.monotonic() - t0 <= TIMEOUT + SLACK
-    for (got, err), _ in outs:
-        assert got == b"" and err in (errno.ETIMEDOUT, errno.EIO), errno.errorcode.get(err or 0)
-    # while it stays down: the breaker answers at once instead of another full timeout
-    fast = []
-    for i in range(4, 8):
-        (got, err), secs = in_thread(
-            lambda i=i: read_all(mnt.path("dirs", f"d{i:02d}", "x.txt")), TIMEOUT + SLACK
-        )
-        assert err in (errno.EIO, errno.ETIMEDOUT)
-        fast.append(secs)
-    assert min(fast) < 1.0, f"no fail-fast while vCenter is down: {fast}"
+    assert len(outs) == len(calls), "a syscall stayed blocked"
+    for res, secs in outs:
+        if isinstance(res, tuple):
+            got, err = res
+            assert got == b"" and err in (errno.ETIMEDOUT, errno.EIO), err
+        else:
+            assert isinstance(res, OSError), res
+            assert res.errno in (errno.ETIMEDOUT, errno.EIO), res
+        assert secs <= TIMEOUT + 1.5, f"blocked {secs:.1f}s with --timeout {TIMEOUT}"
     sim.reset_faults()
     deadline = time.monotonic() + 15
     while True:
-        got, err = read_all(mnt.path(rels[2]))
+        got, err = read_all(mnt.path(rels[1]))
         if err is None or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert err is None and got == files.data(rels[2]), "no recovery after vCenter came back"
-    assert_reads_back(mnt, rels[3], files)
+    assert err is None and got == files.data(rels[1]), "no recovery after vCenter came back"
+    assert sorted(os.listdir(mnt.path("dirs", "d13"))) == ["x.txt"]
+    assert_reads_back(mnt, rels[0], files)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon bug: with --timeout T <= 30 the client's call_timeout equals the FUSE "
+    "handler deadline, the handler's fail_after fires first, _send() sees Cancelled and calls "
+    "breaker.release() instead of failure(): the breaker never opens",
+)
+def test_breaker_fails_fast_while_vcenter_down(sim: Any, mnt: Any) -> None:
+    _warm_dirs(mnt, 20)
+    sim.faults(stall_api=True)
+    # six timeouts at once (six directories: the kernel runs them in parallel), more than
+    # the breaker's threshold of five consecutive transport failures
+    outs: list[tuple[Any, float]] = []
+    threads = [
+        threading.Thread(
+            target=lambda i=i: outs.append(
+                in_thread(lambda: read_all(mnt.path("dirs", f"d{i:02d}", "x.txt")), 9)
+            )
+        )
+        for i in range(14, 20)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(outs) == 6 and all(r[1] in (errno.ETIMEDOUT, errno.EIO) for r, _ in outs)
+    (got, err), secs = in_thread(lambda: read_all(mnt.path("dirs", "d11", "x.txt")), 9)
+    assert err in (errno.EIO, errno.ETIMEDOUT)
+    assert secs < 1.0, f"no fail-fast while vCenter stays down: blocked {secs:.1f}s"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lookups in one directory are serialized by the kernel (fuse_lock_inode: "
+    "FUSE_PARALLEL_DIROPS is not in effect with pyfuse3 3.5 + libfuse 3.14), so N blocked "
+    "lookups in one directory take N x --timeout; no fail-fast breaker to cut that short",
+)
+def test_concurrent_lookups_in_one_directory_bounded(sim: Any, mnt: Any) -> None:
+    sim.faults(stall_api=True)
+    outs: list[tuple[Any, float]] = []
+    names = ["nope-a", "nope-b"]
+    threads = [
+        threading.Thread(
+            target=lambda n=n: outs.append(in_thread(lambda: read_all(mnt.path(n)), 3 * TIMEOUT))
+        )
+        for n in names
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(3 * TIMEOUT + 1)
+    assert len(outs) == 2
+    assert max(secs for _, secs in outs) <= TIMEOUT + 1.5, [round(s, 1) for _, s in outs]
 
 
 def test_esxi_stalls_mid_body(sim: Any, mnt: Any, files: Files) -> None:
@@ -378,6 +439,7 @@ def test_esxi_stalls_mid_body(sim: Any, mnt: Any, files: Files) -> None:
 def test_simulator_restart_recovers(sim: Any, mnt: Any, files: Files) -> None:
     a, b, c = files.fresh(), files.fresh(), files.fresh("slow")
     assert_reads_back(mnt, a, files)
+    time.sleep(FRESH_SESSION_WINDOW + 0.5)  # see test_session_expiry_right_after_login
     sim.restart()  # sessions and transfer URLs gone
     assert sorted(os.listdir(mnt.path("dirs", "d10"))) == ["x.txt"]
     assert_reads_back(mnt, b, files)

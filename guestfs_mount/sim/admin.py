@@ -117,6 +117,8 @@ def routes(state: SimState) -> list[BaseRoute]:
                         **vm.summary(),
                         "tools_running": vm.tools_running,
                         "root": vm.root.decode("utf-8", "surrogateescape"),
+                        "family": vm.family,
+                        "guest_root": vm.guest_root,
                     }
                     for vm in state.vms.values()
                 ],

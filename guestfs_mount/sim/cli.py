@@ -3,6 +3,7 @@
     guestfs-sim --demo
     guestfs-sim --root DIR
     guestfs-sim --vm web=/srv/web --vm db=/srv/db --config sim.toml
+    guestfs-sim --windows-vm win=/srv/c,D=/srv/d
     guestfs-sim ctl --ready-file ready.json POST faults '{"busy_next": 2}'
 
 See docs/simulator.md.
@@ -14,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -60,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=DIR",
         help="add a VM serving DIR (repeatable)",
+    )
+    src.add_argument(
+        "--windows-vm",
+        action="append",
+        default=[],
+        metavar="NAME=DIR[,D=DIR2...]",
+        help="add a Windows VM serving DIR as C:\\ (and DIR2 as D:\\...; repeatable)",
     )
     src.add_argument(
         "--demo",
@@ -174,6 +183,29 @@ def _root(path: str) -> bytes:
     return real
 
 
+def _drives(spec: str) -> tuple[str, bytes, dict[str, bytes]]:
+    """``NAME=DIR[,D=DIR2...]`` -> (name, C: root, other drives)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise UsageError(f"--windows-vm {spec!r}: expected NAME=DIR[,D=DIR2...]")
+    parts = re.split(r",([A-Za-z])=", rest)
+    drives: dict[str, bytes] = {}
+    for letter, path in zip(parts[1::2], parts[2::2], strict=True):
+        if letter.upper() in drives or letter.upper() == "C":
+            raise UsageError(f"--windows-vm {spec!r}: drive {letter.upper()}: given twice")
+        drives[letter.upper()] = _root(path)
+    return name, _root(parts[0]), drives
+
+
+def _config_drives(entry: dict[str, Any]) -> dict[str, bytes]:
+    drives = entry.get("drives", {})
+    if not isinstance(drives, dict) or not all(
+        isinstance(k, str) and re.fullmatch(r"[A-Za-z]", k) and k.upper() != "C" for k in drives
+    ):
+        raise UsageError("vms: 'drives' must map letters other than C to directories")
+    return {k.upper(): _root(str(v)) for k, v in drives.items()}
+
+
 def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]]:
     """Build the state and settings from the command line; returns dirs to remove at exit."""
     cleanup: list[str] = []
@@ -197,7 +229,7 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
         if isinstance(tokens, str):
             tokens = [tokens]
         subtree = str(entry.get("subtree", "/"))
-        if not subtree.startswith("/"):
+        if not subtree.startswith("/") and not re.match(r"[A-Za-z]:[\\/]", subtree):
             raise UsageError(f"guest account {entry['user']}: subtree must be absolute")
         accounts = [a for a in accounts if a.user != entry["user"]]
         accounts.append(
@@ -232,6 +264,9 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
         if not sep or not name:
             raise UsageError(f"--vm {spec!r}: expected NAME=DIR")
         add_vm(name, _root(path))
+    for spec in args.windows_vm:
+        name, c_root, drives = _drives(spec)
+        add_vm(name, c_root, family="WINDOWS", drives=drives)
     for entry in config.get("vms", []):
         if not isinstance(entry, dict) or not {"name", "root"} <= set(entry):
             raise UsageError("vms entries need 'name' and 'root'")
@@ -243,10 +278,18 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
         for key in ("tools_running", "cpu_count", "memory_size_MiB"):
             if key in entry:
                 kw[key] = entry[key]
+        family = entry.get("family", "POSIX")
+        if family not in ("POSIX", "WINDOWS"):
+            raise UsageError("vms: 'family' must be POSIX or WINDOWS")
+        if family == "WINDOWS":
+            kw.update(family="WINDOWS", drives=_config_drives(entry))
+        elif "drives" in entry:
+            raise UsageError("vms: 'drives' needs family = \"WINDOWS\"")
         add_vm(str(entry["name"]), _root(str(entry["root"])), entry.get("vm"), **kw)
     if not vms:
         raise UsageError(
-            "nothing to serve: give --root DIR, --vm NAME=DIR, --demo or vms in --config"
+            "nothing to serve: give --root DIR, --vm NAME=DIR, --windows-vm NAME=DIR, --demo "
+            "or vms in --config"
         )
 
     faults = Faults()

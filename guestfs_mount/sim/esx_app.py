@@ -63,7 +63,8 @@ class GuestFileApp:
             await _plain(send, exc.status, exc.message)
             return
         try:
-            fd = await trio.to_thread.run_sync(guestfs.open_regular, t.vm.root, t.resolved)
+            root = t.vm.root_of(t.guest_path)
+            fd = await trio.to_thread.run_sync(guestfs.open_regular, root, t.resolved)
         except VapiError as exc:
             t.state = "DEAD"
             await _plain(send, 404 if exc.status == 404 else 403, exc.default_message)

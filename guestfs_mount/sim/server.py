@@ -120,6 +120,13 @@ async def run_server(state: SimState, settings: ServerSettings) -> dict[str, Any
                         "name": vm.name,
                         "vm": vm.vm,
                         "root": os.fsdecode(vm.root),
+                        "family": vm.family,
+                        "guest_root": vm.guest_root,
+                        **(
+                            {"drives": {k: os.fsdecode(v) for k, v in vm.drives.items()}}
+                            if vm.drives
+                            else {}
+                        ),
                     }
                     for vm in state.vms.values()
                 ],

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from . import guestfs
+from . import guestfs, winfs
 from .faults import Faults
 from .vapi import NOT_A_FILE, VapiError, file_error
 
@@ -58,6 +58,23 @@ class Vm:
     tools_running: bool = True
     cpu_count: int = 2
     memory_size_MiB: int = 4096
+    family: str = "POSIX"  # POSIX | WINDOWS
+    drives: dict[str, bytes] = field(default_factory=dict)  # WINDOWS: letter -> host dir
+
+    def __post_init__(self) -> None:
+        if self.family == "WINDOWS":
+            extra = {k.upper(): v for k, v in self.drives.items() if k.upper() != "C"}
+            self.drives = {"C": self.root, **extra}
+
+    @property
+    def guest_root(self) -> str:
+        return "C:\\" if self.family == "WINDOWS" else "/"
+
+    def root_of(self, guest_path: str) -> bytes:
+        """The host directory holding canonical ``guest_path`` (its drive's, on Windows)."""
+        if self.family == "WINDOWS":
+            return self.drives[winfs.drive_of(guest_path)]
+        return self.root
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -315,11 +332,16 @@ class SimState:
     ) -> guestfs.Resolved:
         if not isinstance(guest_path, str):
             raise invalid_argument("path", "Field 'path' is required and must be a string.")
+        windows = vm.family == "WINDOWS"
         try:
-            res = guestfs.resolve(vm.root, guest_path, follow)
+            if windows:
+                res = winfs.resolve(vm.drives, guest_path)
+            else:
+                res = guestfs.resolve(vm.root, guest_path, follow)
         except OSError as exc:
             raise guestfs.os_error(exc, guest_path) from exc
-        if not guestfs.within(account.subtree, res.guest_path):
+        within = winfs.within if windows else guestfs.within
+        if not within(account.subtree, res.guest_path):
             raise VapiError(
                 "UNAUTHORIZED",
                 f"User '{account.user}' is not allowed to access {guest_path}.",
@@ -353,7 +375,11 @@ class SimState:
         pattern = filt.get("match_pattern")
         if pattern is not None and not isinstance(pattern, str):
             raise invalid_argument("filter.match_pattern", "'match_pattern' must be a string.")
-        items = guestfs.list_entries(res, guestfs.compile_pattern(pattern))
+        regex = guestfs.compile_pattern(pattern)
+        if vm.family == "WINDOWS":
+            items = winfs.list_entries(vm.drives, res, regex)
+        else:
+            items = guestfs.list_entries(res, regex)
         page = items[index : index + size]
         out: dict[str, Any] = {
             "files": [{"filename": n, "type": t, "size": s} for n, t, s in page],
@@ -368,7 +394,7 @@ class SimState:
     def get_file(self, vm: Vm, account: GuestAccount, guest_path: str) -> dict[str, Any]:
         res = self.resolve(vm, account, guest_path)
         try:
-            return guestfs.info(res)
+            return winfs.info(res) if vm.family == "WINDOWS" else guestfs.info(res)
         except OSError as exc:
             raise guestfs.os_error(exc, guest_path) from exc
 

@@ -74,7 +74,7 @@ class Sim:
     password: str
     guest_user: str
     guest_password: str
-    vms: list[dict[str, str]]
+    vms: list[dict[str, Any]]
     pid: int
 
     def vm_id(self, name: str | None = None) -> str:
@@ -88,6 +88,20 @@ class Sim:
         for vm in self.info["vms"]:
             if name is None or vm["name"] == name:
                 return str(vm["root"])
+        raise KeyError(name)
+
+    def guest_root(self, name: str | None = None) -> str:
+        """The guest path to mount for VM ``name``: ``"/"``, or ``"C:\\"`` for a Windows VM."""
+        for vm in self.info["vms"]:
+            if name is None or vm["name"] == name:
+                return str(vm.get("guest_root", "/"))
+        raise KeyError(name)
+
+    def family(self, name: str | None = None) -> str:
+        """``"POSIX"`` or ``"WINDOWS"``."""
+        for vm in self.info["vms"]:
+            if name is None or vm["name"] == name:
+                return str(vm.get("family", "POSIX"))
         raise KeyError(name)
 
     def guest_credentials(self) -> dict[str, Any]:

@@ -90,10 +90,24 @@ def pinned_context(sha256_hex: str) -> ssl.SSLContext:
                 err.verify_message = str(err)
                 raise err
 
+    class _PinnedSocket(ssl.SSLSocket):
+        # The blocking-socket twin, for the transfer GET read in a thread (bodyget.py).
+        def do_handshake(self, block: bool = False) -> None:
+            super().do_handshake(block)
+            der = self.getpeercert(binary_form=True)
+            got = hashlib.sha256(der or b"").hexdigest()
+            if got != expected:
+                err = PinMismatch(
+                    f"certificate SHA-256 {_colons(got)} does not match the pinned thumbprint"
+                )
+                err.verify_message = str(err)
+                raise err
+
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.sslobject_class = _Pinned
+    ctx.sslsocket_class = _PinnedSocket
     return ctx
 
 
