@@ -1,9 +1,21 @@
-"""Command line: ``guestfs-mount [OPTIONS] SERVER VM MOUNTPOINT``.
+"""Command line of guestfs-mount.
 
-Secrets come from the environment, files, or a prompt on a terminal; never from the
-command line (other users can read it in /proc). The daemon forks after reading them
-and the parent returns only when the mount is ready, or prints the one-line reason it
-is not and exits non-zero.
+::
+
+    guestfs-mount [OPTIONS] SERVER VM MOUNTPOINT
+    guestfs-mount [OPTIONS] --profile NAME MOUNTPOINT
+    guestfs-mount PROFILE MOUNTPOINT -o OPT[=VAL],...      (fstab, via mount.fuse3)
+    guestfs-mount status [--json] [MOUNTPOINT]
+
+Settings come in layers, each overriding the one before: built-in defaults, the
+``[servers]`` table of the config file, the profile (and its ``options``), then the
+command line (long options and ``-o``). The environment (``GUESTFS_USER``,
+``GUESTFS_PASSWORD``, ...) is used for what no layer gave.
+
+Secrets come from files, the environment or a prompt on a terminal; never from the
+command line (other users can read it in /proc) nor the config file. The daemon forks
+after reading them and the parent returns only when the mount is ready, or prints the
+one-line reason it is not and exits non-zero.
 """
 
 from __future__ import annotations
@@ -15,11 +27,24 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from . import __version__
+from .config import (
+    SYSTEM_CONFIG,
+    Config,
+    Profile,
+    ServerConfig,
+    default_path,
+    find_config,
+    load_config,
+    normalize_thumbprint,
+    resolve_path,
+)
 from .errors import ConfigError, GuestfsError
 from .fs import FsOptions
 from .model import CredentialType, GuestCredentials
@@ -43,53 +68,152 @@ def parse_size(text: str) -> int:
 
 def _thumbprint(text: str) -> tuple[str, str]:
     host, sep, digest = text.partition("=")
-    hexdigits = digest.replace(":", "")
-    if not sep or not host or not re.fullmatch(r"[0-9A-Fa-f]{64}", hexdigits):
+    norm = normalize_thumbprint(digest)
+    if not sep or not host or norm is None:
         raise argparse.ArgumentTypeError("expected HOST[:PORT]=SHA256 (64 hex digits)")
-    return host, hexdigits.upper()
+    return host, norm
+
+
+# Values used when neither the config file nor the command line sets an option. The
+# parser itself has no defaults (argparse.SUPPRESS), so "given" can be told apart from
+# "left at its default" when the layers are merged.
+DEFAULTS: dict[str, Any] = {
+    "config": None,
+    "profile": None,
+    "user": None,
+    "password_file": None,
+    "guest_user": None,
+    "guest_password_file": None,
+    "saml_token_file": None,
+    "ca_file": None,
+    "esx_ca_file": None,
+    "thumbprint": [],
+    "esx_host": [],
+    "insecure": False,
+    "api": "auto",
+    "guest_root": "/",
+    "uid": None,
+    "gid": None,
+    "raw_symlinks": False,
+    "allow_other": False,
+    "metadata_ttl": 60.0,
+    "frozen": False,
+    "cache_dir": None,
+    "cache_size": None,
+    "keep_cache": False,
+    "no_prefetch": False,
+    "timeout": 60.0,
+    "foreground": False,
+    "debug": False,
+    "log_file": None,
+    "audit_log": None,
+}
+# Options whose value is a local path: "~" is expanded, and relative paths are made
+# absolute (the daemon runs in /), against the config file's folder when set there.
+_PATH_OPTIONS = frozenset(
+    {
+        "config",
+        "password_file",
+        "guest_password_file",
+        "saml_token_file",
+        "ca_file",
+        "esx_ca_file",
+        "cache_dir",
+        "log_file",
+        "audit_log",
+    }
+)
+_LIST_OPTIONS = frozenset({"thumbprint", "esx_host"})
+# Long options that make no sense in a profile's options or in -o.
+_NOT_SETTINGS = frozenset({"help", "version", "profile"})
+
+USAGE = """\
+guestfs-mount [OPTIONS] SERVER VM MOUNTPOINT
+       guestfs-mount [OPTIONS] --profile NAME MOUNTPOINT
+       guestfs-mount [OPTIONS] PROFILE MOUNTPOINT [-o OPT[=VAL],...]
+       guestfs-mount status [--json] [MOUNTPOINT]"""
+
+DESCRIPTION = """\
+Mount a running VMware VM's guest filesystem read-only, through the vCenter REST API
+(VMware Tools guest operations). No agent in the guest, no datastore access; the VM
+keeps running.
+
+  SERVER      vCenter: host, host:port, https://host[:port], or a [servers] name
+              from the config file
+  VM          VM name or id (vm-42)
+  MOUNTPOINT  an existing empty directory
+  PROFILE     a [profiles] name from the config file (the fstab form)"""
+
+EPILOG = f"""\
+secrets:
+  vCenter password: --password-file, the server's password_file, $GUESTFS_PASSWORD,
+  or a prompt on a terminal. Guest: --guest-password-file / --saml-token-file, the
+  profile's, $GUESTFS_GUEST_PASSWORD, or a prompt. Never on the command line, never
+  in the config file. Users: --user / --guest-user, the config, $GUESTFS_USER /
+  $GUESTFS_GUEST_USER.
+
+config file:
+  --config FILE, else {default_path().replace(os.path.expanduser("~"), "~", 1)}
+  ($XDG_CONFIG_HOME respected), else {SYSTEM_CONFIG}.
+  Command-line options override the profile, which overrides its server.
+
+examples:
+  guestfs-mount --ca-file vmca.pem vc.example.com web01 /mnt/web01
+  guestfs-mount --profile prod-web01 /mnt/web01
+  guestfs-mount --profile prod-web01 --frozen --audit-log web01.jsonl /mnt/web01
+  guestfs-mount --profile win01 --guest-root 'C:\\' /mnt/win01
+  mount /mnt/web01          # with the fstab line
+                            #   prod-web01 /mnt/web01 fuse.guestfs-mount _netdev,allow_other 0 0
+  guestfs-mount status      # what the running mounts are doing
+  fusermount3 -u /mnt/web01 # unmount (or: kill -TERM the daemon)
+
+See docs/usage.md for every option, fstab and systemd set-ups, and troubleshooting."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="guestfs-mount",
-        description=(
-            "Mount a running VMware VM's guest filesystem read-only, through the vCenter "
-            "REST API (VMware Tools guest operations). No agent in the guest, no datastore "
-            "access; the VM keeps running."
-        ),
-        epilog=(
-            "Secrets: GUESTFS_PASSWORD / --password-file for vCenter, GUESTFS_GUEST_PASSWORD "
-            "/ --guest-password-file or --saml-token-file for the guest; on a terminal you "
-            "are prompted for what is missing. Unmount with 'fusermount3 -u MOUNTPOINT'. "
-            "'guestfs-mount status' lists active mounts. See docs/usage.md."
-        ),
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("server", help="vCenter: host, host:port or https://host[:port]")
-    p.add_argument("vm", help="VM name or id (vm-42)")
-    p.add_argument("mountpoint", help="an existing empty directory")
+    p.add_argument("positionals", nargs="*", default=[], help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("config file and profiles")
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="config file with servers and profiles (default: see 'config file' below)",
+    )
+    g.add_argument("--profile", metavar="NAME", help="mount the VM of this [profiles] entry")
+    g.add_argument(
+        "-o",
+        dest="mount_options",
+        metavar="OPT[=VAL],...",
+        action="append",
+        help="long options in mount(8) form: allow_other,frozen,metadata_ttl=120 "
+        "(generic ones such as _netdev, noauto, nofail, ro are ignored)",
+    )
 
     a = p.add_argument_group("vCenter and guest accounts")
-    a.add_argument(
-        "--user",
-        default=os.environ.get("GUESTFS_USER"),
-        help="vCenter user (default: $GUESTFS_USER)",
-    )
+    a.add_argument("--user", help="vCenter user (default: the server's, else $GUESTFS_USER)")
     a.add_argument(
         "--password-file",
         metavar="FILE",
-        help="file holding the vCenter password (default: $GUESTFS_PASSWORD or prompt)",
+        help="file holding the vCenter password (default: $GUESTFS_PASSWORD, or prompt)",
     )
     a.add_argument(
         "--guest-user",
-        default=os.environ.get("GUESTFS_GUEST_USER"),
-        help="guest account (default: $GUESTFS_GUEST_USER)",
+        metavar="USER",
+        help="guest account (default: the profile's, else $GUESTFS_GUEST_USER)",
     )
     a.add_argument(
         "--guest-password-file",
         metavar="FILE",
-        help="file holding the guest password "
-        "(default: $GUESTFS_GUEST_PASSWORD or prompt)",
+        help="file holding the guest password (default: $GUESTFS_GUEST_PASSWORD, or prompt)",
     )
     a.add_argument(
         "--saml-token-file",
@@ -109,14 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST=SHA256",
         action="append",
         type=_thumbprint,
-        default=[],
-        help="pin a host's certificate by SHA-256 (repeatable)",
+        help="pin a host's certificate by SHA-256 fingerprint (repeatable)",
     )
     t.add_argument(
         "--esx-host",
         metavar="PATTERN",
         action="append",
-        default=[],
         help="trust transfer URLs on hosts matching this glob (repeatable)",
     )
     t.add_argument(
@@ -127,24 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--api",
         choices=("auto", "released", "preview"),
-        default="auto",
         help="transfer API form: released (7.0U2+), preview (7.0U1), auto (default)",
     )
 
     v = p.add_argument_group("what the mount shows")
     v.add_argument(
         "--guest-root",
-        default="/",
         metavar="PATH",
-        help="guest directory shown at the mount point (default: /)",
+        help="guest directory shown at the mount point (default: /; Windows: 'C:\\')",
     )
     v.add_argument("--uid", type=int, help="show every file as owned by this uid")
     v.add_argument("--gid", type=int, help="show every file as owned by this gid")
     v.add_argument(
         "--raw-symlinks",
         action="store_true",
-        help="show symlink targets unchanged (default: absolute targets are "
-        "rewritten to stay inside the mount)",
+        help="show symlink targets unchanged (default: absolute ones stay inside the mount)",
     )
     v.add_argument(
         "--allow-other",
@@ -154,7 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--metadata-ttl",
         type=float,
-        default=60.0,
         metavar="SECONDS",
         help="how long listings and attributes are reused (default: 60)",
     )
@@ -173,7 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--cache-size",
         type=parse_size,
-        default=None,
         metavar="SIZE",
         help="disk the content cache may use (default: 25%% of free space, at most 8G)",
     )
@@ -186,7 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--timeout",
         type=float,
-        default=60.0,
         metavar="SECONDS",
         help="longest any file operation may block (default: 60)",
     )
@@ -205,17 +321,259 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="append a JSON line per file transfer (time, path, SHA-256, ...)",
     )
+    o.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__}",
+        help="print the version and exit",
+    )
     return p
+
+
+# -- option values from the config file and from -o --------------------------------------
+
+# Generic mount(8) options that mount, mount.fuse3 or systemd act on (or that this
+# always-read-only, nodev, nosuid mount already implies): accepted and ignored.
+_GENERIC_MOUNT_OPTIONS = frozenset(
+    {
+        "defaults", "ro", "_netdev", "auto", "noauto", "user", "nouser", "users", "owner",
+        "group", "nofail", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime",
+        "noatime", "relatime", "norelatime", "strictatime", "nostrictatime", "diratime",
+        "nodiratime", "lazytime", "nolazytime", "async", "sync", "dirsync", "silent",
+        "loud", "default_permissions",
+    }
+)  # fmt: skip
+_IGNORED_PREFIXES = ("x-", "comment=")
+_TRUE = {"", "1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+# Names that would carry a secret; refused without echoing the value.
+_SECRET_NAMES = frozenset({"password", "guest_password", "saml_token", "token", "secret"})
+
+
+def _long_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """``metadata_ttl`` -> its action, for every long option."""
+    table: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--"):
+                table[flag[2:].replace("-", "_")] = action
+    return table
+
+
+def _convert(action: argparse.Action, value: Any, where: str) -> Any:
+    """One option value (from TOML or -o) as the parser would have stored it."""
+    if action.nargs == 0:  # a switch
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: is a switch: use true or false")
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and action.dest not in _LIST_OPTIONS:
+        raise ConfigError(f"{where}: takes one value, not a list")
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise ConfigError(f"{where}: must be a string or a number")
+        text = str(item)
+        try:
+            converted = action.type(text) if callable(action.type) else text
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        except (TypeError, ValueError):
+            kind = getattr(action.type, "__name__", "value")
+            raise ConfigError(f"{where}: not a valid {kind}: {text!r}") from None
+        if action.choices is not None and converted not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise ConfigError(f"{where}: must be one of {choices}")
+        out.append(converted)
+    return out if action.dest in _LIST_OPTIONS else out[0]
+
+
+def _setting(table: Mapping[str, argparse.Action], key: str, where: str) -> argparse.Action:
+    name = key.replace("-", "_")
+    if name in _SECRET_NAMES:
+        raise ConfigError(f"{where}: secrets are never accepted here; use a *_file option")
+    action = table.get(name)
+    if action is None or action.dest in _NOT_SETTINGS or action.dest == "mount_options":
+        raise ConfigError(f"{where}: unknown option")
+    return action
+
+
+def profile_settings(
+    parser: argparse.ArgumentParser, cfg: Config, profile: Profile
+) -> dict[str, Any]:
+    """The profile's ``options`` table as parser destinations and values."""
+    table = _long_options(parser)
+    base = os.path.dirname(cfg.path)
+    out: dict[str, Any] = {}
+    for key, value in profile.options.items():
+        where = cfg.where(f"profiles.{profile.name}", f"options.{key}")
+        action = _setting(table, key, where)
+        if action.dest == "config":
+            raise ConfigError(f"{where}: a profile cannot name another config file")
+        converted = _convert(action, value, where)
+        if action.dest in _PATH_OPTIONS:
+            converted = resolve_path(converted, base)
+        out[action.dest] = converted
+    return out
+
+
+def parse_mount_options(parser: argparse.ArgumentParser, groups: Sequence[str]) -> dict[str, Any]:
+    """``-o allow_other,frozen,metadata_ttl=120`` as parser destinations and values."""
+    table = _long_options(parser)
+    out: dict[str, Any] = {}
+    for group in groups:
+        for opt in group.split(","):
+            opt = opt.strip()
+            name, sep, value = opt.partition("=")
+            if not opt or opt in _GENERIC_MOUNT_OPTIONS or opt.startswith(_IGNORED_PREFIXES):
+                continue
+            if opt == "rw":
+                raise ConfigError(
+                    "mount option 'rw': guestfs-mount is read-only (use ro, or leave it out)"
+                )
+            where = f"mount option {name!r}"
+            action = _setting(table, name, where)
+            if action.nargs == 0:
+                word = value.lower()
+                if word not in _TRUE | _FALSE:
+                    raise ConfigError(f"{where}: is a switch: {name} or {name}=no")
+                converted: Any = word in _TRUE
+            elif not sep:
+                raise ConfigError(f"{where}: needs a value ({name}=...)")
+            else:
+                converted = _convert(action, value, where)
+            if action.dest in _LIST_OPTIONS:
+                out.setdefault(action.dest, []).extend(converted)
+            else:
+                out[action.dest] = converted
+    return out
+
+
+def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """Command-line paths: "~" expanded, relative to the current directory (the
+    daemon runs in /)."""
+    for key in _PATH_OPTIONS & values.keys():
+        if values[key]:
+            values[key] = os.path.abspath(os.path.expanduser(values[key]))
+    return values
+
+
+def _server_settings(server: ServerConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "server": server.server,
+        "thumbprint": list(server.thumbprints.items()),
+        "esx_host": list(server.esx_hosts),
+    }
+    for key in ("user", "password_file", "ca_file", "esx_ca_file", "api"):
+        value = getattr(server, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _merge(ns: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """Lay ``layer`` over ``ns``: lists (thumbprints, ESXi hosts) add up, the rest
+    replaces."""
+    for key, value in layer.items():
+        if key in _LIST_OPTIONS:
+            ns[key] = [*ns.get(key, []), *value]
+        else:
+            ns[key] = value
+
+
+def _no_config_error(name: str) -> ConfigError:
+    return ConfigError(
+        f"profile {name!r}: no config file ({default_path()} and {SYSTEM_CONFIG} do not "
+        f"exist); create one or use --config FILE"
+    )
+
+
+def resolve_args(
+    argv: Sequence[str], parser: argparse.ArgumentParser | None = None
+) -> tuple[argparse.Namespace, list[str]]:
+    """The command line, config file and profile merged into one namespace with every
+    DEFAULTS key plus ``server``, ``vm`` and ``mountpoint``; and the config's warnings.
+    Usage errors exit through the parser; everything else is a ConfigError."""
+    parser = parser or build_parser()
+    given = vars(parser.parse_intermixed_args(argv))
+    positionals: list[str] = given.pop("positionals", [])
+    mount_options: list[str] = given.pop("mount_options", None) or []
+    cli = _absolute_paths(parse_mount_options(parser, mount_options))
+    _merge(cli, _absolute_paths(given))  # long options win over -o
+
+    profile_name: str | None = cli.pop("profile", None)
+    if profile_name is not None:
+        if len(positionals) != 1:
+            parser.error("with --profile give only the MOUNTPOINT")
+        server_arg, vm_arg, (mountpoint,) = None, None, positionals
+    elif len(positionals) == 2:
+        profile_name, mountpoint = positionals  # the fstab form: SOURCE MOUNTPOINT
+        server_arg = vm_arg = None
+    elif len(positionals) == 3:
+        server_arg, vm_arg, mountpoint = positionals
+    else:
+        parser.error(
+            "expected SERVER VM MOUNTPOINT, --profile NAME MOUNTPOINT or PROFILE MOUNTPOINT"
+        )
+
+    config_path: str | None = cli.pop("config", None)
+    cfg: Config | None = None
+    if config_path is not None:
+        cfg = load_config(config_path)
+    else:
+        found = find_config()
+        if found is not None:
+            cfg = load_config(found)
+        elif profile_name is not None:
+            raise _no_config_error(profile_name)
+
+    ns: dict[str, Any] = {k: (list(v) if isinstance(v, list) else v) for k, v in DEFAULTS.items()}
+    ns["profile"] = profile_name
+    ns["config"] = cfg.path if cfg else None
+    if profile_name is not None:
+        assert cfg is not None
+        profile = cfg.profile(profile_name)
+        _merge(ns, _server_settings(profile.server))
+        ns["vm"] = profile.vm
+        profile_layer: dict[str, Any] = {
+            "guest_user": profile.guest_user,
+            "guest_password_file": profile.guest_password_file,
+            "saml_token_file": profile.saml_token_file,
+            "guest_root": profile.guest_root,
+        }
+        _merge(ns, {k: v for k, v in profile_layer.items() if v is not None})
+        _merge(ns, profile_settings(parser, cfg, profile))
+    else:
+        assert server_arg is not None and vm_arg is not None
+        if cfg is not None and server_arg in cfg.servers:
+            _merge(ns, _server_settings(cfg.servers[server_arg]))
+        else:
+            ns["server"] = server_arg
+        ns["vm"] = vm_arg
+    if "guest_password_file" in cli or "saml_token_file" in cli:
+        # one guest secret on the command line replaces either kind from the config
+        ns["guest_password_file"] = ns["saml_token_file"] = None
+    _merge(ns, cli)
+    ns["mountpoint"] = mountpoint
+    return argparse.Namespace(**ns), list(cfg.warnings) if cfg else []
+
+
+# -- secrets --------------------------------------------------------------------------------
 
 
 def _read_secret_file(path: str, what: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
             value = f.read().rstrip("\r\n")
     except OSError as exc:
         raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file {path} is not UTF-8 text") from None
     if not value:
         raise ConfigError(f"{what} file {path} is empty")
+    if mode & stat.S_IROTH:
+        log.warning("%s file %s is readable by other users: chmod o-r %s", what, path, path)
     return value
 
 
@@ -237,7 +595,9 @@ def _guest_credentials(args: argparse.Namespace) -> GuestCredentials:
             CredentialType.SAML_BEARER_TOKEN, user_name=args.guest_user, saml_token=token
         )
     if not args.guest_user:
-        raise ConfigError("no guest user: use --guest-user or $GUESTFS_GUEST_USER")
+        raise ConfigError(
+            "no guest user: use --guest-user, a profile's guest_user or $GUESTFS_GUEST_USER"
+        )
     pw = _secret(
         args.guest_password_file,
         "GUESTFS_GUEST_PASSWORD",
@@ -301,8 +661,12 @@ def _server_url(server: str) -> tuple[str, bool]:
 
 
 def build_config(args: argparse.Namespace) -> MountConfig:
+    """The MountConfig for a namespace from resolve_args: reads the secrets and checks
+    the mount point."""
+    args.user = args.user or os.environ.get("GUESTFS_USER") or None
+    args.guest_user = args.guest_user or os.environ.get("GUESTFS_GUEST_USER") or None
     if not args.user:
-        raise ConfigError("no vCenter user: use --user or $GUESTFS_USER")
+        raise ConfigError("no vCenter user: use --user, a server's user or $GUESTFS_USER")
     password = _secret(
         args.password_file, "GUESTFS_PASSWORD", "password", f"vCenter password of {args.user}: "
     )
@@ -479,8 +843,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .status import main as status_main
 
         return status_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args, warnings = resolve_args(argv)
+    except ConfigError as exc:
+        print(f"guestfs-mount: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
     setup_logging(args, daemon=False)
+    for warning in warnings:
+        log.warning("%s", warning)
     try:
         cfg = build_config(args)
     except ConfigError as exc:

@@ -133,9 +133,7 @@ class Config:
             return self.profiles[name]
         except KeyError:
             known = ", ".join(sorted(self.profiles)) or "none"
-            raise ConfigError(
-                f"{self.path}: no profile {name!r} (defined: {known})"
-            ) from None
+            raise ConfigError(f"{self.path}: no profile {name!r} (defined: {known})") from None
 
     def where(self, section: str, key: str | None = None) -> str:
         """``FILE: [section] key`` for messages."""
@@ -204,8 +202,9 @@ def parse_config(text: str, path: str, mode: int | None = None) -> Config:
     base = os.path.dirname(os.path.abspath(path))
     for key in doc:
         if key not in ("servers", "profiles"):
-            raise ConfigError(f"{path}: unknown key {key!r} (expected [servers.NAME] or "
-                              f"[profiles.NAME] tables)")
+            raise ConfigError(
+                f"{path}: unknown key {key!r} (expected [servers.NAME] or [profiles.NAME] tables)"
+            )
     servers_doc = _table(doc.get("servers", {}), path, "", "servers")
     profiles_doc = _table(doc.get("profiles", {}), path, "", "profiles")
     servers: dict[str, ServerConfig] = {}
@@ -224,8 +223,7 @@ def _refuse_secrets(node: Any, path: str, section: str) -> None:
                 hint = _SECRET_HINT.get(key)
                 use = f"; put it in a file readable only by you and set {hint}" if hint else ""
                 raise ConfigError(
-                    f"{_where(path, section, key)}: secrets do not belong in the config "
-                    f"file{use}"
+                    f"{_where(path, section, key)}: secrets do not belong in the config file{use}"
                 )
             if isinstance(value, dict):
                 sub = f"{section}.{key}" if section else key
@@ -240,9 +238,7 @@ def _table(value: Any, path: str, section: str, key: str) -> dict[str, Any]:
 
 def _check_name(kind: str, name: str, path: str) -> None:
     if not _NAME.match(name):
-        raise ConfigError(
-            f"{path}: [{kind}.{name}]: bad name (letters, digits and . _ @ + - only)"
-        )
+        raise ConfigError(f"{path}: [{kind}.{name}]: bad name (letters, digits and . _ @ + - only)")
 
 
 def _str(body: Mapping[str, Any], key: str, path: str, section: str) -> str | None:
@@ -290,8 +286,7 @@ def _server(name: str, raw: Any, path: str, base: str) -> ServerConfig:
     raw_tp = body.get("thumbprints", {})
     if not isinstance(raw_tp, dict):
         raise ConfigError(
-            f"{_where(path, section, 'thumbprints')}: must be a table of "
-            f'"HOST[:PORT]" = "SHA256"'
+            f'{_where(path, section, "thumbprints")}: must be a table of "HOST[:PORT]" = "SHA256"'
         )
     for host, digest in raw_tp.items():
         norm = normalize_thumbprint(digest) if isinstance(digest, str) else None
@@ -307,14 +302,10 @@ def _server(name: str, raw: Any, path: str, base: str) -> ServerConfig:
     if not isinstance(raw_hosts, list) or not all(
         isinstance(h, str) and h.strip() for h in raw_hosts
     ):
-        raise ConfigError(
-            f"{_where(path, section, 'esx_hosts')}: must be a list of host patterns"
-        )
+        raise ConfigError(f"{_where(path, section, 'esx_hosts')}: must be a list of host patterns")
     api = _str(body, "api", path, section)
     if api is not None and api not in _APIS:
-        raise ConfigError(
-            f"{_where(path, section, 'api')}: must be one of {', '.join(_APIS)}"
-        )
+        raise ConfigError(f"{_where(path, section, 'api')}: must be one of {', '.join(_APIS)}")
     return ServerConfig(
         name=name,
         server=server,
@@ -353,8 +344,7 @@ def _profile(
     saml_token_file = _path(body, "saml_token_file", path, section, base)
     if guest_password_file and saml_token_file:
         raise ConfigError(
-            f"{path}: [{section}]: guest_password_file and saml_token_file are "
-            f"exclusive: keep one"
+            f"{path}: [{section}]: guest_password_file and saml_token_file are exclusive: keep one"
         )
     raw_options = body.get("options", {})
     if not isinstance(raw_options, dict):

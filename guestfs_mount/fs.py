@@ -248,7 +248,7 @@ class Operations(pyfuse3.Operations):
             if not self.paths.is_safe_name(sname):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             known = self.meta.entry(parent, sname)
-            if known is not False and self.paths.case_insensitive:
+            if self.paths.case_insensitive and not isinstance(known, DirEntry):
                 # One name, one inode: resolve "readme.TXT" to the listed "README.txt".
                 if known is None:
                     await self.meta.listdir(parent)
@@ -428,12 +428,12 @@ class Operations(pyfuse3.Operations):
 
     # -- xattrs -------------------------------------------------------------------------
 
-    def _xattrs(self, inode: int) -> dict[bytes, bytes]:
+    async def _xattrs(self, inode: int) -> dict[bytes, bytes]:
         path = self._path(inode)
         out = {b"user.guestfs.guest_path": os.fsencode(path)}
         key = self._last_key.get(inode)
-        st = self.meta.cached_stat(path)
-        if key is not None and (st is None or (st.size, st.mtime_ns) == (key.size, key.mtime_ns)):
+        st = await self.meta.stat(path)
+        if key is not None and (st.size, st.mtime_ns) == (key.size, key.mtime_ns):
             digest = EMPTY_SHA256 if key.size == 0 else self.content.sha256(key)
             if digest:
                 out[b"user.guestfs.sha256"] = digest.encode()
@@ -441,7 +441,7 @@ class Operations(pyfuse3.Operations):
             if when is not None:
                 iso = datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds")
                 out[b"user.guestfs.transfer_time"] = iso.replace("+00:00", "Z").encode()
-        if st is not None and st.family is FilesystemFamily.WINDOWS:
+        if st.family is FilesystemFamily.WINDOWS:
             if st.hidden is not None:
                 out[b"user.guestfs.hidden"] = b"1" if st.hidden else b"0"
             if st.read_only is not None:
@@ -452,14 +452,14 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not name.startswith(_XATTR_PREFIX):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        value = self._xattrs(inode).get(name)
+        value = (await self._xattrs(inode)).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return list(self._xattrs(inode))
+        return list(await self._xattrs(inode))
 
     # Writes never get here: the mount is 'ro', so the kernel answers EROFS itself.
 
