@@ -52,6 +52,7 @@ class MountConfig:
     max_tasks: int = 64
     read_ahead_kb: int = 4096
     debug_fuse: bool = False
+    progress: bool = False  # live transfer display (foreground on a terminal)
 
 
 class _Guest:
@@ -209,6 +210,8 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
                         "mounted %s (%s) %s on %s", vm.name, vm.vm, cfg.guest_root, cfg.mountpoint
                     )
                     nursery.start_soon(_serve_control_quietly, control_path, snapshot)
+                    if cfg.progress:
+                        _start_progress(nursery, content.in_flight)
                     ready(None)
                     sd_notify("READY=1")
                     nursery.start_soon(_stop_on_signal, nursery.cancel_scope, cfg.grace)
@@ -228,6 +231,16 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
                 except OSError:
                     pass
             log.info("unmounted %s", cfg.mountpoint)
+
+
+def _start_progress(nursery: trio.Nursery, in_flight: Callable[[], list[dict[str, Any]]]) -> None:
+    from rich.console import Console
+
+    from .progress import rich_logging, show_progress
+
+    console = Console(stderr=True)
+    rich_logging(console, logging.getLogger().level)
+    nursery.start_soon(show_progress, in_flight, console)
 
 
 async def _serve_control_quietly(path: str, snapshot: Callable[[], dict[str, Any]]) -> None:

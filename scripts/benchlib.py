@@ -243,6 +243,11 @@ def rclone_mounted(url: str, mnt: str) -> Iterator[RcloneMount]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("rclone mount did not come up")
             time.sleep(0.05)
+        # rclone answers before its first listing works; wait for the root to list
+        while not os.listdir(mnt):
+            if time.monotonic() > deadline:
+                raise RuntimeError("rclone mount lists nothing")
+            time.sleep(0.05)
         yield RcloneMount(mnt, proc)
     finally:
         subprocess.run(["fusermount3", "-u", mnt], capture_output=True, check=False)

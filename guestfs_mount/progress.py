@@ -1,0 +1,75 @@
+"""Live progress of long transfers, for ``--foreground`` on a terminal.
+
+Drawn by a trio task from the content cache's ``in_flight()`` snapshot twice a second;
+rich only renders (no refresh thread), so nothing touches the cache from another thread.
+Short transfers (under a second, or under 4 MiB) are not shown: they would only flicker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
+from rich.table import Table
+
+MIN_BYTES = 4 << 20
+MIN_SECONDS = 1.0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
+    for col, just in (("guest file", "left"), ("done", "right"), ("%", "right"),
+                      ("speed", "right"), ("eta", "right"), ("readers", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        total = int(r.get("total") or 0)
+        done = int(r.get("done") or 0)
+        eta = r.get("eta_seconds")
+        t.add_row(
+            repr(r.get("path"))[1:-1],
+            f"{_size(done)} / {_size(total)}",
+            f"{100 * done / total:.0f}" if total else "-",
+            f"{_size(float(r.get('bytes_per_second') or 0))}/s",
+            f"{eta:.0f}s" if isinstance(eta, (int, float)) else "?",
+            str(r.get("readers", "")),
+        )
+    return t
+
+
+def _worth_showing(r: dict[str, Any], now: float) -> bool:
+    started = r.get("started")
+    age = now - started if isinstance(started, (int, float)) else 0.0
+    return int(r.get("total") or 0) >= MIN_BYTES or age >= MIN_SECONDS
+
+
+def rich_logging(console: Console, level: int) -> None:
+    """Route log records through rich so they scroll above the live display."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(RichHandler(console=console, show_path=False, markup=False))
+    root.setLevel(level)
+
+
+async def show_progress(in_flight: Callable[[], list[dict[str, Any]]], console: Console) -> None:
+    import time
+
+    with Live(console=console, auto_refresh=False, transient=True) as live:
+        while True:
+            now = time.time()
+            rows = [r for r in in_flight() if _worth_showing(r, now)]
+            live.update(_table(rows) if rows else "", refresh=True)
+            await trio.sleep(0.5)
