@@ -81,27 +81,13 @@ def pinned_context(sha256_hex: str) -> ssl.SSLContext:
     class _Pinned(ssl.SSLObject):
         def do_handshake(self) -> None:
             super().do_handshake()
-            der = self.getpeercert(binary_form=True)
-            got = hashlib.sha256(der or b"").hexdigest()
-            if got != expected:
-                err = PinMismatch(
-                    f"certificate SHA-256 {_colons(got)} does not match the pinned thumbprint"
-                )
-                err.verify_message = str(err)
-                raise err
+            _check_pin(self.getpeercert(binary_form=True), expected)
 
     class _PinnedSocket(ssl.SSLSocket):
         # The blocking-socket twin, for the transfer GET read in a thread (bodyget.py).
         def do_handshake(self, block: bool = False) -> None:
             super().do_handshake(block)
-            der = self.getpeercert(binary_form=True)
-            got = hashlib.sha256(der or b"").hexdigest()
-            if got != expected:
-                err = PinMismatch(
-                    f"certificate SHA-256 {_colons(got)} does not match the pinned thumbprint"
-                )
-                err.verify_message = str(err)
-                raise err
+            _check_pin(self.getpeercert(binary_form=True), expected)
 
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
@@ -109,6 +95,14 @@ def pinned_context(sha256_hex: str) -> ssl.SSLContext:
     ctx.sslobject_class = _Pinned
     ctx.sslsocket_class = _PinnedSocket
     return ctx
+
+
+def _check_pin(der: bytes | None, expected: str) -> None:
+    got = hashlib.sha256(der or b"").hexdigest()
+    if got != expected:
+        err = PinMismatch(f"certificate SHA-256 {_colons(got)} does not match the pinned thumbprint")
+        err.verify_message = str(err)
+        raise err
 
 
 def _colons(h: str) -> str:
