@@ -100,7 +100,9 @@ def pinned_context(sha256_hex: str) -> ssl.SSLContext:
 def _check_pin(der: bytes | None, expected: str) -> None:
     got = hashlib.sha256(der or b"").hexdigest()
     if got != expected:
-        err = PinMismatch(f"certificate SHA-256 {_colons(got)} does not match the pinned thumbprint")
+        err = PinMismatch(
+            f"certificate SHA-256 {_colons(got)} does not match the pinned thumbprint"
+        )
         err.verify_message = str(err)
         raise err
 
