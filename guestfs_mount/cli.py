@@ -127,6 +127,12 @@ _LIST_OPTIONS = frozenset({"thumbprint", "esx_host"})
 # Long options that make no sense in a profile's options or in -o.
 _NOT_SETTINGS = frozenset({"help", "version", "profile"})
 
+
+def _tilde(path: str) -> str:
+    home = os.path.expanduser("~").rstrip("/")
+    return "~" + path[len(home) :] if home and path.startswith(home + "/") else path
+
+
 USAGE = """\
 guestfs-mount [OPTIONS] SERVER VM MOUNTPOINT
        guestfs-mount [OPTIONS] --profile NAME MOUNTPOINT
@@ -153,7 +159,7 @@ secrets:
   $GUESTFS_GUEST_USER.
 
 config file:
-  --config FILE, else {default_path().replace(os.path.expanduser("~"), "~", 1)}
+  --config FILE, else {_tilde(default_path())}
   ($XDG_CONFIG_HOME respected), else {SYSTEM_CONFIG}.
   Command-line options override the profile, which overrides its server.
 
@@ -713,6 +719,8 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         keep_cache=args.keep_cache,
         allow_other=args.allow_other,
         audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
+        # live transfer display: only for a person watching a terminal
+        progress=bool(args.foreground and not args.log_file and sys.stderr.isatty()),
     )
 
 

@@ -11,7 +11,9 @@ import pytest
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "chaos")
+SCRIPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "chaos"
+)
 
 
 def test_chaos_short_run(tmp_path):
@@ -22,7 +24,7 @@ def test_chaos_short_run(tmp_path):
     )  # fmt: skip
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("chaos: ")), None)
     assert line is not None, res.stdout + res.stderr
-    summary = json.loads(line[len("chaos: "):])
+    summary = json.loads(line[len("chaos: ") :])
     print(line)
     assert summary["wrong_bytes"] == 0, res.stdout
     assert summary["reads"] > 500, line
