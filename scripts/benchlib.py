@@ -293,7 +293,7 @@ def _random_file(path: str, size: int) -> None:
 
 
 def _marker(tree: str, name: str, spec: Any) -> str:
-    return os.path.join(tree, f".bench-{name}-{spec}")
+    return os.path.join(tree, f".bench-{name.replace('/', '_')}-{spec}")
 
 
 class Tree:
