@@ -692,9 +692,11 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         allow_http=plain_http,
         esx_hosts=tuple(args.esx_host),
         api=args.api,
-        call_timeout=min(30.0, args.timeout),
-        retry_budget=min(20.0, args.timeout / 2),
-        transfer_stall_timeout=args.timeout,
+        # Inside the FUSE deadline (--timeout): the client must give up first, with its
+        # own error (counted by the circuit breaker), not be cancelled by the handler.
+        call_timeout=min(30.0, args.timeout * 0.4),
+        retry_budget=min(20.0, args.timeout * 0.5),
+        transfer_stall_timeout=args.timeout * 0.8,
         debug=args.debug,
     )
     fs = FsOptions(

@@ -14,6 +14,7 @@ import logging
 import os
 import stat as statmod
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +28,15 @@ from .errors import GuestfsError, NotFound, to_errno
 from .inodes import InodeTable
 from .meta import MetadataCache
 from .model import DirEntry, FilesystemFamily, FileType, GuestStat
-from .paths import PosixPaths, rewrite_symlink
+from .paths import (
+    PosixPaths,
+    contained_form,
+    normalize,
+    parent_of,
+    relative_to_link,
+    rewrite_symlink,
+    split_components,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _XATTR_PREFIX = b"user.guestfs."
 _PREFETCH_FILES = 8
 _PREFETCH_MAX_FILE = 4 << 20
+_MAX_SYMLINK_HOPS = 40  # as Linux's MAXSYMLINKS
 
 
 class ContentStore(Protocol):
@@ -127,6 +137,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._last_key: dict[int, ContentKey] = {}
         self._prefetched_upto: dict[str, int] = {}
+        self._resolved_links: dict[tuple[str, str], str] = {}
         self._reported: dict[tuple[str, str], float] = {}
         self._nursery: trio.Nursery | None = None
         self.counters: dict[str, int] = {}
@@ -170,10 +181,53 @@ class Operations(pyfuse3.Operations):
         return path
 
     def _symlink_text(self, path: str, st: GuestStat) -> str:
+        """The target shown (and its length, for st_size), by lexical rules. ``readlink``
+        may refine it with ``_resolve_in_guest``; both are always contained."""
         target = st.symlink_target or ""
         if self.opts.raw_symlinks or self.paths.windows:
             return target
-        return rewrite_symlink(path, target)
+        return self._resolved_links.get((path, target)) or rewrite_symlink(path, target)
+
+    async def _resolve_in_guest(self, link: str, target: str) -> str:
+        """Where ``link -> target`` leads in the guest, as a normalized absolute path.
+
+        A name followed by ``..`` is only cancelled lexically once the guest says it is
+        not a symlink; a symlink there is expanded first, as the guest kernel would. Names
+        not followed by ``..`` stay as they are: they are shown as (contained) links too.
+        """
+        if target.startswith("/"):
+            resolved: list[str] = []
+            real = 0
+        else:
+            resolved = split_components(parent_of(link))
+            real = len(resolved)  # the link's own ancestors are real directories
+        pending = deque(split_components(target))
+        hops = 0
+        while pending:
+            c = pending.popleft()
+            if c != "..":
+                resolved.append(c)
+                continue
+            if len(resolved) > real:
+                try:
+                    st = await self.meta.stat("/" + "/".join(resolved))
+                except GuestfsError:
+                    st = None  # missing: nothing to follow, cancel lexically
+                if st is not None and st.type is FileType.SYMLINK and st.symlink_target:
+                    hops += 1
+                    if hops > _MAX_SYMLINK_HOPS:
+                        break  # a loop: show the lexical form, contained all the same
+                    resolved.pop()
+                    inner = st.symlink_target
+                    if inner.startswith("/"):
+                        resolved, real = [], 0
+                    pending.appendleft("..")
+                    pending.extendleft(reversed(split_components(inner)))
+                    continue
+            if resolved:
+                resolved.pop()
+            real = min(real, len(resolved))
+        return normalize("/" + "/".join(resolved) + "/" + "/".join(pending))
 
     def _attrs(self, ino: int, path: str, st: GuestStat) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -298,6 +352,18 @@ class Operations(pyfuse3.Operations):
         st = await self.meta.stat(path)
         if st.type is not FileType.SYMLINK:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        target = st.symlink_target or ""
+        if (
+            not self.opts.raw_symlinks
+            and not self.paths.windows
+            and not contained_form(path, target)
+            and _dotdot_after_name(target)
+        ):
+            # Lexical rules could be fooled by a symlink before a "..": ask the guest.
+            resolved = relative_to_link(path, await self._resolve_in_guest(path, target))
+            if len(self._resolved_links) > 100_000:
+                self._resolved_links.clear()
+            self._resolved_links[(path, target)] = resolved
         return os.fsencode(self._symlink_text(path, st))
 
     @_handler
@@ -462,6 +528,12 @@ class Operations(pyfuse3.Operations):
         return list(await self._xattrs(inode))
 
     # Writes never get here: the mount is 'ro', so the kernel answers EROFS itself.
+
+
+def _dotdot_after_name(target: str) -> bool:
+    comps = split_components(target)
+    first_name = next((i for i, c in enumerate(comps) if c != ".."), len(comps))
+    return ".." in comps[first_name:]
 
 
 def _id_or(value: int | None, default: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import tempfile
@@ -131,9 +132,22 @@ def sd_notify(message: str) -> None:
         log.debug("sd_notify failed: %s", exc)
 
 
+def _raise_fd_limit() -> None:
+    """Each cached file keeps an open descriptor while it may be read; a tree walk can
+    hold thousands. Take the hard limit rather than fail with EMFILE at 1024."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError) as exc:
+        log.debug("could not raise the open-file limit: %s", exc)
+
+
 async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
     """Mount and serve until unmounted or signalled. ``ready(None)`` once the mount is
     usable; any error before that propagates (the caller reports it)."""
+    _raise_fd_limit()
     async with VCenterClient(cfg.client) as client:
         vm = await client.find_vm(cfg.vm)
         await client.check_guest_ready(vm.vm)

@@ -47,27 +47,43 @@ def normalize(path: str) -> str:
     return "/" + "/".join(out)
 
 
-def rewrite_symlink(link_path: str, target: str) -> str:
-    """The target to show for the guest symlink ``link_path -> target``.
+def contained_form(link_path: str, target: str) -> bool:
+    """True when ``target`` cannot lead out of the mount whatever the other links are:
+    relative, with all its ``..`` first and no more of them than the link's directory is
+    deep. The ``..`` then climb the link's real parent directories, and what follows only
+    descends; any symlink met on the way is itself shown in this form, so no chain of them
+    escapes either."""
+    if target.startswith("/"):
+        return False
+    comps = split_components(target)
+    ups = 0
+    while ups < len(comps) and comps[ups] == "..":
+        ups += 1
+    if ".." in comps[ups:]:
+        return False
+    return ups <= len(split_components(parent_of(link_path)))
 
-    The result always resolves inside the mount: an absolute target becomes relative
-    to the link's directory, and a relative one that climbs above the guest root is
-    replaced by its clamped equivalent. A relative target that stays inside is kept
-    as the guest wrote it.
+
+def relative_to_link(link_path: str, resolved: str) -> str:
+    """The contained-form target of a link at ``link_path`` pointing at the normalized
+    absolute guest path ``resolved``."""
+    return posixpath.relpath(resolved, parent_of(link_path))
+
+
+def rewrite_symlink(link_path: str, target: str) -> str:
+    """The target to show for the guest symlink ``link_path -> target``, by lexical rules
+    alone (``..`` after a name is taken to cancel that name).
+
+    The result is in :func:`contained_form`: an absolute target becomes relative to the
+    link's directory, a relative one that climbs above the guest root is clamped. A
+    relative target already in contained form is kept as the guest wrote it. When a name
+    before a ``..`` may be a symlink, the FUSE layer resolves it in the guest first.
     """
-    if not target:
+    if not target or contained_form(link_path, target):
         return target
     base = parent_of(link_path)
-    if not target.startswith("/"):
-        depth = len(split_components(base))
-        for comp in split_components(target):
-            depth = depth - 1 if comp == ".." else depth + 1
-            if depth < 0:
-                break
-        else:
-            return target
     resolved = normalize(target if target.startswith("/") else join(base, target))
-    rel = posixpath.relpath(resolved, base)
+    rel = relative_to_link(link_path, resolved)
     if target.endswith("/") and target.strip("/") and rel != ".":
         rel += "/"
     return rel

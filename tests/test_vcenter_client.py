@@ -149,11 +149,26 @@ async def test_guest_auth_failure_detected(autojump_clock: trio.testing.MockCloc
             await c.stat("vm-42", "/a")
         assert fake.n_logins == 1  # fresh session: no pointless re-login
         assert_no_secrets(repr(ei.value) + str(ei.value))
-        # an older session: one re-login, then the 401 on the fresh one is the guest's fault
+        # an older session that still answers GET /api/session: still the guest's fault
         await trio.sleep(60)
         with pytest.raises(GuestAuthFailed):
             await c.list_dir("vm-42", "/")
+        assert fake.n_logins == 1
+        # the session really gone: one re-login, then the 401 is the guest's fault
+        fake.expire_sessions()
+        with pytest.raises(GuestAuthFailed):
+            await c.list_dir("vm-42", "/")
         assert fake.n_logins == 2
+
+
+async def test_session_expired_right_after_login_is_not_a_guest_failure() -> None:
+    fake = FakeVCenter()
+    fake.stats["/a"] = stat_body()
+    async with make_client(fake) as c:
+        await c.find_vm("web")  # a fresh, verified session ...
+        fake.expire_sessions()  # ... that vCenter drops at once (restart)
+        st = await c.stat("vm-42", "/a")
+        assert st.size == 10 and fake.n_logins == 2
 
 
 async def test_error_type_dispatch_not_status() -> None:

@@ -70,7 +70,7 @@ async def test_list_stat_download(sim: Any) -> None:
 
 
 async def test_relogin_after_expiry(sim: Any) -> None:
-    async with VCenterClient(cfg(sim, fresh_session_window=0)) as c:
+    async with VCenterClient(cfg(sim)) as c:
         await c.find_vm(sim.vm_id())
         sim.expire_sessions()
         await c.list_dir(sim.vm_id(), "/dir")

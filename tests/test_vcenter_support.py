@@ -114,6 +114,9 @@ class FakeVCenter:
             return httpx.Response(204)
         if req.headers.get("vmware-api-session-id") not in self.tokens:
             return err(401, "UNAUTHENTICATED", "session expired")
+        if name == "session.get":
+            return httpx.Response(200, json={"user": "u", "created_time": "2024-01-01T00:00:00Z",
+                                             "last_accessed_time": "2024-01-01T00:00:00Z"})
         body = json.loads(req.content) if req.content else {}
         if "credentials" in body and body["credentials"].get("password") != self.guest_password:
             return err(401, "UNAUTHENTICATED", "guest auth failed")

@@ -111,7 +111,6 @@ class ClientConfig:
     backoff_cap: float = 2.0
     breaker_threshold: int = 5
     breaker_cooldown: float = 5.0
-    fresh_session_window: float = 5.0  # a verified session younger than this is "fresh"
 
 
 @dataclass
@@ -208,8 +207,6 @@ class VCenterClient:
         self._esx: httpx.AsyncClient | None = None
         self._session: str | None = None
         self._gen = 0
-        self._session_time = 0.0
-        self._session_verified = False
         self._login_lock: trio.Lock | None = None
         self._transfer_api: str | None = None if config.api == "auto" else config.api
         self.stats = ClientStats()
@@ -406,6 +403,11 @@ class VCenterClient:
             err = self._translate_transport(e, netloc, desc)
             if isinstance(err, TlsError):
                 breaker.release(probe)
+            elif isinstance(err, RemoteTimeout):
+                # A whole call_timeout without an answer: the server is down or hung.
+                # Open at once, so queued requests fail fast instead of each waiting
+                # (the kernel serializes lookups in one directory).
+                breaker.failure(probe, weight=breaker.threshold)
             else:
                 breaker.failure(probe)
             raise err from e
@@ -457,8 +459,6 @@ class VCenterClient:
         token = parse.parse_session_token(parse.decode_json(resp.content, desc))
         self._session = token
         self._gen += 1
-        self._session_time = self._clock()
-        self._session_verified = False
 
     async def _relogin(self, gen: int) -> None:
         async with self._lock():
@@ -467,12 +467,16 @@ class VCenterClient:
                 await self._login_once()
                 self.stats.relogins += 1
 
-    def _is_fresh(self, gen: int) -> bool:
-        return (
-            gen == self._gen
-            and self._session_verified
-            and self._clock() - self._session_time < self.config.fresh_session_window
+    async def _session_alive(self, vc: httpx.AsyncClient, gen: int) -> bool:
+        if gen != self._gen or self._session is None:
+            return False  # someone logged in again meanwhile: retry with the new session
+        req = vc.build_request(
+            "GET",
+            self._server.base_url + "/api/session",
+            headers={"Accept": "application/json", "vmware-api-session-id": self._session},
         )
+        resp = await self._send(vc, req, name="session.get", desc="check vCenter session")
+        return resp.status_code == 200
 
     # --- API calls --------------------------------------------------------------------------
 
@@ -571,14 +575,15 @@ class VCenterClient:
             )  # fmt: skip
             resp = await self._send(vc, req, name=name, desc=desc)
             if resp.status_code in ok:
-                if not guest and gen == self._gen:
-                    self._session_verified = True
                 if not resp.content:
                     return None
                 return parse.decode_json(resp.content, desc)
             err = self._api_error(resp, desc, guest_path)
             if isinstance(err, Unauthenticated):
-                if guest and (relogged or self._is_fresh(gen)):
+                # vCenter answers UNAUTHENTICATED both for an expired session and for
+                # refused guest credentials. Right after a login, or while the session
+                # still answers GET /api/session, it is the guest account.
+                if guest and (relogged or await self._session_alive(vc, gen)):
                     user = self.config.guest.user_name or "(default user)"
                     raise GuestAuthFailed(
                         f"guest login as {user} refused by {desc.split(' on ', 1)[-1]}:"

@@ -52,8 +52,9 @@ async def retry_call(
     retryable: Callable[[BaseException], bool] = is_retryable,
     on_retry: Callable[[BaseException, float], None] | None = None,
 ) -> T:
-    """Call ``fn`` until it succeeds, raises a non-retryable error, or the next sleep would
-    end past ``backoff.budget`` seconds from the first attempt (then the last error is raised)."""
+    """Call ``fn`` until it succeeds, raises a non-retryable error, or ``backoff.budget``
+    seconds from the first attempt have passed (then the last error is raised). The last
+    sleep is shortened to end at the budget, so one more attempt is made there."""
     deadline = clock() + backoff.budget
     attempt = 0
     while True:
@@ -62,9 +63,11 @@ async def retry_call(
         except Exception as e:
             if not retryable(e):
                 raise
-            d = backoff.delay(attempt)
-            if clock() + d > deadline:
+            left = deadline - clock()
+            if left <= 0:
                 raise
+            # A long random delay must not forfeit the time that is left: shorten it.
+            d = min(backoff.delay(attempt), left)
             if on_retry is not None:
                 on_retry(e, d)
             attempt += 1
@@ -121,8 +124,8 @@ class CircuitBreaker:
         if probe:
             self._probe_in_flight = False
 
-    def failure(self, probe: bool = False) -> None:
-        self._failures += 1
+    def failure(self, probe: bool = False, weight: int = 1) -> None:
+        self._failures += weight
         if probe:
             self._probe_in_flight = False
             self._opened_at = self._clock()
