@@ -140,10 +140,16 @@ class Operations(pyfuse3.Operations):
         self._resolved_links: dict[tuple[str, str], str] = {}
         self._reported: dict[tuple[str, str], float] = {}
         self._nursery: trio.Nursery | None = None
+        self.initialized = trio.Event()
         self.counters: dict[str, int] = {}
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+
+    def init(self) -> None:
+        # Called by pyfuse3 when the kernel's INIT arrives, before its reply: settings the
+        # kernel negotiates at INIT (read-ahead) can only be changed after this.
+        self.initialized.set()
 
     # -- helpers --------------------------------------------------------------
 

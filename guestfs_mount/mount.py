@@ -117,6 +117,14 @@ def _raise_read_ahead(mountpoint: str, kb: int) -> None:
         log.debug("could not raise read_ahead_kb: %s", exc)
 
 
+async def _raise_read_ahead_after_init(ops: Operations, mountpoint: str, kb: int) -> None:
+    # The kernel caps read-ahead to what INIT negotiated (128 KiB); raised afterwards it
+    # sticks, and sequential reads arrive as 1 MiB requests, several in flight.
+    await ops.initialized.wait()
+    await trio.sleep(0.05)
+    _raise_read_ahead(mountpoint, kb)
+
+
 def sd_notify(message: str) -> None:
     """Tell systemd (Type=notify) about our state, if it is listening."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -219,7 +227,9 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
                 control_path = socket_path(cfg.mountpoint)  # cfg.mountpoint is a real path
                 pyfuse3.init(ops, cfg.mountpoint, _mount_options(cfg))
                 try:
-                    _raise_read_ahead(cfg.mountpoint, cfg.read_ahead_kb)
+                    nursery.start_soon(
+                        _raise_read_ahead_after_init, ops, cfg.mountpoint, cfg.read_ahead_kb
+                    )
                     log.info(
                         "mounted %s (%s) %s on %s", vm.name, vm.vm, cfg.guest_root, cfg.mountpoint
                     )

@@ -200,7 +200,8 @@ def rclone_http_server(tree: str) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         ["rclone", "serve", "http", tree, "--addr", f"127.0.0.1:{port}", "--read-only",
-         "--config", "/dev/null"],
+         # the tree grows while the suite runs (parts are built lazily): no stale listings
+         "--dir-cache-time", "1s", "--config", "/dev/null"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"

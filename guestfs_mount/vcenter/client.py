@@ -51,7 +51,7 @@ from guestfs_mount.model import (
 )
 
 from . import parse, tls
-from .bodyget import BodyGet
+from .bodyget import BodyGet, ConnectionPool
 from .retry import Backoff, CircuitBreaker, is_retryable, retry_call
 from .urls import Server, check_transfer_url, parse_server, redact, redact_url
 
@@ -203,6 +203,8 @@ class VCenterClient:
         # connection (a select() each, O(n^2) bookkeeping) on every request, which made
         # one 64-connection pool cost ~2 ms of CPU per stat. Shards of 4 keep it cheap.
         self._vc_shards: list[httpx.AsyncClient] = []
+        self._transfer_contexts: dict[tuple[str, int, bool], Any] = {}
+        self._body_pool = ConnectionPool()
         self._next_shard = 0
         self._esx: httpx.AsyncClient | None = None
         self._session: str | None = None
@@ -258,6 +260,7 @@ class VCenterClient:
         finally:
             self._session = None
             self._vc = self._esx = None
+            self._body_pool.close()
             with trio.CancelScope(shield=True):
                 if vc is not None:
                     await vc.aclose()
@@ -808,11 +811,18 @@ class VCenterClient:
             return TransferResult(nbytes=n, sha256=digest, seconds=time.perf_counter() - t0)
 
     def _transfer_context(self, host: str, port: int, same: bool) -> Any:
-        sha = self._pins.get((host, port)) or self._pins.get((host, None))
-        if sha is not None and not self.config.insecure:
-            return tls.pinned_context(sha)
-        cfg = self.config
-        return self._context(cfg.ca_file if same else (cfg.esx_ca_file or cfg.ca_file))
+        # Built once per host: loading a CA bundle for every file showed in profiles.
+        key = (host, port, same)
+        ctx = self._transfer_contexts.get(key)
+        if ctx is None:
+            sha = self._pins.get((host, port)) or self._pins.get((host, None))
+            cfg = self.config
+            if sha is not None and not cfg.insecure:
+                ctx = tls.pinned_context(sha)
+            else:
+                ctx = self._context(cfg.ca_file if same else (cfg.esx_ca_file or cfg.ca_file))
+            self._transfer_contexts[key] = ctx
+        return ctx
 
     async def _fetch_threaded(
         self,
@@ -839,6 +849,7 @@ class VCenterClient:
             expected=expected,
             desc=desc,
             where=where,
+            pool=self._body_pool,
         )
         self.stats.calls["transfer.get"] += 1
         t0 = time.perf_counter()
