@@ -162,6 +162,7 @@ class SimState:
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.transfers: dict[int, Transfer] = {}
+        self._list_scans: dict[tuple[str, Any, Any], tuple[int, list[tuple[str, str, int]]]] = {}
         self.next_transfer_id = 1
         self.stats = Stats()
 
@@ -376,10 +377,22 @@ class SimState:
         if pattern is not None and not isinstance(pattern, str):
             raise invalid_argument("filter.match_pattern", "'match_pattern' must be a string.")
         regex = guestfs.compile_pattern(pattern)
-        if vm.family == "WINDOWS":
-            items = winfs.list_entries(vm.drives, res, regex)
+        # A listing starting at index 0 scans the directory; later pages reuse that scan
+        # while the directory is unchanged, like a cursor (rescanning per page made a
+        # 100,000-entry listing quadratic).
+        ckey = (vm.name, res.host_path, pattern)
+        cached = self._list_scans.get(ckey) if index > 0 else None
+        mtime = res.st.st_mtime_ns
+        if cached is not None and cached[0] == mtime:
+            items = cached[1]
         else:
-            items = guestfs.list_entries(res, regex)
+            if vm.family == "WINDOWS":
+                items = winfs.list_entries(vm.drives, res, regex)
+            else:
+                items = guestfs.list_entries(res, regex)
+            if len(self._list_scans) >= 64:
+                self._list_scans.pop(next(iter(self._list_scans)))
+            self._list_scans[ckey] = (mtime, items)
         page = items[index : index + size]
         out: dict[str, Any] = {
             "files": [{"filename": n, "type": t, "size": s} for n, t, s in page],
