@@ -131,7 +131,7 @@ class ContentCache:
         linger: float = 10.0,
         on_transfer_end: Callable[[TransferEvent], None] | None = None,
         prefetch_max_bytes: int = 64 << 20,
-        prefetch_max_parallel: int = 4,
+        prefetch_max_parallel: int = 16,
         pwrite: PWrite = os.pwrite,
     ) -> None:
         if max_bytes < 0:
@@ -153,6 +153,7 @@ class ContentCache:
         self._by_path: dict[str, set[ContentKey]] = {}
         self._handles: dict[int, _Entry] = {}
         self._all: set[_Entry] = set()  # every entry whose fd is still open
+        self._running: set[_Entry] = set()  # entries whose download task is alive
         self._handle_ids = itertools.count(1)
         self._names = itertools.count(1)
         self._usage = 0
@@ -341,7 +342,7 @@ class ContentCache:
         self._check_usable()
         if key in self._index:
             return True
-        running = [e for e in self._index.values() if e.prefetch and e.state is _State.RUNNING]
+        running = [e for e in self._running if e.prefetch and e.state is _State.RUNNING]
         if (
             len(running) >= self.prefetch_max_parallel
             or sum(e.key.size for e in running) + key.size > self.prefetch_max_bytes
@@ -431,6 +432,7 @@ class ContentCache:
             entry.prefetch = False
             return entry
         entry.task_running = True
+        self._running.add(entry)
         if self._tasks == 0:
             self._tasks_done = trio.Event()
         self._tasks += 1
@@ -548,6 +550,7 @@ class ContentCache:
     ) -> None:
         """Record the end of a download (called exactly once per download task)."""
         entry.task_running = False
+        self._running.discard(entry)
         self._tasks -= 1
         if self._tasks == 0:
             self._tasks_done.set()

@@ -28,6 +28,7 @@ from guestfs_mount.errors import RemoteTimeout, TlsError, TransferError, Transpo
 from . import tls
 
 FIRST_CHUNK = 256 << 10  # small first: the first reader is waiting for it
+HASH_THREAD_MIN = 16 << 20
 CHUNK = 4 << 20  # then large: each hand-over to the event loop costs a thread round trip
 
 
@@ -74,6 +75,7 @@ class BodyGet:
     desc: str
     where: str
     pool: ConnectionPool | None = None
+    _hasher: ThreadPoolExecutor | None = None
     nbytes: int = 0
     digest: str = ""
     _aborted: threading.Event = field(default_factory=threading.Event)
@@ -93,11 +95,17 @@ class BodyGet:
     def run(self, send: trio.MemorySendChannel[bytes]) -> None:
         """Thread body: connect, check the answer, stream the body into ``send``."""
         reusable = False
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="guestfs-sha256")
+        # A thread of its own pays off only for large bodies; small files hash inline.
+        self._hasher = (
+            ThreadPoolExecutor(1, thread_name_prefix="guestfs-sha256")
+            if self.expected > HASH_THREAD_MIN
+            else None
+        )
         try:
             reusable = self._run(send)
         finally:
-            self._hasher.shutdown(wait=True)
+            if self._hasher is not None:
+                self._hasher.shutdown(wait=True)
             conn, self._conn = self._conn, None
             if conn is not None:
                 if reusable and self.pool is not None and not self._aborted.is_set():
@@ -205,7 +213,10 @@ class BodyGet:
                 # reads: this thread's TLS decryption is the transfer's bottleneck.
                 if hashing is not None:
                     hashing.result()  # at most one chunk waits to be hashed
-                hashing = self._hasher.submit(h.update, data)
+                if self._hasher is not None:
+                    hashing = self._hasher.submit(h.update, data)
+                else:
+                    h.update(data)
                 try:
                     trio.from_thread.run(send.send, data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
