@@ -203,9 +203,9 @@ class VCenterClient:
         # connection (a select() each, O(n^2) bookkeeping) on every request, which made
         # one 64-connection pool cost ~2 ms of CPU per stat. Shards of 4 keep it cheap.
         self._vc_shards: list[httpx.AsyncClient] = []
-        self._transfer_contexts: dict[tuple[str, int, bool], Any] = {}
+        self._transfer_contexts: dict[Any, Any] = {}
         self._body_pool = ConnectionPool()
-        self._next_shard = 0
+        self._in_flight: dict[int, int] = {}  # id(shard) -> requests in flight
         self._esx: httpx.AsyncClient | None = None
         self._session: str | None = None
         self._gen = 0
@@ -233,6 +233,8 @@ class VCenterClient:
 
     async def __aenter__(self) -> VCenterClient:
         self._clients()
+        if self._transport is None and self._esx_transport is None:
+            self._transfer_context("", 0, False)  # ready before the first open waits on it
         return self
 
     async def __aexit__(
@@ -352,8 +354,9 @@ class VCenterClient:
             ]
             self._vc = self._vc_shards[0]
         if len(self._vc_shards) > 1:
-            self._next_shard = (self._next_shard + 1) % len(self._vc_shards)
-            vc = self._vc_shards[self._next_shard]
+            # The least busy shard, the first of equals: a lone caller keeps reusing one
+            # warm connection (no TLS handshake), concurrent callers spread out.
+            vc = min(self._vc_shards, key=lambda c: self._in_flight.get(id(c), 0))
         else:
             vc = self._vc
         if self._esx is None:
@@ -400,8 +403,12 @@ class VCenterClient:
         self.stats.calls[name] += 1
         t0 = time.perf_counter()
         try:
-            with trio.fail_after(self.config.call_timeout):
-                resp = await client.send(request, stream=stream)
+            self._in_flight[id(client)] = self._in_flight.get(id(client), 0) + 1
+            try:
+                with trio.fail_after(self.config.call_timeout):
+                    resp = await client.send(request, stream=stream)
+            finally:
+                self._in_flight[id(client)] -= 1
         except (trio.TooSlowError, httpx.TransportError) as e:
             err = self._translate_transport(e, netloc, desc)
             if isinstance(err, TlsError):
@@ -811,14 +818,14 @@ class VCenterClient:
             return TransferResult(nbytes=n, sha256=digest, seconds=time.perf_counter() - t0)
 
     def _transfer_context(self, host: str, port: int, same: bool) -> Any:
-        # Built once per host: loading a CA bundle for every file showed in profiles.
-        key = (host, port, same)
+        # Built once (pins: once per host): loading a CA bundle per file showed in profiles.
+        sha = self._pins.get((host, port)) or self._pins.get((host, None))
+        cfg = self.config
+        key: Any = ("pin", sha) if sha is not None and not cfg.insecure else ("ca", same)
         ctx = self._transfer_contexts.get(key)
         if ctx is None:
-            sha = self._pins.get((host, port)) or self._pins.get((host, None))
-            cfg = self.config
-            if sha is not None and not cfg.insecure:
-                ctx = tls.pinned_context(sha)
+            if key[0] == "pin":
+                ctx = tls.pinned_context(sha)  # type: ignore[arg-type]
             else:
                 ctx = self._context(cfg.ca_file if same else (cfg.esx_ca_file or cfg.ca_file))
             self._transfer_contexts[key] = ctx
