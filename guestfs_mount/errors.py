@@ -31,7 +31,7 @@ server's ``default_message`` only. Every translation keeps the cause (``raise ..
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 
@@ -189,6 +189,26 @@ class UnsafeTransferUrl(RemoteError):
     """A transfer URL was refused by policy (plain http, untrusted host, redirect)."""
 
     errno = errno.EACCES
+
+
+def iter_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything behind it: ``__cause__``, ``__context__`` and the members of
+    exception groups (trio nurseries), each once. Under trio the outer httpx errors have
+    empty messages; the reason is somewhere in here."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        subs = getattr(e, "exceptions", None)
+        if isinstance(subs, (list, tuple)):
+            stack.extend(x for x in subs if isinstance(x, BaseException))
+        for nxt in (e.__context__, e.__cause__):
+            if nxt is not None:
+                stack.append(nxt)
 
 
 def to_errno(exc: BaseException) -> int:

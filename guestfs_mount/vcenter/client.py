@@ -40,6 +40,7 @@ from guestfs_mount.errors import (
     TransportError,
     Unauthenticated,
     UnsafeTransferUrl,
+    iter_chain,
 )
 from guestfs_mount.model import (
     DirEntry,
@@ -150,26 +151,14 @@ def _transport_reason(exc: BaseException) -> str:
     """The most specific message in the cause chain (httpx under trio has none): an
     OSError's text if there is one (also inside exception groups), else the deepest
     non-empty message."""
-    seen: set[int] = set()
     best = ""
     os_text = ""
-    stack: list[BaseException] = [exc]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in iter_chain(exc):
         if isinstance(e, OSError) and (e.strerror or str(e)):
             os_text = e.strerror or str(e)  # the deepest one wins
         s = str(e).strip()
         if s:
             best = s
-        subs = getattr(e, "exceptions", None)
-        if isinstance(subs, (list, tuple)):
-            stack.extend(x for x in subs if isinstance(x, BaseException))
-        for nxt in (e.__context__, e.__cause__):
-            if nxt is not None:
-                stack.append(nxt)
     return os_text or best or type(exc).__name__
 
 

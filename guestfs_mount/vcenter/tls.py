@@ -8,7 +8,7 @@ import re
 import ssl
 from collections.abc import Mapping
 
-from guestfs_mount.errors import ConfigError
+from guestfs_mount.errors import ConfigError, iter_chain
 
 __all__ = [
     "PinMismatch",
@@ -114,22 +114,7 @@ def _colons(h: str) -> str:
 def find_ssl_error(exc: BaseException) -> ssl.SSLError | None:
     """The first ``ssl.SSLError`` in the __cause__/__context__ chain (also through
     exception groups), or None."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, ssl.SSLError):
-            return e
-        subs = getattr(e, "exceptions", None)  # BaseExceptionGroup (3.11+ / exceptiongroup)
-        if isinstance(subs, (list, tuple)):
-            stack.extend(x for x in subs if isinstance(x, BaseException))
-        for nxt in (e.__cause__, e.__context__):
-            if nxt is not None:
-                stack.append(nxt)
-    return None
+    return next((e for e in iter_chain(exc) if isinstance(e, ssl.SSLError)), None)
 
 
 def ssl_reason(err: ssl.SSLError) -> str:
