@@ -91,7 +91,10 @@ def _handler(fn: F) -> F:
                 result = await fn(self, *args)
         except pyfuse3.FUSEError as exc:
             if self.opts.debug:
-                log.debug("fuse %s%r -> %s", name, args, errno.errorcode.get(exc.errno, exc.errno))
+                log.debug(
+                    "fuse %s(%s) -> %s", name, _show_args(args),
+                    errno.errorcode.get(exc.errno, exc.errno),
+                )  # fmt: skip
             raise
         except trio.TooSlowError:
             self._report(name, args, f"no answer within {self.opts.timeout:g}s")
@@ -101,10 +104,12 @@ def _handler(fn: F) -> F:
                 self._report(name, args, str(exc))
             raise pyfuse3.FUSEError(to_errno(exc)) from exc
         except Exception as exc:
-            log.exception("internal error in %s%r", name, args)
+            log.exception("internal error in %s(%s)", name, _show_args(args))
             raise pyfuse3.FUSEError(to_errno(exc)) from exc
         if self.opts.debug:
-            log.debug("fuse %s%r ok %.1fms", name, args, (time.monotonic() - t0) * 1e3)
+            log.debug(
+                "fuse %s(%s) ok %.1fms", name, _show_args(args), (time.monotonic() - t0) * 1e3
+            )
         return result
 
     return cast(F, wrapper)
@@ -534,6 +539,13 @@ class Operations(pyfuse3.Operations):
         return list(await self._xattrs(inode))
 
     # Writes never get here: the mount is 'ro', so the kernel answers EROFS itself.
+
+
+def _show_args(args: Sequence[Any]) -> str:
+    # Request contexts and readdir tokens say nothing useful in a log line.
+    return ", ".join(
+        repr(a) for a in args if not isinstance(a, (pyfuse3.RequestContext, pyfuse3.ReaddirToken))
+    )
 
 
 def _dotdot_after_name(target: str) -> bool:
