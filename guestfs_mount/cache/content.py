@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 Sink = Callable[[bytes], Awaitable[None]]
 Fetch = Callable[[str, int, Sink], Awaitable[TransferResult]]
 
+INLINE_WRITE = 128 << 10
 WRITE_CHUNK = 1 << 20  # sink chunks are joined to at least this much per pwrite
 WRITE_QUEUE = 8  # chunks queued to the disk writer before the sink waits (backpressure)
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -502,9 +503,14 @@ class ContentCache:
         async def writer() -> None:
             async with recv:
                 async for data, off in recv:
-                    n = await trio.to_thread.run_sync(
-                        fileio.pwrite_all, self._pwrite, entry.fd, data, off
-                    )
+                    if len(data) <= INLINE_WRITE:
+                        # A small write lands in the page cache in microseconds; a thread
+                        # hop would cost more, and a reader (or a small file) waits for it.
+                        n = fileio.pwrite_all(self._pwrite, entry.fd, data, off)
+                    else:
+                        n = await trio.to_thread.run_sync(
+                            fileio.pwrite_all, self._pwrite, entry.fd, data, off
+                        )
                     entry.written = off + n
                     entry.wake()
 

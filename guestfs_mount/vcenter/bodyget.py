@@ -27,7 +27,7 @@ from guestfs_mount.errors import RemoteTimeout, TlsError, TransferError, Transpo
 
 from . import tls
 
-FIRST_CHUNK = 64 << 10  # small first: the first reader is waiting for it
+FIRST_CHUNK = 16 << 10  # small first: the first reader is waiting for it
 HASH_THREAD_MIN = 16 << 20
 CHUNK = 4 << 20  # then large: each hand-over to the event loop costs a thread round trip
 
