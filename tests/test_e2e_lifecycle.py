@@ -207,3 +207,30 @@ def test_stale_mount_is_cleaned(sim, tmp_path):
     finally:
         unmount(mnt)
         unmount(mnt, lazy=True)
+
+
+def _pin(url: str) -> str:
+    import hashlib
+    import ssl
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    pem = ssl.get_server_certificate((u.hostname, u.port))
+    return f"{u.hostname}:{u.port}=" + hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+
+
+def test_thumbprint_pins_replace_the_ca(sim, tmp_path):
+    mnt = str(tmp_path / "m")
+    base = [a for a in mount_argv(sim, mnt) if a not in (sim.ca_file, "--ca-file")]
+    base = [a for a in base if a not in (getattr(sim, "esx_ca_file", None), "--esx-ca-file")]
+    esx = _pin(sim.esx_url)
+    pins = ["--thumbprint", _pin(sim.vcenter_url), "--thumbprint", esx]
+    os.mkdir(mnt)
+    with mounted(sim, mnt, argv=[*base, "--foreground", *pins]) as m:
+        with open(m.path("etc/hosts")) as f:
+            assert "localhost" in f.read()
+    wrong = esx.rsplit("=", 1)[0] + "=" + "00" * 32
+    bad = [*base, "--thumbprint", _pin(sim.vcenter_url), "--thumbprint", wrong]
+    with mounted(sim, mnt, argv=[*bad, "--foreground"]) as m:
+        with pytest.raises(OSError):
+            open(m.path("etc/hosts")).read()  # the ESXi host's certificate is not the pinned one
