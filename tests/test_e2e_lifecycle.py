@@ -231,6 +231,5 @@ def test_thumbprint_pins_replace_the_ca(sim, tmp_path):
             assert "localhost" in f.read()
     wrong = esx.rsplit("=", 1)[0] + "=" + "00" * 32
     bad = [*base, "--thumbprint", _pin(sim.vcenter_url), "--thumbprint", wrong]
-    with mounted(sim, mnt, argv=[*bad, "--foreground"]) as m:
-        with pytest.raises(OSError):
-            open(m.path("etc/hosts")).read()  # the ESXi host's certificate is not the pinned one
+    with mounted(sim, mnt, argv=[*bad, "--foreground"]) as m, pytest.raises(OSError):
+        open(m.path("etc/hosts")).read()  # the ESXi host's certificate is not the pinned one
