@@ -227,8 +227,7 @@ def test_thumbprint_pins_replace_the_ca(sim, tmp_path):
     pins = ["--thumbprint", _pin(sim.vcenter_url), "--thumbprint", esx]
     os.mkdir(mnt)
     with mounted(sim, mnt, argv=[*base, "--foreground", *pins]) as m:
-        with open(m.path("etc/hosts")) as f:
-            assert "localhost" in f.read()
+        assert "localhost" in open(m.path("etc/hosts")).read()
     wrong = esx.rsplit("=", 1)[0] + "=" + "00" * 32
     bad = [*base, "--thumbprint", _pin(sim.vcenter_url), "--thumbprint", wrong]
     with mounted(sim, mnt, argv=[*bad, "--foreground"]) as m, pytest.raises(OSError):
