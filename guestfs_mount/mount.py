@@ -152,9 +152,19 @@ def _raise_fd_limit() -> None:
         log.debug("could not raise the open-file limit: %s", exc)
 
 
+def _no_core_dumps() -> None:
+    """The daemon holds the vCenter and guest passwords in memory for its whole life: a
+    crash must not write them into a core file."""
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        log.warning("could not disable core dumps: %s", exc)
+
+
 async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
     """Mount and serve until unmounted or signalled. ``ready(None)`` once the mount is
     usable; any error before that propagates (the caller reports it)."""
+    _no_core_dumps()
     _raise_fd_limit()
     async with VCenterClient(cfg.client) as client:
         vm = await client.find_vm(cfg.vm)

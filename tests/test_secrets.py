@@ -249,3 +249,11 @@ def test_insecure_skips_verification(esx_sim: Any, tmp_path: Any) -> None:
     with mounted(esx_sim, mnt, argv=argv) as m:
         assert b"localhost" in _read(m.path("etc/hosts"))  # type: ignore[operator]
         assert "insecure" in m.stderr_text().lower()
+
+
+def test_daemon_never_dumps_core(sim: Any, tmp_path: Any) -> None:
+    """The daemon holds the passwords in memory: core dumps are off for it."""
+    with mounted(sim, str(tmp_path / "m")) as m:
+        with open(f"/proc/{m.pid}/limits") as f:
+            line = next(x for x in f if x.startswith("Max core file size"))
+        assert line.split()[4:6] == ["0", "0"], line
