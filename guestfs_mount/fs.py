@@ -525,10 +525,15 @@ class Operations(pyfuse3.Operations):
                 out[b"user.guestfs.read_only"] = b"1" if st.read_only else b"0"
         return out
 
-    @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # `ls -l` asks for security.selinux and system.posix_acl_access on every entry:
+        # answer those without the handler machinery (nothing here can raise otherwise).
         if not name.startswith(_XATTR_PREFIX):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return await self._getxattr(inode, name)
+
+    @_handler
+    async def _getxattr(self, inode: int, name: bytes) -> bytes:
         value = (await self._xattrs(inode)).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
