@@ -126,7 +126,6 @@ class Operations(pyfuse3.Operations):
         opts: FsOptions,
         *,
         root: str = "/",
-        label: str = "",
         paths: PosixPaths | None = None,
     ) -> None:
         super().__init__()
@@ -135,7 +134,6 @@ class Operations(pyfuse3.Operations):
         self.content = content
         self.opts = opts
         self.root = root
-        self.label = label
         self.inodes = InodeTable(root)
         self._dirs: dict[int, tuple[str, tuple[DirEntry, ...]]] = {}
         self._files: dict[int, _OpenFile] = {}
@@ -472,9 +470,8 @@ class Operations(pyfuse3.Operations):
         entries = self.meta.cached_listing(parent)
         if entries is None or self._nursery is None:
             return
-        try:
-            idx = next(i for i, e in enumerate(entries) if e.name == name)
-        except StopIteration:
+        idx = self.meta.position(parent, name)  # O(1): this runs on every open
+        if idx is None:
             return
         if self._prefetched_upto.get(parent, -1) > idx + _PREFETCH_FILES // 2:
             return

@@ -80,6 +80,23 @@ class _Flights(Generic[T]):
             flight.done.set()
 
 
+class _NameIndex:
+    """name -> position in one listing; the case-folded map is built on first use."""
+
+    def __init__(self, entries: tuple[DirEntry, ...]) -> None:
+        self.entries = entries
+        self.by_name = {e.name: i for i, e in enumerate(entries)}
+        self._folded: dict[str, int] | None = None
+
+    def folded(self) -> dict[str, int]:
+        if self._folded is None:
+            # The first of names equal but for case wins, as in the listing order.
+            self._folded = {}
+            for i, e in enumerate(self.entries):
+                self._folded.setdefault(e.name.casefold(), i)
+        return self._folded
+
+
 class MetadataCache:
     def __init__(
         self,
@@ -126,6 +143,7 @@ class MetadataCache:
             if frozen
             else cachetools.TTLCache(100_000, ttl, timer=clock)
         )
+        self._indexes: dict[int, _NameIndex] = {}
         self._limiter = trio.Semaphore(stat_parallel)
         self._nursery: trio.Nursery | None = None
         self.counters = {"stat_calls": 0, "list_calls": 0, "stat_hits": 0, "list_hits": 0}
@@ -137,9 +155,6 @@ class MetadataCache:
 
     def cached_stat(self, path: str) -> GuestStat | None:
         return self._stats.get(path)
-
-    def known_missing(self, path: str) -> bool:
-        return self._missing.get(path, False)
 
     async def stat(self, path: str) -> GuestStat:
         st = self._stats.get(path)
@@ -190,37 +205,34 @@ class MetadataCache:
     def entry(self, parent: str, name: str) -> DirEntry | bool | None:
         """From a cached listing of ``parent``: the entry, ``False`` if the listing is
         cached and has no such name, ``None`` if nothing is known."""
-        entries = self._lists.get(parent)
-        if entries is None:
-            return None
-        index = self._index_of(parent, entries)
-        return index.get(name, False)
+        return self._lookup(parent, name, casefold=False)
 
     def entry_casefold(self, parent: str, name: str) -> DirEntry | bool | None:
         """Like ``entry`` but ignoring case, as Windows guests look names up."""
+        return self._lookup(parent, name.casefold(), casefold=True)
+
+    def position(self, parent: str, name: str) -> int | None:
+        """Index of ``name`` in ``parent``'s cached listing (listing order), if known."""
+        entries = self._lists.get(parent)
+        return None if entries is None else self._index_of(entries).by_name.get(name)
+
+    def _lookup(self, parent: str, key: str, *, casefold: bool) -> DirEntry | bool | None:
         entries = self._lists.get(parent)
         if entries is None:
             return None
-        folded = name.casefold()
-        for e in entries:
-            if e.name.casefold() == folded:
-                return e
-        return False
+        index = self._index_of(entries)
+        pos = (index.folded() if casefold else index.by_name).get(key)
+        return False if pos is None else entries[pos]
 
-    _indexes: dict[int, tuple[tuple[DirEntry, ...], dict[str, DirEntry]]]
-
-    def _index_of(self, parent: str, entries: tuple[DirEntry, ...]) -> dict[str, DirEntry]:
-        # Keyed on the tuple's identity and holding a reference to it, so a new listing
-        # of the same directory gets a fresh index and an old id cannot be reused.
-        cache: dict[int, tuple[tuple[DirEntry, ...], dict[str, DirEntry]]]
-        cache = self.__dict__.setdefault("_indexes", {})
-        hit = cache.get(id(entries))
-        if hit is not None and hit[0] is entries:
-            return hit[1]
-        if len(cache) > 256:
-            cache.clear()
-        index = {e.name: e for e in entries}
-        cache[id(entries)] = (entries, index)
+    def _index_of(self, entries: tuple[DirEntry, ...]) -> _NameIndex:
+        # Keyed on the listing tuple's identity and holding a reference to it: a new
+        # listing of the same directory gets a fresh index and an old id cannot be reused.
+        hit = self._indexes.get(id(entries))
+        if hit is not None and hit.entries is entries:
+            return hit
+        if len(self._indexes) > 256:
+            self._indexes.clear()
+        index = self._indexes[id(entries)] = _NameIndex(entries)
         return index
 
     # -- stat-ahead --------------------------------------------------------------
@@ -286,8 +298,3 @@ class MetadataCache:
             log.debug("list-ahead of %r failed: %s", path, exc)
         finally:
             self._limiter.release()
-
-    def invalidate(self, path: str) -> None:
-        self._stats.pop(path, None)
-        self._missing.pop(path, None)
-        self._lists.pop(path, None)

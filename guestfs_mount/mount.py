@@ -203,7 +203,7 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
         meta = MetadataCache(
             guest, ttl=cfg.fs.ttl, negative_ttl=cfg.fs.negative_ttl, frozen=cfg.frozen, paths=paths
         )
-        ops = Operations(meta, content, cfg.fs, root=cfg.guest_root, label=vm.name, paths=paths)
+        ops = Operations(meta, content, cfg.fs, root=cfg.guest_root, paths=paths)
         meta.seed(cfg.guest_root, root)
         started = time.time()
 

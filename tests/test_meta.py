@@ -158,3 +158,13 @@ async def test_cancelled_owner_lets_waiter_take_over():
                 n.start_soon(waiter)
                 await trio.sleep(10)
     assert len(got) == 1
+
+
+async def test_entry_lookup_exact_casefolded_and_position():
+    g = FakeGuest({"/": [DirEntry("README.txt", FileType.FILE, 1), DirEntry("b", FileType.FILE, 2)]})
+    m = MetadataCache(g)
+    assert m.entry_casefold("/", "readme.TXT") is None  # nothing listed yet
+    await m.listdir("/")
+    assert m.entry("/", "readme.txt") is False
+    assert m.entry_casefold("/", "readme.TXT") == DirEntry("README.txt", FileType.FILE, 1)
+    assert m.position("/", "b") == 1 and m.position("/", "zz") is None
