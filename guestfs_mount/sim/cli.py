@@ -29,6 +29,7 @@ from .demo import build_demo_tree
 from .faults import FaultError, Faults
 from .server import ServerSettings, run_server
 from .state import POWER_STATES, GuestAccount, SimOptions, SimState, Vm
+from .vim_app import VimOptions
 
 log = logging.getLogger("guestfs_mount.sim")
 
@@ -130,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-preview-api",
         action="store_true",
         help="disable the pre-release GET .../guest/filesystem",
+    )
+    beh.add_argument(
+        "--as-esxi",
+        action="store_true",
+        help="look like a standalone ESXi host: SOAP /sdk only (no /api, no VI/JSON)",
+    )
+    beh.add_argument("--no-soap", action="store_true", help="disable the SOAP endpoint /sdk")
+    beh.add_argument(
+        "--no-vi-json", action="store_true", help="disable the VI/JSON endpoint /sdk/vim25/..."
     )
     beh.add_argument(
         "--omit-content-length",
@@ -329,7 +339,9 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
         ready_file=args.ready_file,
         omit_content_length=args.omit_content_length,
         access_log=args.access_log,
+        vim=VimOptions(as_esxi=args.as_esxi, soap=not args.no_soap, vi_json=not args.no_vi_json),
         ready_extra={
+            "apis": VimOptions(args.as_esxi, not args.no_soap, not args.no_vi_json).apis(),
             "user": args.user,
             "password": password,
             "guest_user": args.guest_user,
