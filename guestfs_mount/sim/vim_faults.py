@@ -156,5 +156,7 @@ def from_vapi(err: VapiError, vm_id: str | None = None, path_param: str = "fileP
         return VimFault("GuestOperationsUnavailable", message)
     if etype == "INVALID_ARGUMENT":
         prop = "matchPattern" if msg_id.endswith("invalid_pattern") else path_param
+        if err.args_ and err.args_[0].startswith("credentials"):
+            prop = "auth"
         return invalid_argument(prop, message)
     return VimFault("GuestOperationsFault", message)

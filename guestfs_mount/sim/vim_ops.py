@@ -16,10 +16,9 @@ from typing import Any
 
 import trio
 
-from . import guestfs, winfs
+from . import guestfs
 from .entry import DIRECTORY, FILE, SYMLINK, GuestEntry
-from .guestfs import Resolved
-from .state import GuestAccount, SimState, Vm
+from .state import SimState, Vm
 from .vapi import VapiError
 from .vim_faults import (
     POWER_STATE,
@@ -440,21 +439,25 @@ class VimService:
         return out
 
     # ---- guest operations --------------------------------------------------------
-    async def _guest_prologue(self, p: dict[str, Any]) -> tuple[Vm, GuestAccount]:
+    def _ready(self, p: dict[str, Any]) -> tuple[Vm, dict[str, Any]]:
+        """Host-side checks of a guest call (no lane): VM, power, Tools, injected faults."""
         vm = self.vm_of(p["vm"])
         try:
             self.state.guest_ready(vm)
-            account = self.state.guest_login(_rest_credentials(p["auth"]))
         except VapiError as err:
             raise from_vapi(err, vm.vm) from err
-        return vm, account
+        return vm, _rest_credentials(p["auth"])
 
     async def _validate(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
-        await self._guest_prologue(p)
+        vm, creds = self._ready(p)
+        try:
+            async with self.state.cost.guest_op(vm, "credentials.validate", ctx.transport):
+                self.state.guest_login(creds)
+        except VapiError as err:
+            raise from_vapi(err, vm.vm) from err
         return None
 
     async def _list_files(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
-        vm, account = await self._guest_prologue(p)
         index = p.get("index")
         size = p.get("maxResults")
         index = 0 if index is None else index
@@ -464,31 +467,38 @@ class VimService:
         if size < 0:
             raise invalid_argument("maxResults")
         size = min(size or DEFAULT_PAGE, self.state.options.max_page_size)
-        pattern = p.get("matchPattern")
+        vm, creds = self._ready(p)
         xml = ctx.transport == "soap"
         try:
-            regex = guestfs.compile_pattern(pattern)
-            entries = await trio.to_thread.run_sync(scan, self.state, vm, account, p["filePath"])
+            regex = guestfs.compile_pattern(p.get("matchPattern"))
+            async with self.state.cost.guest_op(vm, "files.list", ctx.transport) as op:
+                account = self.state.guest_login(creds)
+                entries = await trio.to_thread.run_sync(
+                    self.state.scan_dir, vm, account, p["filePath"]
+                )
+                scanned = len(entries)
+                entries = [
+                    e
+                    for e in entries
+                    if wire_safe(e, xml) and (regex is None or regex.search(e.name))
+                ]
+                page = entries[index : index + size]
+                op.listed(scanned=scanned, returned=len(page))
         except VapiError as err:
             raise from_vapi(err, vm.vm) from err
-        entries = [
-            e for e in entries if wire_safe(e, xml) and (regex is None or regex.search(e.name))
-        ]
-        page = entries[index : index + size]
         remaining = max(0, len(entries) - index - len(page))
         return Data(
             "GuestListFileInfo", [("files", [file_info(e) for e in page]), ("remaining", remaining)]
         )
 
     async def _initiate(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
-        vm, account = await self._guest_prologue(p)
-        path = p["guestFilePath"]
+        vm, creds = self._ready(p)
         try:
-            res = self.state.resolve(vm, account, path)
-            url = self.state.create_transfer(vm, account, path)
+            async with self.state.cost.guest_op(vm, "transfer.create", ctx.transport):
+                account = self.state.guest_login(creds)
+                url, e = self.state.create_transfer_info(vm, account, p["guestFilePath"])
         except VapiError as err:
             raise from_vapi(err, vm.vm, "guestFilePath") from err
-        e = stat_entry(vm, res)
         return Data(
             "FileTransferInformation",
             [("attributes", attributes(e)), ("size", e.size), ("url", url)],
@@ -637,22 +647,6 @@ def _xml_ok(text: str) -> bool:
         c in "\t\n" or "\x20" <= c <= "\ud7ff" or "\ue000" <= c <= "\ufffd" or c >= "\U00010000"
         for c in text
     )
-
-
-def scan(state: SimState, vm: Vm, account: GuestAccount, guest_path: Any) -> list[GuestEntry]:
-    """The guest's listing of ``guest_path`` (``.`` and ``..`` first). Raises VapiError."""
-    if not isinstance(guest_path, str):
-        raise VapiError("INVALID_ARGUMENT", "filePath must be a string.")
-    res = state.resolve(vm, account, guest_path, follow=True)
-    if vm.family == "WINDOWS":
-        return winfs.scan(vm.drives, res)
-    return guestfs.scan(vm.root, res)
-
-
-def stat_entry(vm: Vm, res: Resolved) -> GuestEntry:
-    if vm.family == "WINDOWS":
-        return winfs.stat_entry(res)
-    return guestfs.stat_entry(vm.root, res)
 
 
 def _session_key(token: str) -> str:
