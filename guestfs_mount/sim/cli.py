@@ -25,6 +25,8 @@ from typing import Any
 
 import trio
 
+from .cost import CostError
+from .costopts import add_cost_arguments, cost_from
 from .demo import build_demo_tree
 from .faults import FaultError, Faults
 from .server import ServerSettings, run_server
@@ -152,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="initial faults, as for POST /_sim/faults, e.g. '{\"api_latency\": 0.1}'",
     )
+    add_cost_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument(
         "--ready-file", metavar="FILE", help="also write the ready JSON line to FILE (atomically)"
@@ -180,7 +183,7 @@ def load_config(path: str) -> dict[str, Any]:
         data = json.loads(raw)
     if not isinstance(data, dict):
         raise UsageError(f"{path}: top level must be an object/table")
-    unknown = set(data) - {"vcenter_users", "guest_accounts", "vms", "faults"}
+    unknown = set(data) - {"vcenter_users", "guest_accounts", "vms", "faults", "cost"}
     if unknown:
         raise UsageError(f"{path}: unknown keys {sorted(unknown)}")
     return data
@@ -321,7 +324,11 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
         esx_url_host=args.esx_url_host,
         chunk_size=max(4096, args.chunk_size),
     )
-    state = SimState(options, users, accounts, vms, faults)
+    try:
+        cost = cost_from(args, config)
+    except CostError as exc:
+        raise UsageError(f"cost: {exc}") from exc
+    state = SimState(options, users, accounts, vms, faults, cost=cost)
     cert_dir = args.cert_dir
     if cert_dir is None:
         cert_dir = tempfile.mkdtemp(prefix="guestfs-sim-tls-")
