@@ -201,6 +201,7 @@ class ViJsonApp:
                 return JsonResponse({"error": "method not allowed"}, status_code=405)
             if member not in PARAMS:
                 return JsonResponse({"error": f"no such method {member}"}, status_code=404)
+            self.service.lookup(this, member)
             body = await self._body(request)
             params = params_from_json(member, body)
             result = await self.service.invoke(ctx, member, this, params)
@@ -215,10 +216,15 @@ class ViJsonApp:
 
     async def _body(self, request: Request) -> dict[str, Any]:
         raw = b""
+        too_big = False
         async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY:
-                raise invalid_request("Request body too large.")
+            # an oversized body is read to its end but not kept, so that the client
+            # sees the fault rather than a connection reset mid-upload
+            if not too_big:
+                raw += chunk
+                too_big = len(raw) > MAX_BODY
+        if too_big:
+            raise invalid_request("Request body too large.")
         if not raw.strip():
             return {}
         try:

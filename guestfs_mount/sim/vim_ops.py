@@ -289,12 +289,13 @@ class VimService:
     async def invoke(
         self, ctx: CallContext, method: str, this: MoRef, params: dict[str, Any]
     ) -> Value:
-        handler = self._handler(this, method)
+        handler = self.lookup(this, method)
         if method not in ANONYMOUS:
             self.check_session(ctx)
         return await handler(ctx, this, params)
 
-    def _handler(self, this: MoRef, method: str) -> Any:
+    def lookup(self, this: MoRef, method: str) -> Any:
+        """The handler of ``method`` on ``this``; ManagedObjectNotFound / MethodNotFound."""
         mo = self.mo
         table: dict[tuple[str, str, str], Any] = {
             ("ServiceInstance", self.flavor.service_instance, "RetrieveServiceContent"): (

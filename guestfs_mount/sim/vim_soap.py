@@ -352,12 +352,14 @@ class SoapApp:
         return response
 
     async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-            raise invalid_request("Request body too large.")
         raw = b""
+        too_big = False
         async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY:
-                raise invalid_request("Request body too large.")
+            # an oversized body is read to its end but not kept, so that the client
+            # sees the fault rather than a connection reset mid-upload
+            if not too_big:
+                raw += chunk
+                too_big = len(raw) > MAX_BODY
+        if too_big:
+            raise invalid_request("Request body too large.")
         return raw
