@@ -534,3 +534,29 @@ def test_checker_rejects_wrong_shapes(schemas: Schemas | None) -> None:
             schemas.check_named("GuestListFileInfo", bad)
     with pytest.raises(AssertionError):  # InvalidLogin is no FileFault
         schemas.check_named("FileFault", {"_typeName": "InvalidLogin"})
+
+
+def test_windows_vm_lists_windows_attributes(tmp_path: Path, schemas: Schemas | None) -> None:
+    c_drive = tmp_path / "c"
+    (c_drive / "Users").mkdir(parents=True)
+    (c_drive / "boot.ini").write_text("[boot]\r\n")
+    os.chmod(c_drive / "boot.ini", 0o444)
+    with run_simulator("--windows-vm", f"win={c_drive}") as sim:
+        c = Vi(sim)
+        c.login()
+        r = c.list("C:\\")
+        assert r.status_code == 200, r.text
+        if schemas:
+            schemas.response(LIST, "post", r)
+        files = {f["path"]: f for f in r.json()["files"]}
+        assert list(files)[:2] == [".", ".."]
+        boot = files["boot.ini"]["attributes"]
+        assert boot["_typeName"] == "GuestWindowsFileAttributes"
+        assert boot["readOnly"] is True and boot["hidden"] is False
+        assert files["Users"]["type"] == "directory"
+        r = c.initiate("C:\\boot.ini")
+        assert r.status_code == 200, r.text
+        if schemas:
+            schemas.response(INIT, "post", r)
+        assert r.json()["size"] == len("[boot]\r\n")
+        c.http.close()

@@ -234,10 +234,22 @@ XXE = (
         (b"<a/>", "InvalidRequest"),
         (ENVELOPE.format(body=RSC.replace("urn:vim25", "urn:other")).encode(), "InvalidRequest"),
         (ENVELOPE.format(body='<Frobnicate xmlns="urn:vim25"/>').encode(), "MethodNotFound"),
-        (ENVELOPE.format(body='<RetrieveServiceContent xmlns="urn:vim25"/>').encode(), "InvalidArgument"),
+        (
+            ENVELOPE.format(body='<RetrieveServiceContent xmlns="urn:vim25"/>').encode(),
+            "InvalidArgument",
+        ),
         (b"<x>" + b"a" * 2_000_000 + b"</x>", "InvalidRequest"),
     ],
-    ids=["malformed", "billion-laughs", "external-entity", "no-envelope", "foreign-ns", "unknown-method", "no-this", "oversized"],
+    ids=[
+        "malformed",
+        "billion-laughs",
+        "external-entity",
+        "no-envelope",
+        "foreign-ns",
+        "unknown-method",
+        "no-this",
+        "oversized",
+    ],
 )
 def test_hostile_soap_requests_are_refused(sim: Sim, body: bytes, fault: str) -> None:
     with httpx.Client(verify=sim.verify(), timeout=30) as h:
@@ -263,11 +275,18 @@ def test_as_esxi(tmp_path: Path) -> None:
             assert vm is not None and vm.name == "web01"
             fm = content.guestOperationsManager.fileManager
             assert fm._moId == "ha-guest-operations-file-manager"
-            assert [f.path for f in fm.ListFilesInGuest(vm, auth(sim), "/etc").files] == [".", "..", "hosts"]
+            assert [f.path for f in fm.ListFilesInGuest(vm, auth(sim), "/etc").files] == [
+                ".",
+                "..",
+                "hosts",
+            ]
         finally:
             pyVim_connect.Disconnect(si)
         with httpx.Client(verify=sim.verify(), timeout=30) as h:
-            assert h.post(f"{sim.vcenter_url}/api/session", auth=(sim.user, sim.password)).status_code == 404
+            assert (
+                h.post(f"{sim.vcenter_url}/api/session", auth=(sim.user, sim.password)).status_code
+                == 404
+            )
             vi = f"{sim.vcenter_url}/sdk/vim25/8.0.3.0/ServiceInstance/ServiceInstance/RetrieveServiceContent"
             assert h.post(vi).status_code == 404
 
@@ -277,8 +296,16 @@ def test_soap_and_vi_json_can_be_switched_off(tmp_path: Path) -> None:
     with run_simulator("--root", str(root), "--no-soap", "--no-vi-json") as sim:
         assert sim.info["apis"] == ["rest"]
         with httpx.Client(verify=sim.verify(), timeout=30) as h:
-            assert h.post(f"{sim.vcenter_url}/sdk", content=ENVELOPE.format(body=RSC).encode()).status_code == 404
+            assert (
+                h.post(
+                    f"{sim.vcenter_url}/sdk", content=ENVELOPE.format(body=RSC).encode()
+                ).status_code
+                == 404
+            )
             assert h.get(f"{sim.vcenter_url}/sdk/vimServiceVersions.xml").status_code == 404
             vi = f"{sim.vcenter_url}/sdk/vim25/8.0.3.0/ServiceInstance/ServiceInstance/RetrieveServiceContent"
             assert h.post(vi).status_code == 404
-            assert h.post(f"{sim.vcenter_url}/api/session", auth=(sim.user, sim.password)).status_code == 201
+            assert (
+                h.post(f"{sim.vcenter_url}/api/session", auth=(sim.user, sim.password)).status_code
+                == 201
+            )
