@@ -147,13 +147,6 @@ def test_resolution_work_is_linear_in_depth(
 ) -> None:
     depth = 1000
     root = tmp_path / "deep"
-    root.mkdir()
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(depth):  # os.makedirs recurses once per level
-        os.mkdir("d", dir_fd=fd)
-        fd, old = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
-        os.close(old)
-    os.close(fd)
     guest = "/" + "/".join(["d"] * depth)
     calls = {"n": 0, "bytes": 0}
 
@@ -165,12 +158,35 @@ def test_resolution_work_is_linear_in_depth(
 
         return wrapper
 
-    for name in ("lstat", "stat", "open", "readlink"):
-        monkeypatch.setattr(os, name, counting(getattr(os, name)))
-    res = guestfs.resolve(os.fsencode(root), guest + "/../d", follow=True)
-    monkeypatch.undo()
+    root.mkdir()
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(depth):  # os.makedirs recurses once per level
+            os.mkdir("d", dir_fd=fd)
+            fd, old = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(old)
+        os.close(fd)
+        with monkeypatch.context() as m:
+            for name in ("lstat", "stat", "open", "readlink"):
+                m.setattr(os, name, counting(getattr(os, name)))
+            res = guestfs.resolve(os.fsencode(root), guest + "/../d", follow=True)
+    finally:
+        remove_chain(root)
     assert res.guest_path == guest
     # each component is looked up once, by its own name; the old walk passed the whole
     # prefix every time (about depth**2 bytes: a million here)
     assert calls["n"] <= 2 * depth + 10
     assert calls["bytes"] <= 4 * depth + len(os.fsencode(root)) * 4
+
+
+def remove_chain(root: Path) -> None:
+    """Remove a deep d/d/d... chain level by level (shutil.rmtree, and so pytest's
+    tmp_path cleanup, recurses once per level)."""
+    top, i = root / "d", 0
+    while (top / "d").exists():
+        os.rename(top / "d", root / f"n{i}")
+        os.rmdir(top)
+        top, i = root / f"n{i}", i + 1
+    if top.exists():
+        os.rmdir(top)
+    os.rmdir(root)
