@@ -128,8 +128,13 @@ async def test_rejections_grow_with_depth_and_follow_the_seed(
     async def run(seed: int) -> list[bool]:
         cost = GuestCost(
             settings_from(
-                {"model": "realistic", "control_delay": 0.0, "auth_posix": 1.0,
-                 "queue_threshold": 1, "reject_step": 0.2}
+                {
+                    "model": "realistic",
+                    "control_delay": 0.0,
+                    "auth_posix": 1.0,
+                    "queue_threshold": 1,
+                    "reject_step": 0.2,
+                }
             ),
             seed=seed,
         )
