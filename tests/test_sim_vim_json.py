@@ -560,3 +560,26 @@ def test_windows_vm_lists_windows_attributes(tmp_path: Path, schemas: Schemas | 
             schemas.response(INIT, "post", r)
         assert r.json()["size"] == len("[boot]\r\n")
         c.http.close()
+
+
+def test_same_vm_state_as_rest(sim: Sim, vi: Vi) -> None:
+    """One VM, three views: the REST listing, VI/JSON and the property reads agree."""
+    from guestfs_mount.sim.testing import ApiClient
+
+    with ApiClient(sim) as api:
+        api.login()
+        rest = api.list("/many", size=1000).json()["files"]
+    vim_files = vi.list("/many", maxResults=1000).json()["files"]
+    assert [f["path"] for f in vim_files] == [f["filename"] for f in rest]
+    assert [f["size"] for f in vim_files] == [f["size"] for f in rest]
+    r = vi.get("VirtualMachine", sim.vm_id(), "name")
+    assert r.status_code == 200 and r.json() == "demo-vm"
+    assert vi.get("VirtualMachine", sim.vm_id(), "runtime").json()["powerState"] == "poweredOn"
+    anonymous = Vi(sim)
+    assert fault_of(anonymous.get("VirtualMachine", sim.vm_id(), "name")) == "NotAuthenticated"
+    assert fault_of(vi.get("VirtualMachine", sim.vm_id(), "config")) == "InvalidProperty"
+
+
+def test_interactive_session_is_refused(vi: Vi) -> None:
+    body = {"vm": vi.vm(), "auth": {**vi.auth(), "interactiveSession": True}, "filePath": "/"}
+    assert fault_of(vi.post("GuestFileManager", FM, "ListFilesInGuest", body)) == "InvalidState"

@@ -16,18 +16,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .vapi import JsonResponse
-from .vim_faults import MoRef, VimFault, invalid_argument, invalid_request
-from .vim_ops import (
+from .vim_data import (
     PARAMS,
     VI_JSON_RELEASES,
     AnyValue,
-    CallContext,
     Data,
     DateTime,
     PropertySpec,
     Value,
-    VimService,
 )
+from .vim_faults import MoRef, VimFault, invalid_argument, invalid_request
+from .vim_ops import CallContext, VimService
 
 log = logging.getLogger("guestfs_mount.sim.vim_json")
 

@@ -18,19 +18,19 @@ from defusedxml.ElementTree import fromstring  # type: ignore[import-untyped]
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .vim_faults import MoRef, VimFault, invalid_argument, invalid_request
-from .vim_ops import (
+from .vim_data import (
     API_VERSION,
     PARAMS,
     PRIOR_VERSIONS,
     AnyValue,
-    CallContext,
     Data,
     DateTime,
     PropertySpec,
     Value,
-    VimService,
+    as_any,
 )
+from .vim_faults import MoRef, VimFault, invalid_argument, invalid_request
+from .vim_ops import CallContext, VimService
 
 log = logging.getLogger("guestfs_mount.sim.vim_soap")
 
@@ -112,9 +112,7 @@ def response_xml(method: str, result: Value, fetch: bool = False) -> bytes:
     resp = ET.SubElement(body, f"{method}Response")
     resp.set("xmlns", VIM)
     if fetch and result is not None:
-        from .vim_ops import _any
-
-        put(resp, "returnval", _any(result))
+        put(resp, "returnval", as_any(result))
     else:
         put(resp, "returnval", result)
     return render(env)
