@@ -160,6 +160,8 @@ def build_tree(base: Path) -> Path:
     os.symlink("/etc", root / "etcdir")
     (root / "sub").mkdir()
     os.symlink("../etc/hosts", root / "sub/up")
+    with open(os.path.join(os.fsencode(root), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"latin-1 name\n")
     return root
 
 
@@ -583,3 +585,14 @@ def test_same_vm_state_as_rest(sim: Sim, vi: Vi) -> None:
 def test_interactive_session_is_refused(vi: Vi) -> None:
     body = {"vm": vi.vm(), "auth": {**vi.auth(), "interactiveSession": True}, "filePath": "/"}
     assert fault_of(vi.post("GuestFileManager", FM, "ListFilesInGuest", body)) == "InvalidState"
+
+
+def test_non_utf8_names_are_left_out(sim: Sim, vi: Vi) -> None:
+    from guestfs_mount.sim.testing import ApiClient
+
+    with ApiClient(sim) as api:
+        api.login()
+        rest = [os.fsencode(f["filename"]) for f in api.list("/", size=1000).json()["files"]]
+    assert b"caf\xe9.txt" in rest  # /api carries it (surrogate escapes)
+    names = [f["path"] for f in vi.list("/", maxResults=1000).json()["files"]]
+    assert "rel" in names and not any(n.startswith("caf") for n in names)
