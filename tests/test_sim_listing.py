@@ -142,12 +142,12 @@ def test_windows_scan_dots_first(tmp_path: Path) -> None:
     assert [e.name for e in top] == [".", "..", "Users"] and top[2].size == 0
 
 
+@pytest.mark.parametrize("family", ["POSIX", "WINDOWS"])
 def test_resolution_work_is_linear_in_depth(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     depth = 1000
     root = tmp_path / "deep"
-    guest = "/" + "/".join(["d"] * depth)
     calls = {"n": 0, "bytes": 0}
 
     def counting(fn: Any) -> Any:
@@ -167,15 +167,20 @@ def test_resolution_work_is_linear_in_depth(
             os.close(old)
         os.close(fd)
         with monkeypatch.context() as m:
-            for name in ("lstat", "stat", "open", "readlink"):
+            for name in ("lstat", "stat", "open", "readlink", "listdir", "scandir"):
                 m.setattr(os, name, counting(getattr(os, name)))
-            res = guestfs.resolve(os.fsencode(root), guest + "/../d", follow=True)
+            if family == "POSIX":
+                guest = "/" + "/".join(["d"] * depth)
+                res = guestfs.resolve(os.fsencode(root), guest + "/../d", follow=True)
+            else:
+                guest = "C:\\" + "\\".join(["D"] * depth)
+                res = winfs.resolve({"C": os.fsencode(root)}, guest)
     finally:
         remove_chain(root)
-    assert res.guest_path == guest
+    assert res.guest_path == guest.replace("D", "d")
     # each component is looked up once, by its own name; the old walk passed the whole
     # prefix every time (about depth**2 bytes: a million here)
-    assert calls["n"] <= 2 * depth + 10
+    assert calls["n"] <= 3 * depth + 10
     assert calls["bytes"] <= 4 * depth + len(os.fsencode(root)) * 4
 
 

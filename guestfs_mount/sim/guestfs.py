@@ -109,7 +109,7 @@ def resolve(root: bytes, guest_path: str, follow: bool = False) -> Resolved:
         raise file_error("INVALID_ARGUMENT", PATH_TOO_LONG, guest_path, "Path is too long.")
     pending = _split(raw)
     pending.reverse()  # a stack: next component at the end
-    walk = _Walk(root)
+    walk = DirWalk(root)
     try:
         links = 0
         while pending:
@@ -146,16 +146,19 @@ def resolve(root: bytes, guest_path: str, follow: bool = False) -> Resolved:
         walk.close()
 
 
-class _Walk:
-    """The directory a resolution stands in: its components, stat and descriptor.
+class DirWalk:
+    """Where a resolution stands: its host components, their stat and a descriptor.
 
     ``st`` is the lstat of the last component; ``fd`` is open on it when it is a
-    directory (a non-directory ends the walk: any further component is ENOTDIR)."""
+    directory (a non-directory ends the walk: any further component is ENOTDIR).
+    ``flags`` open the directories (``O_PATH`` by default; readable ones for a walk
+    that lists each directory)."""
 
-    def __init__(self, root: bytes) -> None:
+    def __init__(self, root: bytes, flags: int = _DIR_FLAGS) -> None:
         self.root = root
+        self.flags = flags
         self.done: list[bytes] = []
-        self.fd = os.open(root, _DIR_FLAGS)
+        self.fd = os.open(root, flags)
         self.st = os.fstat(self.fd)
         self.ids: list[tuple[int, int]] = [(self.st.st_dev, self.st.st_ino)]
 
@@ -167,7 +170,7 @@ class _Walk:
         self.fd = fd
 
     def to_root(self) -> None:
-        self._replace(os.open(self.root, _DIR_FLAGS))
+        self._replace(os.open(self.root, self.flags))
         self.st = os.fstat(self.fd)
         self.done = []
         self.ids = [(self.st.st_dev, self.st.st_ino)]
@@ -175,7 +178,7 @@ class _Walk:
     def up(self, guest_path: str) -> None:
         if not self.done:
             return  # ".." is clamped at the root
-        parent = os.open(b"..", _DIR_FLAGS, dir_fd=self.fd)
+        parent = os.open(b"..", self.flags, dir_fd=self.fd)
         st = os.fstat(parent)
         if (st.st_dev, st.st_ino) != self.ids[-2]:
             os.close(parent)
@@ -188,7 +191,7 @@ class _Walk:
     def down(self, comp: bytes, st: os.stat_result, guest_path: str) -> None:
         if stat.S_ISDIR(st.st_mode):
             try:
-                fd = os.open(comp, _DIR_FLAGS, dir_fd=self.fd)
+                fd = os.open(comp, self.flags, dir_fd=self.fd)
             except OSError as exc:
                 raise os_error(exc, guest_path) from exc
             opened = os.fstat(fd)

@@ -33,6 +33,7 @@ from .guestfs import (
     MAXSYMLINKS,
     NAME_MAX,
     PATH_MAX,
+    DirWalk,
     Resolved,
     compile_pattern,
     file_type,
@@ -59,6 +60,7 @@ _DRIVE = re.compile(r"([A-Za-z]):(?=[\\/]|$)")
 _SEP = re.compile(r"[\\/]")
 _INVALID = re.compile(r'[\x00-\x1f\\/:*?"<>|]')
 _warned: set[tuple[bytes, bytes]] = set()
+_READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def fold(name: str) -> str:
@@ -76,10 +78,12 @@ def _warn_once(directory: bytes, name: bytes, why: str) -> None:
         log.warning("windows VM: ignoring %r in %r: %s", name, directory, why)
 
 
-def _names(directory: bytes) -> dict[str, bytes]:
-    """``fold(name) -> host name`` of the visible entries of a host directory."""
+def _names(directory: bytes, fd: int | None = None) -> dict[str, bytes]:
+    """``fold(name) -> host name`` of the visible entries of a host directory (read
+    through ``fd`` when given; ``directory`` names it in warnings)."""
     out: dict[str, bytes] = {}
-    for raw in sorted(os.listdir(directory)):
+    listed = os.listdir(directory) if fd is None else [os.fsencode(n) for n in os.listdir(fd)]
+    for raw in sorted(listed):
         name = os.fsdecode(raw)
         if _INVALID.search(name):
             _warn_once(directory, raw, "not a valid Windows name")
@@ -139,37 +143,36 @@ def resolve(drives: dict[str, bytes], guest_path: str) -> Resolved:
             raise file_error("INVALID_ARGUMENT", PATH_TOO_LONG, guest_path, "Name too long.")
         comps.append(comp)
     pending = comps[::-1]  # a stack: next component at the end ("..": only from symlinks)
-    done: list[bytes] = []
-    links = 0
-    st = os.lstat(root)
-    while pending:
-        comp = pending.pop()
-        if comp == "..":
-            if done:
-                done.pop()
-            st = os.lstat(_join(root, done))
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise os_error(OSError(errno.ENOTDIR, "not a directory"), guest_path)
-        directory = _join(root, done)
-        name = _names(directory).get(fold(comp))
-        if name is None:
-            raise os_error(OSError(errno.ENOENT, "not found"), guest_path)
-        host = os.path.join(directory, name)
-        st = os.lstat(host)
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > MAXSYMLINKS:
-                raise os_error(OSError(errno.ELOOP, "loop"), guest_path)
-            target = os.readlink(host)
-            if target.startswith(b"/"):
-                done = []
-            pending.extend(os.fsdecode(c) for c in reversed(target.split(b"/")) if c and c != b".")
-            st = os.lstat(_join(root, done))
-            continue
-        done.append(name)
-    canonical = f"{letter}:\\" + "\\".join(os.fsdecode(c) for c in done)
-    return Resolved(canonical, _join(root, done), st)
+    walk = DirWalk(root, _READ_DIR)  # readable: each directory is listed for its names
+    try:
+        links = 0
+        while pending:
+            comp = pending.pop()
+            if comp == "..":
+                walk.up(guest_path)
+                continue
+            if not stat.S_ISDIR(walk.st.st_mode):
+                raise os_error(OSError(errno.ENOTDIR, "not a directory"), guest_path)
+            name = _names(_join(root, walk.done), walk.fd).get(fold(comp))
+            if name is None:
+                raise os_error(OSError(errno.ENOENT, "not found"), guest_path)
+            st = os.lstat(name, dir_fd=walk.fd)
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > MAXSYMLINKS:
+                    raise os_error(OSError(errno.ELOOP, "loop"), guest_path)
+                target = os.readlink(name, dir_fd=walk.fd)
+                if target.startswith(b"/"):
+                    walk.to_root()
+                pending.extend(
+                    os.fsdecode(c) for c in reversed(target.split(b"/")) if c and c != b"."
+                )
+                continue
+            walk.down(name, st, guest_path)
+        canonical = f"{letter}:\\" + "\\".join(os.fsdecode(c) for c in walk.done)
+        return Resolved(canonical, _join(root, walk.done), walk.st)
+    finally:
+        walk.close()
 
 
 def drive_of(guest_path: str) -> str:
