@@ -9,6 +9,8 @@ counters) is the same :class:`~.state.SimState` the ``/api`` endpoints use.
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -261,8 +263,6 @@ class VimService:
         return self.service_content()
 
     async def _current_time(self, ctx: CallContext, this: MoRef, p: Any) -> Value:
-        import time
-
         return DateTime(int(time.time()))
 
     async def _login(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
@@ -495,12 +495,8 @@ def _rest_credentials(auth: Any) -> dict[str, Any]:
 
 def _session_key(token: str) -> str:
     # UserSession.key is the session's id, not the secret cookie value
-    import hashlib
-
     return hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 def _wall_offset(state: SimState) -> float:
-    import time
-
     return time.time() - state.clock()
