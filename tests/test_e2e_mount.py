@@ -75,7 +75,10 @@ def test_stat_fields_equal_to_source(source, mnt):
                 assert m.st_mtime_ns // 10**9 == s.st_mtime_ns // 10**9, rel
             if stat.S_ISREG(s.st_mode):
                 assert m.st_size == s.st_size, rel
-            assert (m.st_uid, m.st_gid) == (s.st_uid, s.st_gid), rel
+            if not stat.S_ISLNK(s.st_mode):
+                # a guest stats through a symlink: its owner is its target's
+                # (real-guest-ops.md section 4)
+                assert (m.st_uid, m.st_gid) == (s.st_uid, s.st_gid), rel
             checked += 1
     assert checked > 30
 

@@ -208,16 +208,20 @@ def test_list_directory(api: ApiClient) -> None:
     r = api.list("/dir")
     assert r.status_code == 200
     assert r.json() == {
-        "files": [{"filename": "sub", "type": "DIRECTORY", "size": 4096}],
-        "total": 1,
+        "files": [
+            {"filename": ".", "type": "DIRECTORY", "size": 0},
+            {"filename": "..", "type": "DIRECTORY", "size": 0},
+            {"filename": "sub", "type": "DIRECTORY", "size": 0},
+        ],
+        "total": 3,
         "start_index": 0,
-        "end_index": 0,
+        "end_index": 2,
         "status": "END_OF_DATA",
     }
     root = api.list("/", size=1000).json()
     names = [f["filename"] for f in root["files"]]
-    assert "." not in names and ".." not in names
-    assert names == sorted(names, key=os.fsencode)
+    assert names[:2] == [".", ".."] and "." not in names[2:] and ".." not in names[2:]
+    assert names[2:] == sorted(names[2:], key=os.fsencode)
     types = {f["filename"]: f["type"] for f in root["files"]}
     assert types["rel"] == "SYMLINK" and types["fifo"] == "FILE" and types["etc"] == "DIRECTORY"
     assert "caf\udce9.txt" in names  # non-UTF-8 byte as a lone surrogate
@@ -225,7 +229,7 @@ def test_list_directory(api: ApiClient) -> None:
 
 def test_list_paging_1000(api: ApiClient) -> None:
     first = api.list("/many").json()
-    assert len(first["files"]) == 50 and first["total"] == 1000
+    assert len(first["files"]) == 50 and first["total"] == 1002
     assert (first["start_index"], first["end_index"], first["status"]) == (0, 49, "READY")
     seen: list[str] = []
     index = 0
@@ -236,14 +240,15 @@ def test_list_paging_1000(api: ApiClient) -> None:
         if page["status"] == "END_OF_DATA":
             break
         assert page["status"] == "READY"
-    assert len(seen) == 1000 and len(set(seen)) == 1000 and seen == sorted(seen)
-    last = api.list("/many", index=950, size=50).json()
-    assert (last["start_index"], last["end_index"], last["status"]) == (950, 999, "END_OF_DATA")
+    assert seen[:2] == [".", ".."]
+    assert len(set(seen)) == 1002 and seen[2:] == sorted(seen[2:])
+    last = api.list("/many", index=952, size=50).json()
+    assert (last["start_index"], last["end_index"], last["status"]) == (952, 1001, "END_OF_DATA")
     past = api.list("/many", index=5000).json()
     assert past["files"] == [] and "start_index" not in past and "end_index" not in past
-    assert past["status"] == "END_OF_DATA" and past["total"] == 1000
+    assert past["status"] == "END_OF_DATA" and past["total"] == 1002
     big = api.list("/many", size=5000).json()  # clamped to --max-page-size (1000)
-    assert len(big["files"]) == 1000 and big["status"] == "END_OF_DATA"
+    assert len(big["files"]) == 1000 and big["status"] == "READY"
 
 
 def test_list_filter(api: ApiClient) -> None:
@@ -264,7 +269,7 @@ def test_list_file_and_symlinked_dir(api: ApiClient) -> None:
     assert r["files"] == [{"filename": "hosts", "type": "FILE", "size": 20}]
     assert r["total"] == 1 and r["status"] == "END_OF_DATA"
     via = api.list("/absdir").json()  # absolute symlink to a directory: within the root
-    assert [f["filename"] for f in via["files"]] == ["hosts"]
+    assert [f["filename"] for f in via["files"]] == [".", "..", "hosts"]
     assert_error(api.list("/nope"), 404, "NOT_FOUND", "FILE_NOT_FOUND")
     assert_error(api.list("/dangling"), 404, "NOT_FOUND", "FILE_NOT_FOUND")
 

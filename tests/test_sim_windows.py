@@ -100,8 +100,11 @@ def assert_error(
 
 
 def names(resp: httpx.Response) -> list[str]:
+    """The names of a directory listing after its leading ``.`` and ``..``."""
     assert resp.status_code == 200, resp.text
-    return [f["filename"] for f in resp.json()["files"]]
+    got = [f["filename"] for f in resp.json()["files"]]
+    assert got[:2] == [".", ".."], got
+    return got[2:]
 
 
 def test_ready_info_and_inventory(sim: Sim, api: ApiClient) -> None:
@@ -129,7 +132,7 @@ def test_list_drive_root(sim: Sim, api: ApiClient) -> None:
     assert files["link.txt"] == {"filename": "link.txt", "type": "FILE", "size": len(HELLO)}
     assert files["WinLink"]["type"] == "DIRECTORY"
     assert files["Users"]["size"] == 0
-    assert resp.json()["total"] == 5 and resp.json()["status"] == "END_OF_DATA"
+    assert resp.json()["total"] == 7 and resp.json()["status"] == "END_OF_DATA"
     assert names(api.list("c:", vm=win(sim))) == names(resp)
     assert names(api.list("c:/", vm=win(sim))) == names(resp)
 
@@ -143,7 +146,9 @@ def test_list_case_insensitive_and_slashes(sim: Sim, api: ApiClient) -> None:
     one = api.list(r"c:\users\admin\FILE.TXT", vm=win(sim)).json()["files"]
     assert one == [{"filename": "file.txt", "type": "FILE", "size": len(HELLO)}]
     assert names(api.list(r"C:\WinLink\system32", vm=win(sim))) == ["notepad.exe"]
-    assert names(api.list("C:\\", vm=win(sim), pattern=r"^[Dd]")) == ["Dup.txt"]
+    # the pattern applies to "." and ".." too
+    dup = api.list("C:\\", vm=win(sim), pattern=r"^[Dd]").json()["files"]
+    assert [f["filename"] for f in dup] == ["Dup.txt"]
 
 
 def test_case_duplicate_logged_once(sim: Sim, api: ApiClient) -> None:

@@ -11,6 +11,8 @@
 ``POST /_sim/sessions/expire``  drop every vCenter session
 ``POST /_sim/restart``      drop sessions and transfer URLs, cut in-flight bodies
 ``GET  /_sim/info``         VMs and options (no secrets)
+``GET  /_sim/cost``         the cost model's settings and seed
+``POST /_sim/cost``         change some (``{"model": "realistic", "guest_concurrency": 2}``)
 ==========================  ==================================================
 """
 
@@ -24,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .cost import CostError
 from .faults import FaultError
 from .state import POWER_STATES, SimState
 from .vapi import JsonResponse
@@ -67,6 +70,20 @@ def routes(state: SimState) -> list[BaseRoute]:
     async def faults_reset(request: Request) -> Response:
         state.faults.reset()
         return JsonResponse(state.faults.to_json())
+
+    async def cost_get(request: Request) -> Response:
+        return JsonResponse(state.cost.to_json())
+
+    async def cost_post(request: Request) -> Response:
+        try:
+            body = await _json(request)
+            if not isinstance(body, dict):
+                raise CostError("body must be a JSON object")
+            state.cost.update(body)
+        except (ValueError, CostError) as exc:
+            return _bad(str(exc))
+        log.info("cost model set: %s", body)
+        return JsonResponse(state.cost.to_json())
 
     async def vm_power(request: Request) -> Response:
         vm = state.vms.get(request.path_params["vm"])
@@ -144,4 +161,6 @@ def routes(state: SimState) -> list[BaseRoute]:
         Route("/sessions/expire", sessions_expire, methods=["POST"]),
         Route("/restart", restart, methods=["POST"]),
         Route("/info", info, methods=["GET"]),
+        Route("/cost", cost_get, methods=["GET"]),
+        Route("/cost", cost_post, methods=["POST"]),
     ]

@@ -25,10 +25,13 @@ from typing import Any
 
 import trio
 
+from .cost import CostError
+from .costopts import add_cost_arguments, cost_from
 from .demo import build_demo_tree
 from .faults import FaultError, Faults
 from .server import ServerSettings, run_server
 from .state import POWER_STATES, GuestAccount, SimOptions, SimState, Vm
+from .vim_app import VimOptions
 
 log = logging.getLogger("guestfs_mount.sim")
 
@@ -132,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="disable the pre-release GET .../guest/filesystem",
     )
     beh.add_argument(
+        "--as-esxi",
+        action="store_true",
+        help="look like a standalone ESXi host: SOAP /sdk only (no /api, no VI/JSON)",
+    )
+    beh.add_argument("--no-soap", action="store_true", help="disable the SOAP endpoint /sdk")
+    beh.add_argument(
+        "--no-vi-json", action="store_true", help="disable the VI/JSON endpoint /sdk/vim25/..."
+    )
+    beh.add_argument(
         "--omit-content-length",
         action="store_true",
         help="send transfer bodies without Content-Length (chunked)",
@@ -142,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="initial faults, as for POST /_sim/faults, e.g. '{\"api_latency\": 0.1}'",
     )
+    add_cost_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument(
         "--ready-file", metavar="FILE", help="also write the ready JSON line to FILE (atomically)"
@@ -170,7 +183,7 @@ def load_config(path: str) -> dict[str, Any]:
         data = json.loads(raw)
     if not isinstance(data, dict):
         raise UsageError(f"{path}: top level must be an object/table")
-    unknown = set(data) - {"vcenter_users", "guest_accounts", "vms", "faults"}
+    unknown = set(data) - {"vcenter_users", "guest_accounts", "vms", "faults", "cost"}
     if unknown:
         raise UsageError(f"{path}: unknown keys {sorted(unknown)}")
     return data
@@ -311,7 +324,11 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
         esx_url_host=args.esx_url_host,
         chunk_size=max(4096, args.chunk_size),
     )
-    state = SimState(options, users, accounts, vms, faults)
+    try:
+        cost = cost_from(args, config)
+    except CostError as exc:
+        raise UsageError(f"cost: {exc}") from exc
+    state = SimState(options, users, accounts, vms, faults, cost=cost)
     cert_dir = args.cert_dir
     if cert_dir is None:
         cert_dir = tempfile.mkdtemp(prefix="guestfs-sim-tls-")
@@ -329,7 +346,9 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
         ready_file=args.ready_file,
         omit_content_length=args.omit_content_length,
         access_log=args.access_log,
+        vim=VimOptions(as_esxi=args.as_esxi, soap=not args.no_soap, vi_json=not args.no_vi_json),
         ready_extra={
+            "apis": VimOptions(args.as_esxi, not args.no_soap, not args.no_vi_json).apis(),
             "user": args.user,
             "password": password,
             "guest_user": args.guest_user,

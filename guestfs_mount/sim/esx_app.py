@@ -90,6 +90,9 @@ class GuestFileApp:
         headers = [(b"content-type", b"application/octet-stream")]
         if not (self.omit_content_length or faults.omit_content_length):
             headers.append((b"content-length", str(body_len).encode()))
+        if not state.cost.settings.keep_alive:
+            # real ESXi hosts are used without keep-alive (govmomi PR #3249)
+            headers.append((b"connection", b"close"))
         sent = 0
         empty_done = False
         finishing = False
@@ -116,7 +119,7 @@ class GuestFileApp:
                     await trio.sleep(faults.transfer_latency)
                 await send({"type": "http.response.start", "status": 200, "headers": headers})
                 start = trio.current_time()
-                chunk = state.options.chunk_size
+                chunk = state.cost.body_chunk(state.options.chunk_size)
                 while sent < body_len:
                     limit = body_len
                     if abort_at is not None:
@@ -135,6 +138,7 @@ class GuestFileApp:
                         n = min(n, max(1024, int(bw / 20)))
                     if sent < file_len:
                         n = min(n, file_len - sent)
+                        await state.cost.packet(t.vm, n)  # the bytes cross the guest lane
                         data = await trio.to_thread.run_sync(os.pread, fd, n, sent)
                         if not data:
                             break  # file shrank under us: cut

@@ -18,6 +18,7 @@ from .esx_app import build_esx_app
 from .state import SimState
 from .tlsutil import TlsFiles, make_certs
 from .vcenter_app import build_vcenter_app
+from .vim_app import VimOptions, wrap_vim
 
 log = logging.getLogger("guestfs_mount.sim")
 
@@ -36,6 +37,7 @@ class ServerSettings:
     access_log: bool = False
     # extra fields for the ready line (user, password, ...)
     ready_extra: dict[str, Any] = field(default_factory=dict)
+    vim: VimOptions = field(default_factory=VimOptions)  # SOAP / VI/JSON / --as-esxi
 
 
 def _bind(host: str, port: int) -> str:
@@ -80,7 +82,7 @@ async def run_server(state: SimState, settings: ServerSettings) -> dict[str, Any
     scheme = "https" if settings.tls else "http"
     state.options.esx_scheme = scheme
     shutdown = trio.Event()
-    vc_app = build_vcenter_app(state)
+    vc_app = wrap_vim(build_vcenter_app(state), state, settings.vim, settings.tls)
     esx_app = build_esx_app(state, settings.omit_content_length)
     vc_cfg = _hypercorn_config(
         settings, settings.port, tls.vcenter_cert if tls else "", tls.vcenter_key if tls else ""

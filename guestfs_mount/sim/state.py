@@ -20,6 +20,8 @@ from typing import Any
 import trio
 
 from . import guestfs, winfs
+from .cost import GuestAuthError, GuestCost
+from .entry import GuestEntry
 from .faults import Faults
 from .vapi import NOT_A_FILE, VapiError, file_error
 
@@ -153,6 +155,7 @@ class SimState:
         vms: Iterable[Vm],
         faults: Faults | None = None,
         clock: Clock = time.monotonic,
+        cost: GuestCost | None = None,
     ) -> None:
         self.options = options
         self.vcenter_users = dict(vcenter_users)
@@ -162,7 +165,8 @@ class SimState:
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.transfers: dict[int, Transfer] = {}
-        self._list_scans: dict[tuple[str, Any, Any], tuple[int, list[tuple[str, str, int]]]] = {}
+        self.cost = cost or GuestCost()
+        self._list_scans: dict[tuple[str, bytes], tuple[int, list[GuestEntry]]] = {}
         self.next_transfer_id = 1
         self.stats = Stats()
 
@@ -184,10 +188,12 @@ class SimState:
             },
             "sessions": len(self.sessions),
             "bytes_sent": s.bytes_sent,
+            "vms": self.cost.stats_json(),
         }
 
     def reset_stats(self) -> None:
         self.stats = Stats()
+        self.cost.reset_stats()
 
     # ---- vCenter sessions ------------------------------------------------------
     def login(self, user: str, password: str) -> str:
@@ -294,32 +300,10 @@ class SimState:
                     f"credentials.{key}", f"'credentials.{key}' must be a string."
                 )
         user = creds.get("user_name")
-        account: GuestAccount | None = None
         if ctype == "USERNAME_PASSWORD":
-            password = creds.get("password")
-            acc = self.guest_accounts.get(user) if isinstance(user, str) else None
-            if (
-                acc is not None
-                and acc.password is not None
-                and isinstance(password, str)
-                and secrets.compare_digest(acc.password.encode(), password.encode())
-            ):
-                account = acc
+            account = self.check_password(user, creds.get("password"))
         else:
-            token = creds.get("saml_token")
-            if isinstance(token, str):
-                for acc in self.guest_accounts.values():
-                    if any(
-                        secrets.compare_digest(t.encode(), token.encode()) for t in acc.saml_tokens
-                    ) and user in (None, acc.user):
-                        account = acc
-                        break
-        if account is None:
-            raise unauthenticated(
-                "Failed to authenticate with the guest operating system using the supplied "
-                "credentials.",
-                msg_id="com.vmware.api.vcenter.vm.guest.invalid_guest_login",
-            )
+            account = self.check_saml(creds.get("saml_token"), user)
         if inter:
             raise VapiError(
                 "NOT_ALLOWED_IN_CURRENT_STATE",
@@ -327,6 +311,29 @@ class SimState:
                 msg_id="com.vmware.api.vcenter.vm.guest.no_interactive_session",
             )
         return account
+
+    def check_password(self, user: Any, password: Any) -> GuestAccount:
+        """The guest account for a user name and password, or GuestAuthError (401)."""
+        acc = self.guest_accounts.get(user) if isinstance(user, str) else None
+        if (
+            acc is not None
+            and acc.password is not None
+            and isinstance(password, str)
+            and secrets.compare_digest(acc.password.encode(), password.encode())
+        ):
+            return acc
+        raise guest_auth_error()
+
+    def check_saml(self, token: Any, user: Any = None) -> GuestAccount:
+        """The guest account a SAML bearer token maps to (``user``, if given, must be
+        its user), or GuestAuthError (401)."""
+        if isinstance(token, str):
+            for acc in self.guest_accounts.values():
+                if any(
+                    secrets.compare_digest(t.encode(), token.encode()) for t in acc.saml_tokens
+                ) and user in (None, acc.user):
+                    return acc
+        raise guest_auth_error()
 
     def resolve(
         self, vm: Vm, account: GuestAccount, guest_path: Any, follow: bool = False
@@ -351,7 +358,36 @@ class SimState:
             )
         return res
 
-    def list_files(self, vm: Vm, account: GuestAccount, body: dict[str, Any]) -> dict[str, Any]:
+    def scan_dir(self, vm: Vm, account: GuestAccount, guest_path: Any) -> list[GuestEntry]:
+        """What the guest lists at ``guest_path``: a directory's ``.``, ``..`` and
+        entries (a symlink to a directory lists the target), or a file's one entry.
+        Synchronous disk work: call it through ``trio.to_thread.run_sync``."""
+        res = self.resolve(vm, account, guest_path, follow=True)
+        return self._scan(vm, res)
+
+    def _scan(self, vm: Vm, res: guestfs.Resolved) -> list[GuestEntry]:
+        if vm.family == "WINDOWS":
+            return winfs.scan(vm.drives, res)
+        return guestfs.scan(vm.root, res)
+
+    def stat_path(self, vm: Vm, account: GuestAccount, guest_path: Any) -> GuestEntry:
+        """What the guest reports for one path (a final symlink is not followed: it
+        stays a SYMLINK with its target's attributes)."""
+        res = self.resolve(vm, account, guest_path)
+        return self._stat(vm, res, str(guest_path))
+
+    def _stat(self, vm: Vm, res: guestfs.Resolved, guest_path: str) -> GuestEntry:
+        try:
+            if vm.family == "WINDOWS":
+                return winfs.stat_entry(res)
+            return guestfs.stat_entry(vm.root, res)
+        except OSError as exc:
+            raise guestfs.os_error(exc, guest_path) from exc
+
+    def list_files(
+        self, vm: Vm, account: GuestAccount, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], int]:
+        """A ``files?action=list`` page and the number of entries the guest scanned."""
         res = self.resolve(vm, account, body.get("path"), follow=True)
         iteration = body.get("iteration") or {}
         filt = body.get("filter") or {}
@@ -379,40 +415,42 @@ class SimState:
         regex = guestfs.compile_pattern(pattern)
         # A listing starting at index 0 scans the directory; later pages reuse that scan
         # while the directory is unchanged, like a cursor (rescanning per page made a
-        # 100,000-entry listing quadratic).
-        ckey = (vm.name, res.host_path, pattern)
+        # 100,000-entry listing quadratic in the simulator; the cost model still charges
+        # the guest a whole scan per page, as real Tools does).
+        ckey = (vm.vm, res.host_path)
         cached = self._list_scans.get(ckey) if index > 0 else None
         mtime = res.st.st_mtime_ns
         if cached is not None and cached[0] == mtime:
-            items = cached[1]
+            scanned = cached[1]
         else:
-            if vm.family == "WINDOWS":
-                items = winfs.list_entries(vm.drives, res, regex)
-            else:
-                items = guestfs.list_entries(res, regex)
+            scanned = self._scan(vm, res)
             if len(self._list_scans) >= 64:
                 self._list_scans.pop(next(iter(self._list_scans)))
-            self._list_scans[ckey] = (mtime, items)
+            self._list_scans[ckey] = (mtime, scanned)
+        items = scanned if regex is None else [e for e in scanned if regex.search(e.name)]
         page = items[index : index + size]
         out: dict[str, Any] = {
-            "files": [{"filename": n, "type": t, "size": s} for n, t, s in page],
+            "files": [{"filename": e.name, "type": e.type, "size": e.size} for e in page],
             "total": len(items),
         }
         if page:
             out["start_index"] = index
             out["end_index"] = index + len(page) - 1
         out["status"] = "END_OF_DATA" if index + len(page) >= len(items) else "READY"
-        return out
+        return out, len(scanned)
 
     def get_file(self, vm: Vm, account: GuestAccount, guest_path: str) -> dict[str, Any]:
-        res = self.resolve(vm, account, guest_path)
-        try:
-            return winfs.info(res) if vm.family == "WINDOWS" else guestfs.info(res)
-        except OSError as exc:
-            raise guestfs.os_error(exc, guest_path) from exc
+        e = self.stat_path(vm, account, guest_path)
+        return winfs.info(e) if vm.family == "WINDOWS" else guestfs.info(e)
 
     # ---- transfers ---------------------------------------------------------------
     def create_transfer(self, vm: Vm, account: GuestAccount, guest_path: Any) -> str:
+        return self.create_transfer_info(vm, account, guest_path)[0]
+
+    def create_transfer_info(
+        self, vm: Vm, account: GuestAccount, guest_path: Any
+    ) -> tuple[str, GuestEntry]:
+        """A one-shot transfer URL for a regular file and the guest's stat of it."""
         res = self.resolve(vm, account, guest_path)
         if guestfs.file_type(res.st) != "FILE" or not _is_regular(res.st):
             raise file_error(
@@ -423,13 +461,14 @@ class SimState:
             )
         if not os.access(res.host_path, os.R_OK, follow_symlinks=False):
             raise guestfs.os_error(PermissionError(13, "denied"), str(guest_path))
+        info = self._stat(vm, res, str(guest_path))
         self.expire_transfers()
         tid = self.next_transfer_id
         self.next_transfer_id += 1
         token = secrets.token_urlsafe(24)
         self.transfers[tid] = Transfer(tid, token, vm, res.guest_path, res, self.clock())
         self.stats.created += 1
-        return self.transfer_url(tid, token)
+        return self.transfer_url(tid, token), info
 
     def transfer_url(self, tid: int, token: str) -> str:
         host = host_port(self.options.esx_url_host, self.options.esx_port)
@@ -493,6 +532,14 @@ class TransferRefused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def guest_auth_error() -> GuestAuthError:
+    return GuestAuthError(
+        "UNAUTHENTICATED",
+        "Failed to authenticate with the guest operating system using the supplied credentials.",
+        msg_id="com.vmware.api.vcenter.vm.guest.invalid_guest_login",
+    )
 
 
 def unauthenticated(message: str, msg_id: str | None = None) -> VapiError:

@@ -251,16 +251,21 @@ class ApiRouter:
     # ---- guest filesystem --------------------------------------------------------
     async def files_list(self, request: Request, vm_id: str) -> Response:
         vm, body = await self.guest_call(request, vm_id, "files.list")
-        account = self.state.guest_login(body["credentials"])
-        if "path" not in body:
-            raise invalid_argument("path", "Field 'path' is required.")
-        result = await trio.to_thread.run_sync(self.state.list_files, vm, account, body)
+        async with self.state.cost.guest_op(vm, "files.list", "rest") as op:
+            account = self.state.guest_login(body["credentials"])
+            if "path" not in body:
+                raise invalid_argument("path", "Field 'path' is required.")
+            result, scanned = await trio.to_thread.run_sync(
+                self.state.list_files, vm, account, body
+            )
+            op.listed(scanned=scanned, returned=len(result["files"]))
         return JsonResponse(result)
 
     async def files_get(self, request: Request, vm_id: str, guest_path: str) -> Response:
         vm, body = await self.guest_call(request, vm_id, "files.get")
-        account = self.state.guest_login(body["credentials"])
-        result = self.state.get_file(vm, account, guest_path)
+        async with self.state.cost.guest_op(vm, "files.get", "rest"):
+            account = self.state.guest_login(body["credentials"])
+            result = self.state.get_file(vm, account, guest_path)
         return JsonResponse(result)
 
     async def transfer_create(self, request: Request, vm_id: str) -> Response:
@@ -276,16 +281,18 @@ class ApiRouter:
                 msg_id="com.vmware.api.vcenter.vm.guest.filesystem.transfers.upload_unsupported",
                 args=["spec.attributes"],
             )
-        account = self.state.guest_login(body["credentials"])
-        url = self.state.create_transfer(vm, account, spec["path"])
+        async with self.state.cost.guest_op(vm, "transfer.create", "rest"):
+            account = self.state.guest_login(body["credentials"])
+            url = self.state.create_transfer(vm, account, spec["path"])
         return JsonResponse(url, status_code=201)
 
     async def transfer_preview(self, request: Request, vm_id: str) -> Response:
         vm, body = await self.guest_call(request, vm_id, "transfer.preview")
         if "path" not in body:
             raise invalid_argument("path", "Field 'path' is required.")
-        account = self.state.guest_login(body["credentials"])
-        url = self.state.create_transfer(vm, account, body["path"])
+        async with self.state.cost.guest_op(vm, "transfer.preview", "rest"):
+            account = self.state.guest_login(body["credentials"])
+            url = self.state.create_transfer(vm, account, body["path"])
         return JsonResponse(url, status_code=200)
 
     async def read_only(self, request: Request, vm_id: str) -> Response:

@@ -28,10 +28,12 @@ import os
 import re
 import stat
 
+from .entry import FILE, GuestEntry
 from .guestfs import (
     MAXSYMLINKS,
     NAME_MAX,
     PATH_MAX,
+    DirWalk,
     Resolved,
     compile_pattern,
     file_type,
@@ -40,7 +42,17 @@ from .guestfs import (
 )
 from .vapi import PATH_TOO_LONG, VapiError, file_error
 
-__all__ = ["compile_pattern", "drive_of", "fold", "info", "list_entries", "resolve", "within"]
+__all__ = [
+    "compile_pattern",
+    "drive_of",
+    "entry",
+    "fold",
+    "info",
+    "resolve",
+    "scan",
+    "stat_entry",
+    "within",
+]
 
 log = logging.getLogger("guestfs_mount.sim.winfs")
 
@@ -48,6 +60,7 @@ _DRIVE = re.compile(r"([A-Za-z]):(?=[\\/]|$)")
 _SEP = re.compile(r"[\\/]")
 _INVALID = re.compile(r'[\x00-\x1f\\/:*?"<>|]')
 _warned: set[tuple[bytes, bytes]] = set()
+_READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def fold(name: str) -> str:
@@ -65,10 +78,12 @@ def _warn_once(directory: bytes, name: bytes, why: str) -> None:
         log.warning("windows VM: ignoring %r in %r: %s", name, directory, why)
 
 
-def _names(directory: bytes) -> dict[str, bytes]:
-    """``fold(name) -> host name`` of the visible entries of a host directory."""
+def _names(directory: bytes, fd: int | None = None) -> dict[str, bytes]:
+    """``fold(name) -> host name`` of the visible entries of a host directory (read
+    through ``fd`` when given; ``directory`` names it in warnings)."""
     out: dict[str, bytes] = {}
-    for raw in sorted(os.listdir(directory)):
+    listed = os.listdir(directory) if fd is None else [os.fsencode(n) for n in os.listdir(fd)]
+    for raw in sorted(listed):
         name = os.fsdecode(raw)
         if _INVALID.search(name):
             _warn_once(directory, raw, "not a valid Windows name")
@@ -128,37 +143,36 @@ def resolve(drives: dict[str, bytes], guest_path: str) -> Resolved:
             raise file_error("INVALID_ARGUMENT", PATH_TOO_LONG, guest_path, "Name too long.")
         comps.append(comp)
     pending = comps[::-1]  # a stack: next component at the end ("..": only from symlinks)
-    done: list[bytes] = []
-    links = 0
-    st = os.lstat(root)
-    while pending:
-        comp = pending.pop()
-        if comp == "..":
-            if done:
-                done.pop()
-            st = os.lstat(_join(root, done))
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise os_error(OSError(errno.ENOTDIR, "not a directory"), guest_path)
-        directory = _join(root, done)
-        name = _names(directory).get(fold(comp))
-        if name is None:
-            raise os_error(OSError(errno.ENOENT, "not found"), guest_path)
-        host = os.path.join(directory, name)
-        st = os.lstat(host)
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > MAXSYMLINKS:
-                raise os_error(OSError(errno.ELOOP, "loop"), guest_path)
-            target = os.readlink(host)
-            if target.startswith(b"/"):
-                done = []
-            pending.extend(os.fsdecode(c) for c in reversed(target.split(b"/")) if c and c != b".")
-            st = os.lstat(_join(root, done))
-            continue
-        done.append(name)
-    canonical = f"{letter}:\\" + "\\".join(os.fsdecode(c) for c in done)
-    return Resolved(canonical, _join(root, done), st)
+    walk = DirWalk(root, _READ_DIR)  # readable: each directory is listed for its names
+    try:
+        links = 0
+        while pending:
+            comp = pending.pop()
+            if comp == "..":
+                walk.up(guest_path)
+                continue
+            if not stat.S_ISDIR(walk.st.st_mode):
+                raise os_error(OSError(errno.ENOTDIR, "not a directory"), guest_path)
+            name = _names(_join(root, walk.done), walk.fd).get(fold(comp))
+            if name is None:
+                raise os_error(OSError(errno.ENOENT, "not found"), guest_path)
+            st = os.lstat(name, dir_fd=walk.fd)
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > MAXSYMLINKS:
+                    raise os_error(OSError(errno.ELOOP, "loop"), guest_path)
+                target = os.readlink(name, dir_fd=walk.fd)
+                if target.startswith(b"/"):
+                    walk.to_root()
+                pending.extend(
+                    os.fsdecode(c) for c in reversed(target.split(b"/")) if c and c != b"."
+                )
+                continue
+            walk.down(name, st, guest_path)
+        canonical = f"{letter}:\\" + "\\".join(os.fsdecode(c) for c in walk.done)
+        return Resolved(canonical, _join(root, walk.done), walk.st)
+    finally:
+        walk.close()
 
 
 def drive_of(guest_path: str) -> str:
@@ -179,64 +193,86 @@ def within(subtree: str, guest_path: str) -> bool:
     return path == sub or path.startswith(sub + "\\")
 
 
-def _size(st: os.stat_result) -> int:
-    return 0 if stat.S_ISDIR(st.st_mode) else st.st_size
-
-
-def _hidden(res: Resolved) -> bool:
-    if res.guest_path.endswith(":\\"):
-        return False  # a drive root
-    if os.path.basename(res.host_path).startswith(b"."):
+def _hidden(host_path: bytes, is_drive_root: bool) -> bool:
+    if is_drive_root:
+        return False
+    if os.path.basename(host_path).startswith(b"."):
         return True
     try:
-        value = os.getxattr(res.host_path, "user.hidden", follow_symlinks=False)
+        value = os.getxattr(host_path, "user.hidden", follow_symlinks=False)
     except OSError:
         return False
     return value.strip() == b"1"
 
 
-def info(res: Resolved) -> dict[str, object]:
-    """The ``Files.Info`` body of a resolved Windows path."""
-    st = res.st
-    created = getattr(st, "st_birthtime_ns", None) or st.st_ctime_ns
+def entry(name: str, host_path: bytes, st: os.stat_result, is_drive_root: bool) -> GuestEntry:
+    """What a Windows guest reports for a (symlink-free) host path with stat ``st``."""
+    ftype = file_type(st)
+    return GuestEntry(
+        name=name,
+        type=ftype,
+        size=st.st_size if ftype == FILE else 0,
+        mode=st.st_mode,
+        uid=0,
+        gid=0,
+        mtime_ns=st.st_mtime_ns,
+        atime_ns=st.st_atime_ns,
+        ctime_ns=getattr(st, "st_birthtime_ns", None) or st.st_ctime_ns,
+        family="WINDOWS",
+        hidden=_hidden(host_path, is_drive_root),
+        read_only=not st.st_mode & stat.S_IWUSR,
+    )
+
+
+def stat_entry(res: Resolved) -> GuestEntry:
+    name = res.guest_path.rstrip("\\").rsplit("\\", 1)[-1]
+    return entry(name, res.host_path, res.st, res.guest_path.endswith(":\\"))
+
+
+def info(e: GuestEntry) -> dict[str, object]:
+    """The ``Files.Info`` body of a Windows guest entry."""
     attrs: dict[str, object] = {
-        "last_modified": iso_time(st.st_mtime_ns),
-        "last_accessed": iso_time(st.st_atime_ns),
+        "last_modified": iso_time(e.mtime_ns),
+        "last_accessed": iso_time(e.atime_ns),
         "filesystem_family": "WINDOWS",
         "win_attributes": {
-            "hidden": _hidden(res),
-            "read_only": not st.st_mode & stat.S_IWUSR,
-            "created": iso_time(created),
+            "hidden": e.hidden,
+            "read_only": e.read_only,
+            "created": iso_time(e.ctime_ns),
         },
     }
-    return {"type": file_type(st), "size": _size(st), "attributes": attrs}
+    return {"type": e.type, "size": e.size, "attributes": attrs}
 
 
-def list_entries(
-    drives: dict[str, bytes], res: Resolved, pattern: re.Pattern[str] | None
-) -> list[tuple[str, str, int]]:
-    """(name, type, size) of a directory's visible entries in NTFS order (by upper-cased
-    name), symlinks followed; or the one entry of a file."""
+def scan(drives: dict[str, bytes], res: Resolved) -> list[GuestEntry]:
+    """A directory's visible entries as a Windows guest lists them: ``.`` and ``..``
+    first, then NTFS order (by upper-cased name), symlinks followed; a dangling,
+    looping or vanished entry is left out. A file lists its one entry."""
     if not stat.S_ISDIR(res.st.st_mode):
-        name = res.guest_path.rsplit("\\", 1)[-1]
-        items = [(name, file_type(res.st), _size(res.st))]
-    else:
-        items = []
+        return [stat_entry(res)]
+    try:
+        names = _names(res.host_path)
+    except OSError as exc:
+        raise os_error(exc, res.guest_path) from exc
+    at_root = res.guest_path.endswith(":\\")
+    prefix = res.guest_path.rstrip("\\") + "\\"
+    parent_host = res.host_path if at_root else os.path.dirname(res.host_path)
+    parent_root = at_root or res.guest_path.count("\\") == 1
+    out = [
+        entry(".", res.host_path, res.st, at_root),
+        entry("..", parent_host, os.stat(parent_host), parent_root),
+    ]
+    items: list[GuestEntry] = []
+    for raw in names.values():
+        name = os.fsdecode(raw)
+        host = os.path.join(res.host_path, raw)
         try:
-            names = _names(res.host_path)
-        except OSError as exc:
-            raise os_error(exc, res.guest_path) from exc
-        prefix = res.guest_path.rstrip("\\") + "\\"
-        for raw in names.values():
-            name = os.fsdecode(raw)
-            try:
-                st = os.lstat(os.path.join(res.host_path, raw))
-                if stat.S_ISLNK(st.st_mode):
-                    st = resolve(drives, prefix + name).st
-            except (OSError, VapiError):
-                continue  # vanished, dangling, looping
-            items.append((name, file_type(st), _size(st)))
-        items.sort(key=lambda t: (fold(t[0]), t[0]))
-    if pattern is not None:
-        items = [t for t in items if pattern.search(t[0])]
-    return items
+            st = os.lstat(host)
+            if stat.S_ISLNK(st.st_mode):
+                target = resolve(drives, prefix + name)
+                host, st = target.host_path, target.st
+            items.append(entry(name, host, st, False))
+        except (OSError, VapiError):
+            continue  # vanished, dangling, looping
+    items.sort(key=lambda e: (fold(e.name), e.name))
+    return out + items
