@@ -232,3 +232,13 @@ def test_thumbprint_pins_replace_the_ca(sim, tmp_path):
     bad = [*base, "--thumbprint", _pin(sim.vcenter_url), "--thumbprint", wrong]
     with mounted(sim, mnt, argv=[*bad, "--foreground"]) as m, pytest.raises(OSError):
         open(m.path("etc/hosts")).read()  # the ESXi host's certificate is not the pinned one
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
+def test_bad_guest_root_is_a_usage_error(sim, tmp_path, foreground):
+    """Found only once connected, but the user's input all the same: exit status 2."""
+    extra = ["--guest-root", "/no/such/dir", *(["--foreground"] if foreground else [])]
+    res = _start(sim, str(tmp_path), *extra)
+    _assert_refused(res, "guest root '/no/such/dir'")
+    assert res.returncode == 2
+    assert not os.path.ismount(str(tmp_path))
