@@ -25,10 +25,19 @@ from typing import Any
 
 import trio
 
-from .demo import build_demo_tree
-from .faults import FaultError, Faults
-from .server import ServerSettings, run_server
-from .state import POWER_STATES, GuestAccount, SimOptions, SimState, Vm
+try:
+    from .demo import build_demo_tree
+    from .faults import FaultError, Faults
+    from .server import ServerSettings, run_server
+    from .state import POWER_STATES, GuestAccount, SimOptions, SimState, Vm
+except ModuleNotFoundError as exc:  # installed without the sim extra
+    missing = (exc.name or "").partition(".")[0]
+    if missing not in ("hypercorn", "starlette", "trustme"):
+        raise
+    raise SystemExit(
+        f"guestfs-sim: {missing} is missing: install the simulator with "
+        "pip install 'guestfs-mount[sim]'"
+    ) from None
 
 log = logging.getLogger("guestfs_mount.sim")
 
