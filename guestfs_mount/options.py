@@ -27,14 +27,14 @@ def parse_size(text: str) -> int:
 
 
 def _thumbprint(text: str) -> tuple[str, str]:
+    usage = "expected HOST[:PORT]=SHA256 (64 hex digits)"
     host, sep, digest = text.partition("=")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(usage)
     try:
-        norm = normalize_thumbprint(digest)
+        return host, normalize_thumbprint(digest)
     except ConfigError:
-        norm = None
-    if not sep or not host or norm is None:
-        raise argparse.ArgumentTypeError("expected HOST[:PORT]=SHA256 (64 hex digits)")
-    return host, norm
+        raise argparse.ArgumentTypeError(usage) from None
 
 
 def _tilde(path: str) -> str:
