@@ -157,7 +157,7 @@ def test_mount_point_already_mounted(sim, tmp_path):
 def test_sigterm_during_active_read_unmounts(sim, tmp_path):
     mnt = str(tmp_path / "m")
     sim.faults(bandwidth=2 << 20)  # 64 MiB at 2 MiB/s: the read is still running
-    outcome = {}
+    outcome: dict[str, object] = {}
     try:
         with mounted(sim, mnt) as m:
 
@@ -215,6 +215,7 @@ def _pin(url: str) -> str:
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
+    assert u.hostname and u.port
     pem = ssl.get_server_certificate((u.hostname, u.port))
     return f"{u.hostname}:{u.port}=" + hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
 
