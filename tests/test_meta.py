@@ -90,7 +90,7 @@ async def test_listing_makes_no_stat_and_background_stats_are_bounded():
 
 async def test_background_listings_skip_cached_and_call_back():
     g = FakeGuest(big_tree(3))
-    listed = []
+    listed: list[str] = []
     with trio.fail_after(5):
         async with trio.open_nursery() as n:
             m = MetadataCache(g, nursery=n)

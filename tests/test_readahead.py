@@ -32,10 +32,10 @@ async def settle() -> None:
 
 
 def setup(
-    nursery: trio.Nursery, tree: dict[str, list[DirEntry]], **kw: object
+    nursery: trio.Nursery, tree: dict[str, list[DirEntry]], background_parallel: int = 32
 ) -> tuple[FakeGuest, MetadataCache, ReadAhead, Prefetches]:
     g = FakeGuest(tree)
-    m = MetadataCache(g, nursery=nursery, **kw)  # type: ignore[arg-type]
+    m = MetadataCache(g, nursery=nursery, background_parallel=background_parallel)
     content = Prefetches()
     return g, m, ReadAhead(m, content, nursery=nursery), content
 
