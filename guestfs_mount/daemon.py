@@ -30,7 +30,11 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 def _reason(exc: BaseException) -> BaseException:
     """The error to report for what ``serve`` raised: the first real one inside the
     exception groups of trio nurseries."""
-    return next((e for e in iter_chain(exc) if not isinstance(e, BaseExceptionGroup)), exc)
+    return next(
+        (e for e in iter_chain(exc) if isinstance(e, Exception)
+         and not isinstance(e, BaseExceptionGroup)),
+        exc,
+    )  # fmt: skip
 
 
 def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
