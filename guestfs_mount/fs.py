@@ -1,4 +1,5 @@
-"""The FUSE layer: the only module that speaks pyfuse3.
+"""The FUSE layer: the kernel's requests, answered (pyfuse3 is used only here and, to
+start and stop the session, in ``mount``).
 
 It turns kernel requests into calls on the metadata cache and the content cache, and
 their errors into errno values. Every handler runs under ``_handler``: a deadline, one
