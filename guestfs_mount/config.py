@@ -26,7 +26,7 @@ a typo never silently loses a setting. Paths may start with ``~``; relative path
 relative to the directory of the config file.
 
 This module only reads and validates (TOML -> dataclasses); what the ``options`` of a
-profile mean is checked by the command line, which owns the long options.
+profile mean is checked by :mod:`.settings` against the long options of :mod:`.options`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .vcenter.tls import normalize_thumbprint
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,8 +50,9 @@ else:  # pragma: no cover - Python 3.10
 APP = "guestfs-mount"
 SYSTEM_CONFIG = f"/etc/{APP}/config.toml"
 
-# Keys that would hold a secret: never accepted, wherever they appear.
-_SECRET_KEYS = {"password", "guest_password", "saml_token", "token", "secret"}
+#: Keys that would hold a secret: never accepted, wherever they appear (the config file,
+#: a profile's options, ``-o``).
+SECRET_KEYS = frozenset({"password", "guest_password", "saml_token", "token", "secret"})
 _SECRET_HINT = {
     "password": "password_file",
     "guest_password": "guest_password_file",
@@ -81,15 +83,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
 RESERVED_PROFILE_NAMES = frozenset({"status"})
 
 
-def normalize_thumbprint(text: str) -> str | None:
-    """``AB:CD:...`` (SHA-256, 64 hex digits, colons optional) as upper-case hex, or
-    None when it is not one."""
-    digits = text.strip().replace(":", "")
-    if not re.fullmatch(r"[0-9A-Fa-f]{64}", digits):
-        return None
-    return digits.upper()
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     """A ``[servers.NAME]`` table: a vCenter and the account used on it."""
@@ -117,7 +110,7 @@ class Profile:
     saml_token_file: str | None = None
     guest_root: str | None = None
     # Long option name (dashes or underscores, as written) -> TOML value; checked by
-    # the command line. Path-valued options are resolved like every other path here.
+    # settings. Path-valued options are resolved like every other path here.
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -219,7 +212,7 @@ def parse_config(text: str, path: str, mode: int | None = None) -> Config:
 def _refuse_secrets(node: Any, path: str, section: str) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
-            if key in _SECRET_KEYS:
+            if key in SECRET_KEYS:
                 hint = _SECRET_HINT.get(key)
                 use = f"; put it in a file readable only by you and set {hint}" if hint else ""
                 raise ConfigError(
@@ -289,13 +282,16 @@ def _server(name: str, raw: Any, path: str, base: str) -> ServerConfig:
             f'{_where(path, section, "thumbprints")}: must be a table of "HOST[:PORT]" = "SHA256"'
         )
     for host, digest in raw_tp.items():
-        norm = normalize_thumbprint(digest) if isinstance(digest, str) else None
-        if not host or norm is None:
-            raise ConfigError(
-                f"{_where(path, section, 'thumbprints')}: {host!r}: expected a SHA-256 "
-                f"fingerprint (64 hex digits, colons allowed)"
-            )
-        thumbprints[host] = norm
+        bad = ConfigError(
+            f"{_where(path, section, 'thumbprints')}: {host!r}: expected a SHA-256 "
+            f"fingerprint (64 hex digits, colons allowed)"
+        )
+        if not host or not isinstance(digest, str):
+            raise bad
+        try:
+            thumbprints[host] = normalize_thumbprint(digest)
+        except ConfigError:
+            raise bad from None
     raw_hosts = body.get("esx_hosts", [])
     if isinstance(raw_hosts, str):
         raw_hosts = [raw_hosts]
@@ -370,6 +366,7 @@ def _profile(
 
 
 __all__ = [
+    "SECRET_KEYS",
     "SYSTEM_CONFIG",
     "Config",
     "Profile",
@@ -377,7 +374,6 @@ __all__ = [
     "default_path",
     "find_config",
     "load_config",
-    "normalize_thumbprint",
     "parse_config",
     "resolve_path",
 ]

@@ -3,8 +3,9 @@
 ::
 
     GuestfsError
-    ├── ConfigError                 bad command line / config / local setup (exit 2 at start)
+    ├── ConfigError                 bad command line / config / set-up (exit status 2)
     ├── CacheError                  local cache directory trouble (ENOSPC, EIO)
+    │   └── DownloadCancelled       nobody wants it any more, or shutdown (cache/content.py)
     └── RemoteError                 anything that went wrong talking to vCenter or ESXi
         ├── ApiError                a vAPI error body; subclass chosen by its ``error_type``
         │   ├── NotFound                    NOT_FOUND                      -> ENOENT
@@ -42,7 +43,8 @@ class GuestfsError(Exception):
 
 
 class ConfigError(GuestfsError):
-    """The user's input or the local set-up is wrong; reported at start with exit status 2."""
+    """The user's input or set-up is wrong (even when found only once connected, such as a
+    guest root that does not exist); reported with exit status 2."""
 
 
 class CacheError(GuestfsError):

@@ -1,9 +1,11 @@
-"""The FUSE layer: the only module that speaks pyfuse3.
+"""The FUSE layer: the kernel's requests, answered (pyfuse3 is used only here and, to
+start and stop the session, in ``mount``).
 
 It turns kernel requests into calls on the metadata cache and the content cache, and
 their errors into errno values. Every handler runs under ``_handler``: a deadline, one
 log line per failure with the guest path, and no exception other than ``FUSEError``
-ever reaches pyfuse3 (any other one would stop the whole mount).
+ever reaches pyfuse3 (any other one would stop the whole mount). What is fetched ahead
+of the requests is not decided here: the handlers tell ``readahead`` what was asked.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ import logging
 import os
 import stat as statmod
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 import trio
@@ -27,36 +28,32 @@ from .cache.content import ContentKey
 from .errors import GuestfsError, NotFound, to_errno
 from .inodes import InodeTable
 from .meta import MetadataCache
-from .model import DirEntry, FilesystemFamily, FileType, GuestStat
+from .model import EMPTY_SHA256, DirEntry, FilesystemFamily, FileType, GuestStat
 from .paths import (
+    NAME_MAX,
     PosixPaths,
     contained_form,
-    normalize,
-    parent_of,
+    dotdot_after_name,
     relative_to_link,
+    resolve_in_guest,
     rewrite_symlink,
-    split_components,
 )
+from .readahead import Prefetcher, ReadAhead
 
 log = logging.getLogger(__name__)
 
-EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _XATTR_PREFIX = b"user.guestfs."
-_PREFETCH_FILES = 32
-_PREFETCH_MAX_FILE = 4 << 20
-_MAX_SYMLINK_HOPS = 40  # as Linux's MAXSYMLINKS
 
 
-class ContentStore(Protocol):
-    """What the FUSE layer needs of the content cache."""
+class ContentStore(Prefetcher, Protocol):
+    """What the FUSE layer (and, through it, read-ahead) needs of the content cache."""
 
     async def open(self, key: ContentKey) -> int: ...
     async def read(self, handle: int, offset: int, size: int) -> bytes: ...
     def release(self, handle: int) -> None: ...
     def sha256(self, key: ContentKey) -> str | None: ...
     def transfer_time(self, key: ContentKey) -> float | None: ...
-    async def prefetch(self, key: ContentKey) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,6 @@ class FsOptions:
     uid: int | None = None
     gid: int | None = None
     raw_symlinks: bool = False
-    ttl: float = 60.0
     negative_ttl: float = 5.0
     timeout: float = 60.0
     prefetch: bool = True
@@ -77,18 +73,21 @@ class _OpenFile:
     handle: int | None  # None: an empty file, nothing to download
 
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def _handler(fn: F) -> F:
+def _handler(
+    fn: Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
     name = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(self: Operations, *args: Any) -> Any:
+    async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         t0 = time.monotonic()
         try:
             with trio.fail_after(self.opts.timeout):
-                result = await fn(self, *args)
+                result = await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError as exc:
             if self.opts.debug:
                 log.debug(
@@ -112,7 +111,7 @@ def _handler(fn: F) -> F:
             )
         return result
 
-    return cast(F, wrapper)
+    return wrapper
 
 
 class Operations(pyfuse3.Operations):
@@ -125,6 +124,7 @@ class Operations(pyfuse3.Operations):
         content: ContentStore,
         opts: FsOptions,
         *,
+        nursery: trio.Nursery,
         root: str = "/",
         paths: PosixPaths | None = None,
     ) -> None:
@@ -134,20 +134,17 @@ class Operations(pyfuse3.Operations):
         self.content = content
         self.opts = opts
         self.root = root
+        self.readahead = ReadAhead(
+            meta, content, nursery=nursery, root=root, paths=self.paths, prefetch=opts.prefetch
+        )
         self.inodes = InodeTable(root)
         self._dirs: dict[int, tuple[str, tuple[DirEntry, ...]]] = {}
         self._files: dict[int, _OpenFile] = {}
         self._next_fh = 1
         self._last_key: dict[int, ContentKey] = {}
-        self._prefetched_upto: dict[str, int] = {}
         self._resolved_links: dict[tuple[str, str], str] = {}
         self._reported: dict[tuple[str, str], float] = {}
-        self._nursery: trio.Nursery | None = None
         self.initialized = trio.Event()
-        self.counters: dict[str, int] = {}
-
-    def start(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
 
     def init(self) -> None:
         # Called by pyfuse3 when the kernel's INIT arrives, before its reply: settings the
@@ -156,7 +153,7 @@ class Operations(pyfuse3.Operations):
 
     # -- helpers --------------------------------------------------------------
 
-    def _report(self, op: str, args: Sequence[Any], message: str) -> None:
+    def _report(self, op: str, args: Sequence[object], message: str) -> None:
         """Log a failure once a minute per (operation, guest path)."""
         path = self._path_for_log(op, args)
         now = time.monotonic()
@@ -168,20 +165,21 @@ class Operations(pyfuse3.Operations):
         self._reported[key] = now
         log.warning("%s %s: %s", op, path, message)
 
-    def _path_for_log(self, op: str, args: Sequence[Any]) -> str:
-        try:
-            if op in ("read", "release"):
-                f = self._files.get(args[0])
-                return f.key.path if f else "?"
-            if op in ("readdir", "releasedir"):
-                d = self._dirs.get(args[0])
-                return d[0] if d else "?"
-            base = self.inodes.path(args[0]) or "?"
-            if op == "lookup" and isinstance(args[1], bytes):
-                return self.paths.join(base, os.fsdecode(args[1]))
-            return base
-        except Exception:
+    def _path_for_log(self, op: str, args: Sequence[object]) -> str:
+        # The first argument is a file handle or an inode, by operation.
+        first = args[0] if args else None
+        if not isinstance(first, int):
             return "?"
+        if op in ("read", "release"):
+            f = self._files.get(first)
+            return f.key.path if f else "?"
+        if op in ("readdir", "releasedir"):
+            d = self._dirs.get(first)
+            return d[0] if d else "?"
+        base = self.inodes.path(first) or "?"
+        if op == "lookup" and len(args) > 1 and isinstance(args[1], bytes):
+            return self.paths.join(base, os.fsdecode(args[1]))
+        return base
 
     def _path(self, ino: int) -> str:
         path = self.inodes.path(ino)
@@ -191,52 +189,11 @@ class Operations(pyfuse3.Operations):
 
     def _symlink_text(self, path: str, st: GuestStat) -> str:
         """The target shown (and its length, for st_size), by lexical rules. ``readlink``
-        may refine it with ``_resolve_in_guest``; both are always contained."""
+        may refine it with ``resolve_in_guest``; both are always contained."""
         target = st.symlink_target or ""
         if self.opts.raw_symlinks or self.paths.windows:
             return target
         return self._resolved_links.get((path, target)) or rewrite_symlink(path, target)
-
-    async def _resolve_in_guest(self, link: str, target: str) -> str:
-        """Where ``link -> target`` leads in the guest, as a normalized absolute path.
-
-        A name followed by ``..`` is only cancelled lexically once the guest says it is
-        not a symlink; a symlink there is expanded first, as the guest kernel would. Names
-        not followed by ``..`` stay as they are: they are shown as (contained) links too.
-        """
-        if target.startswith("/"):
-            resolved: list[str] = []
-            real = 0
-        else:
-            resolved = split_components(parent_of(link))
-            real = len(resolved)  # the link's own ancestors are real directories
-        pending = deque(split_components(target))
-        hops = 0
-        while pending:
-            c = pending.popleft()
-            if c != "..":
-                resolved.append(c)
-                continue
-            if len(resolved) > real:
-                try:
-                    st = await self.meta.stat("/" + "/".join(resolved))
-                except GuestfsError:
-                    st = None  # missing: nothing to follow, cancel lexically
-                if st is not None and st.type is FileType.SYMLINK and st.symlink_target:
-                    hops += 1
-                    if hops > _MAX_SYMLINK_HOPS:
-                        break  # a loop: show the lexical form, contained all the same
-                    resolved.pop()
-                    inner = st.symlink_target
-                    if inner.startswith("/"):
-                        resolved, real = [], 0
-                    pending.appendleft("..")
-                    pending.extendleft(reversed(split_components(inner)))
-                    continue
-            if resolved:
-                resolved.pop()
-            real = min(real, len(resolved))
-        return normalize("/" + "/".join(resolved) + "/" + "/".join(pending))
 
     def _attrs(self, ino: int, path: str, st: GuestStat) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -265,9 +222,13 @@ class Operations(pyfuse3.Operations):
         a.st_atime_ns = st.atime_ns
         a.st_mtime_ns = st.mtime_ns
         a.st_ctime_ns = st.mtime_ns
-        a.entry_timeout = self.meta.ttl if self.meta.ttl != float("inf") else 86400.0
+        a.entry_timeout = self._entry_timeout()
         a.attr_timeout = a.entry_timeout
         return a
+
+    def _entry_timeout(self) -> float:
+        # The kernel takes no infinity (a frozen view): a day is as good as for ever.
+        return self.meta.ttl if self.meta.ttl != float("inf") else 86400.0
 
     def _partial_attrs(self, ino: int, e: DirEntry) -> pyfuse3.EntryAttributes:
         """Attributes known from a listing only (type, size). ``attr_timeout = 0`` makes
@@ -285,7 +246,7 @@ class Operations(pyfuse3.Operations):
         a.st_gid = self.opts.gid if self.opts.gid is not None else os.getgid()
         a.st_size = max(e.size, 0) if e.type is FileType.FILE else 0
         a.st_blocks = (a.st_size + 511) // 512
-        a.entry_timeout = self.meta.ttl if self.meta.ttl != float("inf") else 86400.0
+        a.entry_timeout = self._entry_timeout()
         a.attr_timeout = 0
         return a
 
@@ -349,9 +310,7 @@ class Operations(pyfuse3.Operations):
         path = self._path(inode)
         st = self.meta.cached_stat(path)
         if st is None:
-            if path != self.root:
-                # A stat after a listing: fetch the siblings' stats too (ls -l, du, find).
-                self.meta.stat_ahead(self.paths.parent(path))
+            self.readahead.on_getattr(path)
             st = await self.meta.stat(path)
         return self._attrs(inode, path, st)
 
@@ -366,10 +325,10 @@ class Operations(pyfuse3.Operations):
             not self.opts.raw_symlinks
             and not self.paths.windows
             and not contained_form(path, target)
-            and _dotdot_after_name(target)
+            and dotdot_after_name(target)
         ):
             # Lexical rules could be fooled by a symlink before a "..": ask the guest.
-            resolved = relative_to_link(path, await self._resolve_in_guest(path, target))
+            resolved = relative_to_link(path, await resolve_in_guest(path, target, self.meta.stat))
             if len(self._resolved_links) > 100_000:
                 self._resolved_links.clear()
             self._resolved_links[(path, target)] = resolved
@@ -387,7 +346,7 @@ class Operations(pyfuse3.Operations):
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = s.f_bfree = s.f_bavail = 0
         s.f_files = s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
+        s.f_namemax = NAME_MAX
         return s
 
     # -- directories --------------------------------------------------------------
@@ -396,10 +355,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
         entries = await self.meta.listdir(path)
-        if path != self.root:
-            # Walking into a subdirectory of a listed directory is how find, du,
-            # grep -r and cp -r move: list its siblings ahead, in parallel.
-            self.meta.list_ahead(self.paths.parent(path))
+        self.readahead.on_opendir(path)
         fh = self._next_fh
         self._next_fh += 1
         self._dirs[fh] = (path, entries)
@@ -445,8 +401,7 @@ class Operations(pyfuse3.Operations):
         # Pages cached by the kernel stay valid only while the version is the same.
         keep = self._last_key.get(inode) == key
         self._last_key[inode] = key
-        if self.opts.prefetch and path != self.root:
-            self._schedule_prefetch(self.paths.parent(path), self.paths.basename(path))
+        self.readahead.on_open(path)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_handler
@@ -463,42 +418,6 @@ class Operations(pyfuse3.Operations):
         f = self._files.pop(fh, None)
         if f is not None and f.handle is not None:
             self.content.release(f.handle)
-
-    # -- prefetch ---------------------------------------------------------------------
-
-    def _schedule_prefetch(self, parent: str, name: str) -> None:
-        entries = self.meta.cached_listing(parent)
-        if entries is None or self._nursery is None:
-            return
-        idx = self.meta.position(parent, name)  # O(1): this runs on every open
-        if idx is None:
-            return
-        if self._prefetched_upto.get(parent, -1) > idx + _PREFETCH_FILES // 2:
-            return
-        picked: list[str] = []
-        last = idx
-        for i in range(idx + 1, len(entries)):
-            e = entries[i]
-            last = i
-            if e.type is FileType.FILE and 0 < e.size <= _PREFETCH_MAX_FILE:
-                picked.append(self.paths.join(parent, e.name))
-                if len(picked) >= _PREFETCH_FILES:
-                    break
-        self._prefetched_upto[parent] = last
-        if picked:
-            self.meta.stat_ahead(parent)
-            self._nursery.start_soon(self._prefetch, picked)
-
-    async def _prefetch(self, paths: list[str]) -> None:
-        for path in paths:
-            try:
-                st = await self.meta.stat(path)
-                if st.type is not FileType.FILE or st.size == 0:
-                    continue
-                if not await self.content.prefetch(ContentKey(path, st.size, st.mtime_ns)):
-                    return  # budget spent
-            except Exception as exc:
-                log.debug("prefetch of %r skipped: %s", path, exc)
 
     # -- xattrs -------------------------------------------------------------------------
 
@@ -543,17 +462,11 @@ class Operations(pyfuse3.Operations):
     # Writes never get here: the mount is 'ro', so the kernel answers EROFS itself.
 
 
-def _show_args(args: Sequence[Any]) -> str:
+def _show_args(args: Sequence[object]) -> str:
     # Request contexts and readdir tokens say nothing useful in a log line.
     return ", ".join(
         repr(a) for a in args if not isinstance(a, (pyfuse3.RequestContext, pyfuse3.ReaddirToken))
     )
-
-
-def _dotdot_after_name(target: str) -> bool:
-    comps = split_components(target)
-    first_name = next((i for i, c in enumerate(comps) if c != ".."), len(comps))
-    return ".." in comps[first_name:]
 
 
 def _id_or(value: int | None, default: int) -> int:

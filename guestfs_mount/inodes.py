@@ -44,6 +44,3 @@ class InodeTable:
             return False
         self._lookups.pop(ino, None)
         return True
-
-    def lookups(self, ino: int) -> int:
-        return self._lookups.get(ino, 0)

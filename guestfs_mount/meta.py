@@ -6,9 +6,11 @@ Every remote metadata call of the mount goes through here, so that:
 * a path's stat and a directory's listing are reused for ``ttl`` seconds
   (for ever with ``frozen``: an evidence view that never changes once seen);
 * ``NotFound`` is remembered too, so repeated probes (shells, ``git``) cost nothing;
-* listing a directory makes no per-file call, but once a stat of one of its entries is
-  asked for, the rest are fetched in parallel (``stat_ahead``): ``ls -l`` then costs a
-  few round trips instead of one per entry, and plain ``ls`` costs one listing.
+* listing a directory makes no per-file call.
+
+It also fetches in the background, a bounded number at a time, what it is told will be
+wanted soon (``stat_in_background``, ``list_in_background``); what and when is decided
+by the read-ahead policy (``readahead.py``), not here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -24,7 +26,7 @@ import cachetools
 import trio
 
 from .errors import NotFound
-from .model import DirEntry, FileType, GuestStat
+from .model import DirEntry, GuestStat
 from .paths import PosixPaths
 
 log = logging.getLogger(__name__)
@@ -97,17 +99,24 @@ class _NameIndex:
         return self._folded
 
 
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    entries: tuple[DirEntry, ...]
+    version: int  # a new one for every fetch: what was done for the old one is not done
+
+
 class MetadataCache:
     def __init__(
         self,
         backend: GuestBackend,
         *,
+        nursery: trio.Nursery,
         ttl: float = 60.0,
         negative_ttl: float | None = None,
         frozen: bool = False,
         max_stats: int = 500_000,
         max_listed_entries: int = 2_000_000,
-        stat_parallel: int = 32,
+        background_parallel: int = 32,
         clock: Callable[[], float] = time.monotonic,
         paths: PosixPaths | None = None,
     ) -> None:
@@ -118,7 +127,7 @@ class MetadataCache:
         neg = self.ttl if negative_ttl is None else min(negative_ttl, self.ttl)
         self._stats: cachetools.Cache[str, GuestStat]
         self._missing: cachetools.Cache[str, bool]
-        self._lists: cachetools.Cache[str, tuple[DirEntry, ...]]
+        self._lists: cachetools.Cache[str, _Listing]
         if frozen:
             # An evidence view must not forget (and so possibly change) what it showed.
             self._stats = cachetools.Cache(maxsize=math.inf)
@@ -128,28 +137,16 @@ class MetadataCache:
             self._stats = cachetools.TTLCache(max_stats, ttl, timer=clock)
             self._missing = cachetools.TTLCache(max_stats, neg, timer=clock)
             self._lists = cachetools.TTLCache(
-                max_listed_entries, ttl, timer=clock, getsizeof=lambda v: len(v) + 1
+                max_listed_entries, ttl, timer=clock, getsizeof=lambda v: len(v.entries) + 1
             )
         self._stat_flights: _Flights[GuestStat] = _Flights()
         self._list_flights: _Flights[tuple[DirEntry, ...]] = _Flights()
-        self._ahead_done: cachetools.Cache[str, bool] = (
-            cachetools.Cache(maxsize=math.inf)
-            if frozen
-            else cachetools.TTLCache(100_000, ttl, timer=clock)
-        )
-        # A semaphore, not a CapacityLimiter: it is released by the task it was taken for.
-        self._list_ahead_done: cachetools.Cache[str, bool] = (
-            cachetools.Cache(maxsize=math.inf)
-            if frozen
-            else cachetools.TTLCache(100_000, ttl, timer=clock)
-        )
+        self._versions = 0
         self._indexes: dict[int, _NameIndex] = {}
-        self._limiter = trio.Semaphore(stat_parallel)
-        self._nursery: trio.Nursery | None = None
-        self.counters = {"stat_calls": 0, "list_calls": 0, "stat_hits": 0, "list_hits": 0}
-
-    def start(self, nursery: trio.Nursery) -> None:
+        # A semaphore, not a CapacityLimiter: it is released by the task it was taken for.
+        self._limiter = trio.Semaphore(background_parallel)
         self._nursery = nursery
+        self.counters = {"stat_calls": 0, "list_calls": 0, "stat_hits": 0, "list_hits": 0}
 
     # -- stat -----------------------------------------------------------------
 
@@ -183,23 +180,29 @@ class MetadataCache:
     # -- listings ---------------------------------------------------------------
 
     def cached_listing(self, path: str) -> tuple[DirEntry, ...] | None:
-        return self._lists.get(path)
+        listing = self._lists.get(path)
+        return None if listing is None else listing.entries
+
+    def listing_version(self, path: str) -> int | None:
+        """Which fetch the cached listing of ``path`` came from (None: none cached)."""
+        listing = self._lists.get(path)
+        return None if listing is None else listing.version
 
     async def listdir(self, path: str) -> tuple[DirEntry, ...]:
-        entries = self._lists.get(path)
-        if entries is not None:
+        listing = self._lists.get(path)
+        if listing is not None:
             self.counters["list_hits"] += 1
-            return entries
+            return listing.entries
         return await self._list_flights.run(path, lambda: self._fetch_listing(path))
 
     async def _fetch_listing(self, path: str) -> tuple[DirEntry, ...]:
         self.counters["list_calls"] += 1
         entries = tuple(await self.backend.list_dir(path))
+        self._versions += 1
         try:
-            self._lists[path] = entries
+            self._lists[path] = _Listing(entries, self._versions)
         except ValueError:
             log.warning("listing of %r has %d entries: too large to cache", path, len(entries))
-        self._ahead_done.pop(path, None)
         return entries
 
     def entry(self, parent: str, name: str) -> DirEntry | bool | None:
@@ -213,11 +216,11 @@ class MetadataCache:
 
     def position(self, parent: str, name: str) -> int | None:
         """Index of ``name`` in ``parent``'s cached listing (listing order), if known."""
-        entries = self._lists.get(parent)
+        entries = self.cached_listing(parent)
         return None if entries is None else self._index_of(entries).by_name.get(name)
 
     def _lookup(self, parent: str, key: str, *, casefold: bool) -> DirEntry | bool | None:
-        entries = self._lists.get(parent)
+        entries = self.cached_listing(parent)
         if entries is None:
             return None
         index = self._index_of(entries)
@@ -235,21 +238,27 @@ class MetadataCache:
         index = self._indexes[id(entries)] = _NameIndex(entries)
         return index
 
-    # -- stat-ahead --------------------------------------------------------------
+    # -- in the background ---------------------------------------------------------
 
-    def stat_ahead(self, parent: str) -> None:
-        """Fetch, in the background and in parallel, the stat of every entry of
-        ``parent``'s cached listing that is not cached yet."""
-        if self._nursery is None or self._ahead_done.get(parent):
-            return
-        entries = self._lists.get(parent)
-        if entries is None:
-            return
-        self._ahead_done[parent] = True
-        todo = [self.paths.join(parent, e.name) for e in entries]
-        todo = [p for p in todo if p not in self._stats and not self._stat_flights.busy(p)]
+    def stat_in_background(self, paths: Sequence[str]) -> None:
+        """Fetch the stats of ``paths`` that are neither cached nor being fetched, in the
+        background, at most ``background_parallel`` calls at a time."""
+        todo = [p for p in paths if p not in self._stats and not self._stat_flights.busy(p)]
         if todo:
             self._nursery.start_soon(self._stat_many, todo)
+
+    def list_in_background(
+        self,
+        dirs: Sequence[str],
+        *,
+        at_most: int,
+        then: Callable[[str], None] | None = None,
+    ) -> None:
+        """List the first ``at_most`` of ``dirs`` that are neither cached nor being listed,
+        in the background like ``stat_in_background``; ``then(dir)`` after each listing."""
+        todo = [d for d in dirs if d not in self._lists and not self._list_flights.busy(d)]
+        if todo:
+            self._nursery.start_soon(self._list_many, todo[:at_most], then)
 
     async def _stat_many(self, paths: list[str]) -> None:
         async with trio.open_nursery() as nursery:
@@ -262,39 +271,23 @@ class MetadataCache:
             if path not in self._stats:
                 await self._stat_flights.run(path, lambda: self._fetch_stat(path))
         except Exception as exc:  # the foreground request will see and report it
-            log.debug("stat-ahead of %r failed: %s", path, exc)
+            log.debug("background stat of %r failed: %s", path, exc)
         finally:
             self._limiter.release()
 
-    def list_ahead(self, parent: str, max_dirs: int = 1000) -> None:
-        """List, in the background, the subdirectories of ``parent``'s cached listing.
-        When ``parent``'s entries were being stat'ed ahead, stat theirs ahead as well,
-        so a ``du``/``find -ls`` walk finds both ready one level down."""
-        if self._nursery is None or self._list_ahead_done.get(parent):
-            return
-        entries = self._lists.get(parent)
-        if entries is None:
-            return
-        self._list_ahead_done[parent] = True
-        dirs = [self.paths.join(parent, e.name) for e in entries if e.type is FileType.DIRECTORY]
-        dirs = [d for d in dirs if d not in self._lists and not self._list_flights.busy(d)]
-        if dirs:
-            hungry = bool(self._ahead_done.get(parent))
-            self._nursery.start_soon(self._list_many, dirs[:max_dirs], hungry)
-
-    async def _list_many(self, dirs: list[str], then_stat: bool) -> None:
+    async def _list_many(self, dirs: list[str], then: Callable[[str], None] | None) -> None:
         async with trio.open_nursery() as nursery:
             for d in dirs:
                 await self._limiter.acquire()
-                nursery.start_soon(self._list_quietly, d, then_stat)
+                nursery.start_soon(self._list_quietly, d, then)
 
-    async def _list_quietly(self, path: str, then_stat: bool) -> None:
+    async def _list_quietly(self, path: str, then: Callable[[str], None] | None) -> None:
         try:
             if path not in self._lists:
                 await self._list_flights.run(path, lambda: self._fetch_listing(path))
-            if then_stat:
-                self.stat_ahead(path)
+            if then is not None:
+                then(path)
         except Exception as exc:
-            log.debug("list-ahead of %r failed: %s", path, exc)
+            log.debug("background listing of %r failed: %s", path, exc)
         finally:
             self._limiter.release()

@@ -10,6 +10,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+# The SHA-256 of zero bytes: what an empty file hashes to without any transfer.
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
 
 class FileType(enum.Enum):
     FILE = "FILE"

@@ -1,22 +1,24 @@
 """Lifecycle of one mount: connect, check, mount, serve, unmount.
 
-Everything runs in one ``trio.run``: the vCenter client and the caches are opened
-around ``pyfuse3.main()`` and closed after it. ``serve`` reports readiness (or the
-one-line reason it cannot start) through a callback, so the CLI can return only
-when the mount is usable.
+Everything runs in one ``trio.run``, and everything opened is entered on one
+``AsyncExitStack``, so it is closed in the reverse order, once, whatever happens: the
+vCenter client, the audit log, the nursery of the background tasks, the content cache,
+the mount itself. ``serve`` reports readiness through a callback (any error before that
+propagates), so the CLI can return only when the mount is usable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import re
 import resource
 import signal
 import socket
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,7 @@ import pyfuse3
 import trio
 
 from .audit import AuditLog
-from .cache.content import ContentCache, ContentKey, TransferEvent
+from .cache.content import ContentCache, Sink, TransferEvent
 from .control import serve_control, socket_path
 from .errors import ConfigError, InvalidArgument, NotFound
 from .fs import FsOptions, Operations
@@ -38,11 +40,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MountConfig:
+    """One mount. The client's own deadlines are derived from ``fs.timeout`` by
+    :func:`serve` (see :func:`client_deadlines`)."""
+
     client: ClientConfig
     vm: str
     mountpoint: str
     guest_root: str = "/"
     fs: FsOptions = field(default_factory=FsOptions)
+    metadata_ttl: float = 60.0  # how long listings and attributes are reused
     frozen: bool = False
     cache_dir: str | None = None
     cache_size: int = 4 << 30
@@ -69,8 +75,20 @@ class _Guest:
     async def stat(self, path: str) -> GuestStat:
         return await self.client.stat(self.vm, path)
 
-    async def fetch(self, path: str, size: int, sink: Callable[[bytes], object]) -> TransferResult:
-        return await self.client.download(self.vm, path, size, sink)  # type: ignore[arg-type]
+    async def fetch(self, path: str, size: int, sink: Sink) -> TransferResult:
+        return await self.client.download(self.vm, path, size, sink)
+
+
+def client_deadlines(client: ClientConfig, fuse_timeout: float) -> ClientConfig:
+    """``client`` with its deadlines inside the FUSE deadline (``--timeout``): the client
+    must give up first, with its own error (counted by the circuit breaker), rather than
+    be cancelled by the request handler."""
+    return dataclasses.replace(
+        client,
+        call_timeout=min(30.0, fuse_timeout * 0.4),
+        retry_budget=min(20.0, fuse_timeout * 0.5),
+        transfer_stall_timeout=fuse_timeout * 0.8,
+    )
 
 
 def _mount_options(cfg: MountConfig) -> set[str]:
@@ -161,12 +179,15 @@ def _no_core_dumps() -> None:
         log.warning("could not disable core dumps: %s", exc)
 
 
-async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
-    """Mount and serve until unmounted or signalled. ``ready(None)`` once the mount is
+async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
+    """Mount and serve until unmounted or signalled. ``ready()`` once the mount is
     usable; any error before that propagates (the caller reports it)."""
     _no_core_dumps()
     _raise_fd_limit()
-    async with VCenterClient(cfg.client) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(
+            VCenterClient(client_deadlines(cfg.client, cfg.fs.timeout))
+        )
         vm = await client.find_vm(cfg.vm)
         await client.check_guest_ready(vm.vm)
         try:
@@ -179,31 +200,40 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
         paths = flavor_for(cfg.guest_root, root.family is FilesystemFamily.WINDOWS)
         guest = _Guest(client, vm.vm)
 
-        own_dir = cfg.cache_dir is None
-        cache_dir = cfg.cache_dir or tempfile.mkdtemp(prefix="guestfs-mount-")
-        audit = (
-            AuditLog(cfg.audit_log, vcenter=client.vcenter_netloc, vm=vm.vm, vm_name=vm.name)
-            if cfg.audit_log
-            else None
-        )
+        audit = None
+        if cfg.audit_log:
+            audit = AuditLog(
+                cfg.audit_log, vcenter=client.vcenter_netloc, vm=vm.vm, vm_name=vm.name
+            )
+            stack.callback(audit.close)
 
         def on_transfer_end(ev: TransferEvent) -> None:
             if audit is not None:
                 audit.record(ev)
 
+        nursery = await stack.enter_async_context(trio.open_nursery())
         content = ContentCache(
-            cache_dir,
+            cfg.cache_dir,  # None: a private temporary directory
             # --frozen: content once read must never change, so it is never evicted
             # (a second download could bring other bytes).
             (1 << 62) if cfg.frozen else cfg.cache_size,
             guest.fetch,
+            nursery=nursery,
             keep=cfg.keep_cache,
             on_transfer_end=on_transfer_end,
         )
+        stack.push_async_callback(_shielded, content.aclose)
+        # The background tasks end before the cache closes: none may start a download.
+        stack.callback(nursery.cancel_scope.cancel)
         meta = MetadataCache(
-            guest, ttl=cfg.fs.ttl, negative_ttl=cfg.fs.negative_ttl, frozen=cfg.frozen, paths=paths
+            guest,
+            nursery=nursery,
+            ttl=cfg.metadata_ttl,
+            negative_ttl=cfg.fs.negative_ttl,
+            frozen=cfg.frozen,
+            paths=paths,
         )
-        ops = Operations(meta, content, cfg.fs, root=cfg.guest_root, paths=paths)
+        ops = Operations(meta, content, cfg.fs, root=cfg.guest_root, paths=paths, nursery=nursery)
         meta.seed(cfg.guest_root, root)
         started = time.time()
 
@@ -219,7 +249,7 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
                 "frozen": cfg.frozen,
                 "transfers": content.in_flight(),
                 "cache": {
-                    "dir": cache_dir,
+                    "dir": content.directory,
                     "usage": content.usage,
                     "max_bytes": content.max_bytes,
                     "stats": content.stats,
@@ -229,42 +259,30 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
                 "inodes": len(ops.inodes),
             }
 
-        try:
-            async with trio.open_nursery() as nursery:
-                await content.start(nursery)
-                meta.start(nursery)
-                ops.start(nursery)
-                control_path = socket_path(cfg.mountpoint)  # cfg.mountpoint is a real path
-                pyfuse3.init(ops, cfg.mountpoint, _mount_options(cfg))
-                try:
-                    nursery.start_soon(
-                        _raise_read_ahead_after_init, ops, cfg.mountpoint, cfg.read_ahead_kb
-                    )
-                    log.info(
-                        "mounted %s (%s) %s on %s", vm.name, vm.vm, cfg.guest_root, cfg.mountpoint
-                    )
-                    nursery.start_soon(_serve_control_quietly, control_path, snapshot)
-                    if cfg.progress:
-                        _start_progress(nursery, content.in_flight)
-                    ready(None)
-                    sd_notify("READY=1")
-                    nursery.start_soon(_stop_on_signal, nursery.cancel_scope, cfg.grace)
-                    await pyfuse3.main(max_tasks=cfg.max_tasks)
-                    nursery.cancel_scope.cancel()  # main() returned: unmounted from outside
-                finally:
-                    sd_notify("STOPPING=1")
-                    pyfuse3.close(unmount=True)
-        finally:
-            with trio.CancelScope(shield=True):
-                await content.aclose()
-            if audit is not None:
-                audit.close()
-            if own_dir and not cfg.keep_cache:
-                try:
-                    os.rmdir(cache_dir)
-                except OSError:
-                    pass
-            log.info("unmounted %s", cfg.mountpoint)
+        control_path = socket_path(cfg.mountpoint)  # cfg.mountpoint is a real path
+        pyfuse3.init(ops, cfg.mountpoint, _mount_options(cfg))
+        stack.callback(_unmount, cfg.mountpoint)
+        nursery.start_soon(_raise_read_ahead_after_init, ops, cfg.mountpoint, cfg.read_ahead_kb)
+        log.info("mounted %s (%s) %s on %s", vm.name, vm.vm, cfg.guest_root, cfg.mountpoint)
+        nursery.start_soon(_serve_control_quietly, control_path, snapshot)
+        if cfg.progress:
+            _start_progress(nursery, content.in_flight)
+        ready()
+        sd_notify("READY=1")
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope, cfg.grace)
+        await pyfuse3.main(max_tasks=cfg.max_tasks)
+        # main() returned: unmounted from outside (fusermount3 -u); the stack cleans up
+
+
+async def _shielded(close: Callable[[], Awaitable[None]]) -> None:
+    with trio.CancelScope(shield=True):
+        await close()
+
+
+def _unmount(mountpoint: str) -> None:
+    sd_notify("STOPPING=1")
+    pyfuse3.close(unmount=True)
+    log.info("unmounted %s", mountpoint)
 
 
 def _start_progress(nursery: trio.Nursery, in_flight: Callable[[], list[dict[str, Any]]]) -> None:
@@ -294,4 +312,4 @@ async def _stop_on_signal(scope: trio.CancelScope, grace: float) -> None:
     scope.cancel()
 
 
-__all__ = ["ContentKey", "MountConfig", "sd_notify", "serve"]
+__all__ = ["MountConfig", "client_deadlines", "sd_notify", "serve"]

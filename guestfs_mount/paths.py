@@ -1,7 +1,9 @@
 """Guest path arithmetic: joining, normalising, and making symlink targets safe.
 
-Pure functions on ``str`` guest paths (POSIX form, ``/`` separated). Guest data is
-untrusted: nothing here ever yields a path that leaves the guest root.
+Functions on ``str`` guest paths (POSIX form, ``/`` separated), pure but for
+:func:`resolve_in_guest`, which asks the guest (through a stat it is given) what the
+names of a symlink chain are. Guest data is untrusted: nothing here ever yields a path
+that leaves the guest root. This module is the one definition of a safe guest name.
 """
 
 from __future__ import annotations
@@ -9,17 +11,35 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+from collections import deque
+from collections.abc import Awaitable, Callable
 
-NAME_MAX = 255
+from .errors import GuestfsError
+from .model import FileType, GuestStat
+
+NAME_MAX = 255  # bytes in one name, as Linux's NAME_MAX
+MAX_SYMLINK_HOPS = 40  # as Linux's MAXSYMLINKS
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one directory entry of the mount, or None when it can: not
+    empty, ``.`` or ``..``, no ``/`` or NUL, encodable, at most ``NAME_MAX`` bytes."""
+    if name in ("", ".", ".."):
+        return "not allowed"
+    if "/" in name or "\0" in name:
+        return "contains '/' or NUL"
+    try:
+        nbytes = len(os.fsencode(name))
+    except (UnicodeError, ValueError):
+        return "cannot be encoded"  # a lone surrogate no guest byte decodes to
+    if nbytes > NAME_MAX:
+        return f"is {nbytes} bytes long"
+    return None
 
 
 def is_safe_name(name: str) -> bool:
-    """True when ``name`` can be one directory entry of the mount."""
-    if name in ("", ".", ".."):
-        return False
-    if "/" in name or "\0" in name:
-        return False
-    return len(os.fsencode(name)) <= NAME_MAX
+    """True when ``name`` can be one directory entry of the mount (see :func:`name_problem`)."""
+    return name_problem(name) is None
 
 
 def join(parent: str, name: str) -> str:
@@ -64,6 +84,14 @@ def contained_form(link_path: str, target: str) -> bool:
     return ups <= len(split_components(parent_of(link_path)))
 
 
+def dotdot_after_name(target: str) -> bool:
+    """True when a ``..`` of ``target`` follows a name: lexical rules then take the ``..``
+    to cancel the name, which a symlink of that name would make wrong."""
+    comps = split_components(target)
+    first_name = next((i for i, c in enumerate(comps) if c != ".."), len(comps))
+    return ".." in comps[first_name:]
+
+
 def relative_to_link(link_path: str, resolved: str) -> str:
     """The contained-form target of a link at ``link_path`` pointing at the normalized
     absolute guest path ``resolved``."""
@@ -77,7 +105,8 @@ def rewrite_symlink(link_path: str, target: str) -> str:
     The result is in :func:`contained_form`: an absolute target becomes relative to the
     link's directory, a relative one that climbs above the guest root is clamped. A
     relative target already in contained form is kept as the guest wrote it. When a name
-    before a ``..`` may be a symlink, the FUSE layer resolves it in the guest first.
+    before a ``..`` may be a symlink, the FUSE layer resolves it with
+    :func:`resolve_in_guest` first.
     """
     if not target or contained_form(link_path, target):
         return target
@@ -87,6 +116,52 @@ def rewrite_symlink(link_path: str, target: str) -> str:
     if target.endswith("/") and target.strip("/") and rel != ".":
         rel += "/"
     return rel
+
+
+async def resolve_in_guest(
+    link: str, target: str, stat: Callable[[str], Awaitable[GuestStat]]
+) -> str:
+    """Where ``link -> target`` leads in the guest, as a normalized absolute path.
+
+    A name followed by ``..`` is only cancelled lexically once ``stat`` says it is not a
+    symlink (or fails: nothing there to follow); a symlink there is expanded first, as
+    the guest kernel would. Names not followed by ``..`` stay as they are: they are shown
+    as (contained) links too. A chain longer than ``MAX_SYMLINK_HOPS`` is a loop: the
+    rest is taken lexically, contained all the same.
+    """
+    if target.startswith("/"):
+        resolved: list[str] = []
+        real = 0
+    else:
+        resolved = split_components(parent_of(link))
+        real = len(resolved)  # the link's own ancestors are real directories
+    pending = deque(split_components(target))
+    hops = 0
+    while pending:
+        c = pending.popleft()
+        if c != "..":
+            resolved.append(c)
+            continue
+        if len(resolved) > real:
+            try:
+                st: GuestStat | None = await stat("/" + "/".join(resolved))
+            except GuestfsError:
+                st = None  # missing: nothing to follow, cancel lexically
+            if st is not None and st.type is FileType.SYMLINK and st.symlink_target:
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    break
+                resolved.pop()
+                inner = st.symlink_target
+                if inner.startswith("/"):
+                    resolved, real = [], 0
+                pending.appendleft("..")
+                pending.extendleft(reversed(split_components(inner)))
+                continue
+        if resolved:
+            resolved.pop()
+        real = min(real, len(resolved))
+    return normalize("/" + "/".join(resolved) + "/" + "/".join(pending))
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]?$")

@@ -8,41 +8,39 @@ Short transfers (under a second, or under 4 MiB) are not shown: they would only 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.table import Table
+
+from .units import size
 
 MIN_BYTES = 4 << 20
 MIN_SECONDS = 1.0
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def _table(rows: list[dict[str, Any]]) -> Table:
     t = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
-    for col, just in (("guest file", "left"), ("done", "right"), ("%", "right"),
-                      ("speed", "right"), ("eta", "right"), ("readers", "right")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("guest file", "left"), ("done", "right"), ("%", "right"),
+        ("speed", "right"), ("eta", "right"), ("readers", "right"),
+    )  # fmt: skip
+    for col, just in columns:
+        t.add_column(col, justify=just)
     for r in rows:
         total = int(r.get("total") or 0)
         done = int(r.get("done") or 0)
         eta = r.get("eta_seconds")
         t.add_row(
             repr(r.get("path"))[1:-1],
-            f"{_size(done)} / {_size(total)}",
+            f"{size(done)} / {size(total)}",
             f"{100 * done / total:.0f}" if total else "-",
-            f"{_size(float(r.get('bytes_per_second') or 0))}/s",
+            f"{size(float(r.get('bytes_per_second') or 0))}/s",
             f"{eta:.0f}s" if isinstance(eta, (int, float)) else "?",
             str(r.get("readers", "")),
         )
@@ -65,8 +63,6 @@ def rich_logging(console: Console, level: int) -> None:
 
 
 async def show_progress(in_flight: Callable[[], list[dict[str, Any]]], console: Console) -> None:
-    import time
-
     with Live(console=console, auto_refresh=False, transient=True) as live:
         while True:
             now = time.time()

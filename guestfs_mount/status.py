@@ -1,4 +1,10 @@
-"""``guestfs-mount status [--json] [MOUNTPOINT]``: what the running mounts are doing."""
+"""``guestfs-mount status [--json] [MOUNTPOINT]``: what the running mounts are doing.
+
+Each mount answers on its control socket with a JSON document (see :mod:`.control`);
+``--json`` prints those documents whole, otherwise they are rendered for a person:
+aligned, in human units, only what matters. Names from the guest and the vCenter are
+shown with their control characters escaped.
+"""
 
 from __future__ import annotations
 
@@ -6,58 +12,135 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .control import ask, socket_path, sockets
+from .logsetup import one_line
+from .units import duration, size
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+def _plural(n: int, word: str, words: str | None = None) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
 
 
-def render(doc: dict[str, Any]) -> str:
-    lines = [
-        f"{doc.get('mountpoint')}: {doc.get('vm_name')} ({doc.get('vm')}) on "
-        f"{doc.get('vcenter')}, guest {doc.get('guest_root')}, pid {doc.get('pid')}",
-    ]
-    cache = doc.get("cache", {})
-    lines.append(
-        f"  cache: {_size(cache.get('usage', 0))} of {_size(cache.get('max_bytes', 0))}"
-        f"  {cache.get('stats', {})}"
+def _int(doc: Mapping[str, Any], key: str) -> int:
+    value = doc.get(key)
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
+def _dict(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = doc.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _cache_line(cache: Mapping[str, Any]) -> str:
+    stats = _dict(cache, "stats")
+    parts = [f"{size(_int(cache, 'usage'))} of {size(_int(cache, 'max_bytes'))}"]
+    parts.append(
+        f"{_plural(_int(stats, 'downloads'), 'download')} ({size(_int(stats, 'bytes_downloaded'))})"
     )
-    api = doc.get("api", {})
-    calls = api.get("calls", {})
-    errors = api.get("errors", {})
-    lines.append(f"  api calls: {sum(calls.values()) if calls else 0} {calls}")
-    if errors:
-        lines.append(f"  api errors: {errors}")
-    transfers = doc.get("transfers", [])
-    if not transfers:
-        lines.append("  transfers: none in flight")
+    hits = _int(stats, "hits")
+    if hits:
+        parts.append(f"{hits} served from cache")
+    for key, word in (("failures", "failed"), ("evictions", "evicted")):
+        if _int(stats, key):
+            parts.append(f"{_int(stats, key)} {word}")
+    return ", ".join(parts)
+
+
+def _api_line(api: Mapping[str, Any]) -> str:
+    calls = _dict(api, "calls")
+    errors = _dict(api, "errors")
+    n_errors = sum(v for v in errors.values() if isinstance(v, int))
+    parts = [_plural(sum(v for v in calls.values() if isinstance(v, int)), "call")]
+    if n_errors:
+        worst = sorted(errors.items(), key=lambda kv: -kv[1] if isinstance(kv[1], int) else 0)
+        shown = ", ".join(f"{one_line(str(k))} {v}" for k, v in worst[:3])
+        parts.append(f"{_plural(n_errors, 'error')} ({shown})")
+    else:
+        parts.append("no errors")
+    if _int(api, "retries"):
+        parts.append(_plural(_int(api, "retries"), "retry", "retries"))
+    if _int(api, "relogins"):
+        parts.append(_plural(_int(api, "relogins"), "re-login"))
+    return ", ".join(parts)
+
+
+def _metadata_line(meta: Mapping[str, Any]) -> str:
+    stats, lists = _int(meta, "stat_calls"), _int(meta, "list_calls")
+    hits = _int(meta, "stat_hits") + _int(meta, "list_hits")
+    asked = stats + lists + hits
+    line = f"{_plural(stats, 'stat')} and {_plural(lists, 'listing')} fetched"
+    if asked:
+        line += f", {100 * hits / asked:.0f}% answered from cache"
+    return line
+
+
+def _transfer_rows(transfers: Sequence[Any]) -> list[str]:
+    rows = []
     for t in transfers:
-        total = t.get("total") or 0
-        done = t.get("done") or 0
-        pct = 100.0 * done / total if total else 100.0
-        rate = t.get("bytes_per_second") or 0
+        if not isinstance(t, Mapping):
+            continue
+        total, done = _int(t, "total"), _int(t, "done")
         eta = t.get("eta_seconds")
-        eta_s = f"{eta:.0f}s" if isinstance(eta, (int, float)) else "?"
-        lines.append(
-            f"  transfer {t.get('path')!r}: {_size(done)} / {_size(total)} ({pct:.0f}%)"
-            f" {_size(rate)}/s eta {eta_s} readers {t.get('readers')}"
+        readers = _plural(_int(t, "readers"), "reader")
+        rows.append(
+            (
+                one_line(str(t.get("path", "?"))),
+                f"{size(done)} / {size(total)}",
+                f"{100 * done / total:.0f}%" if total else "-",
+                f"{size(float(t.get('bytes_per_second') or 0))}/s",
+                f"eta {duration(eta)}" if isinstance(eta, (int, float)) else "eta ?",
+                readers + (" (prefetch)" if t.get("prefetch") else ""),
+            )
         )
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = (False, True, True, True, False, False)
+    cells = [
+        [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right, strict=True)]
+        for row in rows
+    ]
+    return ["  ".join(row).rstrip() for row in cells]
+
+
+def render(doc: Mapping[str, Any], now: float | None = None) -> str:
+    """One mount's status document, for a person."""
+    now = time.time() if now is None else now
+    started = doc.get("started")
+    daemon = f"pid {doc.get('pid', '?')}"
+    if isinstance(started, (int, float)):
+        daemon += f", up {duration(now - started)}"
+    if doc.get("frozen"):
+        daemon += ", frozen (evidence view)"
+    fields = [
+        ("vm", f"{one_line(str(doc.get('vm_name', '?')))} ({one_line(str(doc.get('vm', '?')))})"
+               f" on {one_line(str(doc.get('vcenter', '?')))}"),
+        ("guest root", one_line(str(doc.get("guest_root", "?")))),
+        ("daemon", daemon),
+        ("cache", _cache_line(_dict(doc, "cache"))),
+        ("api", _api_line(_dict(doc, "api"))),
+        ("metadata", _metadata_line(_dict(doc, "metadata"))),
+    ]  # fmt: skip
+    transfers = doc.get("transfers")
+    rows = _transfer_rows(transfers if isinstance(transfers, list) else [])
+    fields.append(("transfers", f"{len(rows)} in flight" if rows else "none in flight"))
+    width = max(len(name) for name, _ in fields)
+    lines = [one_line(str(doc.get("mountpoint", "?")))]
+    lines += [f"  {name.ljust(width)}  {value}" for name, value in fields]
+    lines += [f"    {row}" for row in rows]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="guestfs-mount status",
-                                description="Show the running guestfs-mount mounts.")
+    p = argparse.ArgumentParser(
+        prog="guestfs-mount status", description="Show the running guestfs-mount mounts."
+    )
     p.add_argument("mountpoint", nargs="?")
-    p.add_argument("--json", action="store_true", help="print the raw JSON documents")
+    p.add_argument("--json", action="store_true", help="print the whole status documents as JSON")
     args = p.parse_args(argv)
     paths = [socket_path(os.path.realpath(args.mountpoint))] if args.mountpoint else list(sockets())
     docs = []
@@ -66,8 +149,10 @@ def main(argv: Sequence[str]) -> int:
             docs.append(ask(path))
         except (OSError, ValueError) as exc:
             if args.mountpoint:
-                print(f"guestfs-mount: no running mount at {args.mountpoint} ({exc})",
-                      file=sys.stderr)
+                print(
+                    f"guestfs-mount: no running mount at {args.mountpoint} ({exc})",
+                    file=sys.stderr,
+                )
                 return 1
             # A socket left by a daemon that was killed: nobody answers it any more.
             if isinstance(exc, ConnectionRefusedError):
@@ -80,5 +165,5 @@ def main(argv: Sequence[str]) -> int:
     elif not docs:
         print("no guestfs-mount mounts running")
     else:
-        print("\n".join(render(d) for d in docs))
+        print("\n\n".join(render(d) for d in docs))
     return 0

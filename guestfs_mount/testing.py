@@ -15,14 +15,45 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 
 class MountError(RuntimeError):
     pass
 
 
-def mount_env(sim: Any, **overrides: str) -> dict[str, str]:
+class Server(Protocol):
+    """Where a simulator (``sim.testing.Sim``) or another fake vCenter is, whom to trust
+    for it, and which VMs it has: what the mount command line is built from."""
+
+    @property
+    def vcenter_url(self) -> str: ...
+    @property
+    def ca_file(self) -> str | None: ...
+    @property
+    def esx_ca_file(self) -> str | None: ...
+    @property
+    def vms(self) -> Sequence[Mapping[str, Any]]: ...
+
+
+class Accounts(Protocol):
+    """Who may log in to it: what the mount's environment is built from."""
+
+    @property
+    def user(self) -> str: ...
+    @property
+    def password(self) -> str: ...
+    @property
+    def guest_user(self) -> str: ...
+    @property
+    def guest_password(self) -> str: ...
+
+
+class Endpoint(Server, Accounts, Protocol):
+    """Everything ``mounted`` needs of a simulator."""
+
+
+def mount_env(sim: Accounts, **overrides: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         GUESTFS_USER=sim.user,
@@ -35,7 +66,7 @@ def mount_env(sim: Any, **overrides: str) -> dict[str, str]:
     return env
 
 
-def mount_argv(sim: Any, mnt: str, *extra: str, vm: str | None = None) -> list[str]:
+def mount_argv(sim: Server, mnt: str, *extra: str, vm: str | None = None) -> list[str]:
     argv = [
         sys.executable,
         "-m",
@@ -46,7 +77,7 @@ def mount_argv(sim: Any, mnt: str, *extra: str, vm: str | None = None) -> list[s
     ]
     if sim.ca_file:
         argv += ["--ca-file", sim.ca_file]
-    if getattr(sim, "esx_ca_file", None) and sim.esx_ca_file != sim.ca_file:
+    if sim.esx_ca_file and sim.esx_ca_file != sim.ca_file:
         argv += ["--esx-ca-file", sim.esx_ca_file]
     return argv + list(extra)
 
@@ -86,7 +117,7 @@ class Mounted:
 
 @contextlib.contextmanager
 def mounted(
-    sim: Any,
+    sim: Endpoint,
     mnt: str,
     *extra: str,
     vm: str | None = None,

@@ -28,8 +28,11 @@ BASELINE_FETCH = os.path.join(REPO, "scripts", "baseline_fetch")
 # -- rows ------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Row:
+    """One line of the results table (and of the JSON file): a measured figure against
+    its baseline and target. Built by name only: twelve fields in order are unreadable."""
+
     scenario: str
     measured: float | None
     unit: str  # "MiB/s", "s", "calls", "MiB", "x"
@@ -146,7 +149,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
     if proc.poll() is not None:
         return
     proc.send_signal(sig)
@@ -293,7 +296,7 @@ def _random_file(path: str, size: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _marker(tree: str, name: str, spec: Any) -> str:
+def _marker(tree: str, name: str, spec: int | str) -> str:
     return os.path.join(tree, f".bench-{name.replace('/', '_')}-{spec}")
 
 
@@ -305,10 +308,10 @@ class Tree:
         self.s = sizes
         os.makedirs(root, exist_ok=True)
 
-    def _once(self, name: str, spec: Any) -> bool:
+    def _once(self, name: str, spec: int | str) -> bool:
         return not os.path.exists(_marker(self.root, name, spec))
 
-    def _done(self, name: str, spec: Any) -> None:
+    def _done(self, name: str, spec: int | str) -> None:
         open(_marker(self.root, name, spec), "w").close()
 
     def file(self, name: str, size: int, sparse: bool = False) -> str:

@@ -1,6 +1,6 @@
 """A hostile vCenter double over real (plain) HTTP, for end-to-end tests of the mount.
 
-It serves a :class:`tests.test_vcenter_support.FakeVCenter` (the scriptable in-memory
+It serves a :class:`tests.fake_vcenter.FakeVCenter` (the scriptable in-memory
 vCenter of the client's unit tests) through a ThreadingHTTPServer in a thread, so that
 ``guestfs-mount http://127.0.0.1:PORT ...`` can mount crafted listings, stats, symlink
 targets and transfer URLs. Each request runs ``fake.handle`` in its own ``trio.run``.
@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import trio
 
-from tests.test_vcenter_support import FakeVCenter, stat_body
+from tests.fake_vcenter import FakeVCenter, stat_body
 
 __all__ = ["HostileVCenter", "stat_body"]
 

@@ -144,7 +144,7 @@ def in_thread(fn: Callable[[], Any], timeout: float) -> tuple[Any, float]:
 def assert_clean_failure(got: bytes, err: int | None, want: bytes, allowed: set[int]) -> None:
     """An error was reported, and every byte delivered before it was right."""
     assert err in allowed, (
-        f"expected one of {sorted(map(errno.errorcode.get, allowed))}, got {err and errno.errorcode.get(err)} after {len(got)} bytes"
+        f"expected one of {sorted(errno.errorcode[e] for e in allowed)}, got {err and errno.errorcode.get(err)} after {len(got)} bytes"
     )
     assert got == want[: len(got)], "wrong bytes delivered before the error"
     assert len(got) < len(want)

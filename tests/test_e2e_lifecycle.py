@@ -157,7 +157,7 @@ def test_mount_point_already_mounted(sim, tmp_path):
 def test_sigterm_during_active_read_unmounts(sim, tmp_path):
     mnt = str(tmp_path / "m")
     sim.faults(bandwidth=2 << 20)  # 64 MiB at 2 MiB/s: the read is still running
-    outcome = {}
+    outcome: dict[str, object] = {}
     try:
         with mounted(sim, mnt) as m:
 
@@ -215,6 +215,7 @@ def _pin(url: str) -> str:
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
+    assert u.hostname and u.port
     pem = ssl.get_server_certificate((u.hostname, u.port))
     return f"{u.hostname}:{u.port}=" + hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
 
@@ -232,3 +233,13 @@ def test_thumbprint_pins_replace_the_ca(sim, tmp_path):
     bad = [*base, "--thumbprint", _pin(sim.vcenter_url), "--thumbprint", wrong]
     with mounted(sim, mnt, argv=[*bad, "--foreground"]) as m, pytest.raises(OSError):
         open(m.path("etc/hosts")).read()  # the ESXi host's certificate is not the pinned one
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
+def test_bad_guest_root_is_a_usage_error(sim, tmp_path, foreground):
+    """Found only once connected, but the user's input all the same: exit status 2."""
+    extra = ["--guest-root", "/no/such/dir", *(["--foreground"] if foreground else [])]
+    res = _start(sim, str(tmp_path), *extra)
+    _assert_refused(res, "guest root '/no/such/dir'")
+    assert res.returncode == 2
+    assert not os.path.ismount(str(tmp_path))

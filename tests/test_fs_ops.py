@@ -8,6 +8,7 @@ import stat
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from guestfs_mount.cache.content import ContentKey
 from guestfs_mount.errors import NotFound, TransferError, Unauthorized
@@ -51,6 +52,7 @@ class Content:
     def __init__(self, fail=False):
         self.fail = fail
         self.opened = []
+        self.prefetched = []
 
     async def open(self, key):
         self.opened.append(key)
@@ -71,27 +73,33 @@ class Content:
         return 1_700_000_000.0
 
     async def prefetch(self, key):
+        self.prefetched.append(key.path)
         return True
 
 
-def make(content=None, **opts):
+def make(nursery, content=None, **opts):
     g = Guest()
-    meta = MetadataCache(g)
-    return g, Operations(meta, content or Content(), FsOptions(**opts))
+    meta = MetadataCache(g, nursery=nursery)
+    return g, Operations(meta, content or Content(), FsOptions(**opts), nursery=nursery)
 
 
-async def test_lookup_getattr_maps_guest_attributes():
-    g, ops = make()
+def counted_once(inodes, ino):
+    """The kernel holds exactly one reference: forgetting none keeps it, one drops it."""
+    return not inodes.forget(ino, 0) and inodes.forget(ino, 1)
+
+
+async def test_lookup_getattr_maps_guest_attributes(nursery):
+    g, ops = make(nursery)
     a = await ops.lookup(1, b"f1", CTX)
     assert stat.S_ISREG(a.st_mode) and stat.S_IMODE(a.st_mode) == 0o640
     assert (a.st_uid, a.st_gid, a.st_size) == (7, 8, 10)
     assert a.st_mtime_ns == 2_000_000_000 and a.st_atime_ns == 1_000_000_000
     assert (await ops.getattr(a.st_ino, CTX)).st_ino == a.st_ino
-    assert ops.inodes.lookups(a.st_ino) == 1
+    assert counted_once(ops.inodes, a.st_ino)
 
 
-async def test_uid_override_and_missing_names():
-    g, ops = make(uid=1000, gid=1001)
+async def test_uid_override_and_missing_names(nursery):
+    g, ops = make(nursery, uid=1000, gid=1001)
     a = await ops.lookup(1, b"f1", CTX)
     assert (a.st_uid, a.st_gid) == (1000, 1001)
     neg = await ops.lookup(1, b"nope", CTX)
@@ -101,8 +109,8 @@ async def test_uid_override_and_missing_names():
     assert e.value.errno == errno.ENOENT
 
 
-async def test_errors_become_errno_never_other_exceptions():
-    g, ops = make()
+async def test_errors_become_errno_never_other_exceptions(nursery):
+    g, ops = make(nursery)
     ino = ops.inodes.inode("/secret")
     with pytest.raises(pyfuse3.FUSEError) as e:
         await ops.getattr(ino, CTX)
@@ -116,8 +124,8 @@ async def test_errors_become_errno_never_other_exceptions():
     assert e.value.errno == errno.ESTALE
 
 
-async def test_readdir_offsets_and_lookup_counts(monkeypatch):
-    g, ops = make()
+async def test_readdir_offsets_and_lookup_counts(nursery, monkeypatch):
+    g, ops = make(nursery)
     got = []
     budget = [30]
 
@@ -144,21 +152,21 @@ async def test_readdir_offsets_and_lookup_counts(monkeypatch):
     assert g.stat_calls == []  # a listing alone makes no per-file call
     assert all(t == 0 for _, _, t in got)  # attributes not known yet: kernel must ask
     ino = ops.inodes.inode("/f5")
-    assert ops.inodes.lookups(ino) == 1  # counted once, only for accepted entries
+    assert counted_once(ops.inodes, ino)  # counted once, only for accepted entries
 
 
-async def test_symlink_rewritten_or_raw():
-    g, ops = make()
+async def test_symlink_rewritten_or_raw(nursery):
+    g, ops = make(nursery)
     ino = ops.inodes.inode("/ln")
     assert await ops.readlink(ino, CTX) == b"etc/passwd"
-    g, raw = make(raw_symlinks=True)
+    g, raw = make(nursery, raw_symlinks=True)
     assert await raw.readlink(raw.inodes.inode("/ln"), CTX) == b"/etc/passwd"
     a = await ops.getattr(ino, CTX)
     assert stat.S_ISLNK(a.st_mode) and a.st_size == len(b"etc/passwd")
 
 
-async def test_open_read_and_keep_cache_by_version():
-    g, ops = make()
+async def test_open_read_and_keep_cache_by_version(nursery):
+    g, ops = make(nursery)
     ino = (await ops.lookup(1, b"f1", CTX)).st_ino
     fi = await ops.open(ino, 0, CTX)
     assert fi.keep_cache is False  # first open of this version
@@ -174,8 +182,8 @@ async def test_open_read_and_keep_cache_by_version():
     assert e.value.errno == errno.EISDIR
 
 
-async def test_failed_download_is_eio():
-    g, ops = make(Content(fail=True))
+async def test_failed_download_is_eio(nursery):
+    g, ops = make(nursery, Content(fail=True))
     ino = (await ops.lookup(1, b"f2", CTX)).st_ino
     fi = await ops.open(ino, 0, CTX)
     with pytest.raises(pyfuse3.FUSEError) as e:
@@ -183,8 +191,8 @@ async def test_failed_download_is_eio():
     assert e.value.errno == errno.EIO
 
 
-async def test_deadline_gives_etimedout():
-    g, ops = make(timeout=0.05)
+async def test_deadline_gives_etimedout(nursery):
+    g, ops = make(nursery, timeout=0.05)
 
     async def slow(path):
         await trio.sleep(10)
@@ -195,8 +203,8 @@ async def test_deadline_gives_etimedout():
     assert e.value.errno == errno.ETIMEDOUT
 
 
-async def test_xattrs():
-    g, ops = make()
+async def test_xattrs(nursery):
+    g, ops = make(nursery)
     ino = (await ops.lookup(1, b"f1", CTX)).st_ino
     assert await ops.getxattr(ino, b"user.guestfs.guest_path", CTX) == b"/f1"
     with pytest.raises(pyfuse3.FUSEError):
@@ -207,6 +215,27 @@ async def test_xattrs():
     await ops.release(fi.fh)
     with pytest.raises(pyfuse3.FUSEError):
         await ops.getxattr(ino, b"security.selinux", CTX)
+
+
+async def test_handlers_tell_readahead_what_was_asked(nursery):
+    content = Content()
+    g, ops = make(nursery, content)
+    fh = await ops.opendir(1, CTX)  # lists /
+    ino = (await ops.lookup(1, b"f1", CTX)).st_ino  # known from the listing: no stat yet
+    assert g.stat_calls == []
+    await ops.getattr(ino, CTX)
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(set(g.stat_calls)) == 103  # stat-ahead of the siblings
+    fi = await ops.open(ino, 0, CTX)
+    await trio.testing.wait_all_tasks_blocked()
+    assert content.prefetched == [f"/f{i}" for i in range(2, 34)]  # the next 32 files
+    await ops.release(fi.fh)
+    await ops.releasedir(fh)
+    _, quiet = make(nursery, content, prefetch=False)
+    await quiet.opendir(1, CTX)
+    fi = await quiet.open((await quiet.lookup(1, b"f40", CTX)).st_ino, 0, CTX)
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(content.prefetched) == 32  # --no-prefetch
 
 
 def test_content_key_is_version():

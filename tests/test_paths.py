@@ -4,7 +4,18 @@ import posixpath
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guestfs_mount.paths import is_safe_name, join, normalize, parent_of, rewrite_symlink
+from guestfs_mount.errors import NotFound
+from guestfs_mount.model import FileType, GuestStat
+from guestfs_mount.paths import (
+    dotdot_after_name,
+    is_safe_name,
+    join,
+    name_problem,
+    normalize,
+    parent_of,
+    resolve_in_guest,
+    rewrite_symlink,
+)
 
 
 def test_safe_names():
@@ -12,6 +23,15 @@ def test_safe_names():
         assert not is_safe_name(bad)
     for good in ["a", "with space", "new\nline", "é" * 127, os.fsdecode(b"\xff\xfe"), "..."]:
         assert is_safe_name(good)
+
+
+def test_name_problem_says_why():
+    assert name_problem("ok") is None
+    assert name_problem("..") == "not allowed"
+    assert name_problem("a/b") == "contains '/' or NUL"
+    assert name_problem("\ud800") == "cannot be encoded"  # JSON can say it, no guest byte can
+    assert name_problem("x" * 300) == "is 300 bytes long"
+    assert not is_safe_name("\ud800")
 
 
 def test_join_and_parent():
@@ -63,3 +83,34 @@ def test_rewritten_target_never_leaves_the_mount(link, target, absolute):
     base = posixpath.join("/mnt/x", parent_of(link_path).lstrip("/"))
     resolved = posixpath.normpath(posixpath.join(base, out))
     assert resolved == "/mnt/x" or resolved.startswith("/mnt/x/")
+
+
+def guest(links: dict[str, str]):
+    """An async stat over a guest whose only symlinks are ``links``; "/gone" is missing."""
+
+    async def stat(path: str) -> GuestStat:
+        if path.startswith("/gone"):
+            raise NotFound("gone", path=path)
+        if path in links:
+            return GuestStat(FileType.SYMLINK, 1, 0, 0, symlink_target=links[path])
+        return GuestStat(FileType.DIRECTORY, 4096, 0, 0)
+
+    return stat
+
+
+async def test_resolve_in_guest_follows_a_symlink_before_dotdot():
+    assert dotdot_after_name("s/../f") and not dotdot_after_name("../../f")
+    # /x/s -> /deep/dir: "s/.." is /deep, not /x, as the guest kernel resolves it
+    stat = guest({"/x/s": "/deep/dir"})
+    assert await resolve_in_guest("/x/l", "s/../f", stat) == "/deep/f"
+    # relative inner target, then a plain directory: cancelled lexically
+    stat = guest({"/x/s": "a/b"})
+    assert await resolve_in_guest("/x/l", "s/../../f", stat) == "/x/f"
+    # missing: nothing to follow
+    assert await resolve_in_guest("/l", "gone/../f", guest({})) == "/f"
+
+
+async def test_resolve_in_guest_stops_in_a_loop_and_stays_inside():
+    stat = guest({"/a": "b", "/b": "a"})
+    out = await resolve_in_guest("/l", "a/../../../etc", stat)
+    assert out == normalize(out) and out.endswith("etc")

@@ -31,22 +31,7 @@ from guestfs_mount.errors import (
 )
 from guestfs_mount.model import FileType
 
-try:
-    from .test_vcenter_support import (
-        FakeVCenter,
-        assert_no_secrets,
-        err,
-        make_client,
-        stat_body,
-    )
-except ImportError:
-    from test_vcenter_support import (  # type: ignore[no-redef]
-        FakeVCenter,
-        assert_no_secrets,
-        err,
-        make_client,
-        stat_body,
-    )
+from .fake_vcenter import FakeVCenter, assert_no_secrets, err, make_client, stat_body
 
 
 def entries(n: int, prefix: str = "f") -> list[dict[str, Any]]:
@@ -716,8 +701,8 @@ async def test_no_secrets_in_logs_or_errors(
         except Exception as e:
             raised.append(e)
     assert len(raised) == 5
-    for e in raised:
-        assert_no_secrets(str(e) + repr(e) + repr(e.args))
+    for exc in raised:
+        assert_no_secrets(str(exc) + repr(exc) + repr(exc.args))
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "POST /api/vcenter/vm/vm-42/guest/filesystem/files/%2Ff?action=get 200" in text
     assert "GET https://vc.example.com/guestFile?<redacted> 200" in text

@@ -15,18 +15,16 @@ import trio
 import trustme
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPResponseStartEvent, Scope
 
 from guestfs_mount.errors import ConfigError, TlsError
 from guestfs_mount.vcenter import VCenterClient
 from guestfs_mount.vcenter.tls import normalize_thumbprint, split_pin_key
 
-try:
-    from .test_vcenter_support import assert_no_secrets, config
-except ImportError:
-    from test_vcenter_support import assert_no_secrets, config  # type: ignore[no-redef]
+from .fake_vcenter import assert_no_secrets, config
 
 
-async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
     if scope["type"] == "lifespan":
         while True:
             msg = await receive()
@@ -43,14 +41,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         status, body = 200, b'[{"vm":"vm-1","name":"web","power_state":"POWERED_ON"}]'
     else:
         status, body = 204, b""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json")],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json")],
+    }
+    await send(start)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 @dataclass

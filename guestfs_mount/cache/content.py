@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import enum
 import errno
-import hashlib
 import itertools
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..errors import CacheError, GuestfsError, RemoteError, TransferError
+from ..errors import CacheError, GuestfsError, RemoteError, TransferError, iter_chain
 from ..model import TransferResult
 from . import fileio
 from .fileio import PWrite
@@ -56,7 +56,6 @@ Fetch = Callable[[str, int, Sink], Awaitable[TransferResult]]
 INLINE_WRITE = 128 << 10
 WRITE_CHUNK = 1 << 20  # sink chunks are joined to at least this much per pwrite
 WRITE_QUEUE = 8  # chunks queued to the disk writer before the sink waits (backpressure)
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _NOBODY = 1 << 63
 
 
@@ -122,12 +121,18 @@ class _Entry:
 
 
 class ContentCache:
+    """The cache of one mount. Construction prepares the directory (CacheError if it is
+    unusable); downloads run in ``nursery``; :meth:`aclose` ends them and removes what
+    is not kept. ``directory=None``: a private temporary directory, removed at close
+    unless ``keep``."""
+
     def __init__(
         self,
-        directory: str,
+        directory: str | None,
         max_bytes: int,
         fetch: Fetch,
         *,
+        nursery: trio.Nursery,
         keep: bool = False,
         linger: float = 10.0,
         on_transfer_end: Callable[[TransferEvent], None] | None = None,
@@ -137,7 +142,6 @@ class ContentCache:
     ) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
-        self.directory = directory
         self._max_bytes = max_bytes
         self._fetch = fetch
         self.keep = keep
@@ -146,9 +150,7 @@ class ContentCache:
         self.prefetch_max_bytes = prefetch_max_bytes
         self.prefetch_max_parallel = prefetch_max_parallel
         self._pwrite = pwrite
-        self._nursery: trio.Nursery | None = None
-        self._dir_fd = -1
-        self._created_dir = False
+        self._nursery = nursery
         self._closed = False
         self._index: OrderedDict[ContentKey, _Entry] = OrderedDict()  # LRU first
         self._by_path: dict[str, set[ContentKey]] = {}
@@ -175,6 +177,18 @@ class ContentCache:
             "prefetch_used": 0,
             "prefetch_refused": 0,
         }
+        temporary = directory is None
+        if directory is None:
+            try:
+                directory = tempfile.mkdtemp(prefix="guestfs-mount-")
+            except OSError as exc:
+                raise CacheError(
+                    f"cannot create a temporary cache directory: {exc.strerror}",
+                    exc.errno or errno.EIO,
+                ) from exc
+        self.directory = directory
+        self._dir_fd, created = fileio.prepare_directory(directory)
+        self._created_dir = created or temporary
 
     # -- properties ---------------------------------------------------------------------
 
@@ -193,17 +207,11 @@ class ContentCache:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def start(self, nursery: trio.Nursery) -> None:
-        """Prepare the directory (CacheError if unusable); downloads run in ``nursery``."""
-        if self._nursery is not None:
-            raise RuntimeError("ContentCache.start() called twice")
-        self._dir_fd, self._created_dir = fileio.prepare_directory(self.directory)
-        self._nursery = nursery
-
     async def aclose(self) -> None:
         """Cancel downloads, close files, delete them (and our directory) unless ``keep``.
 
-        With ``keep`` only complete files stay; partial ones are always removed.
+        With ``keep`` only complete files stay; partial ones are always removed. The one
+        place where the cache directory is removed (only if the cache created it).
         """
         if self._closed:
             return
@@ -401,11 +409,8 @@ class ContentCache:
     def _check_usable(self) -> None:
         if self._closed:
             raise CacheError("content cache is closed", errno.EIO)
-        if self._nursery is None:
-            raise CacheError("content cache not started", errno.EIO)
 
     def _start(self, key: ContentKey, *, prefetch: bool) -> _Entry:
-        assert self._nursery is not None
         # An idle older version of the same path will not be wanted again.
         for old in list(self._by_path.get(key.path, ())):
             old_entry = self._index[old]
@@ -425,13 +430,6 @@ class ContentCache:
         self._by_path.setdefault(key.path, set()).add(key)
         self._all.add(entry)
         self._usage += key.size
-        if key.size == 0:
-            # Nothing to transfer: stat said empty (the kernel will believe that size anyway).
-            entry.state = _State.COMPLETE
-            entry.sha256 = EMPTY_SHA256
-            entry.completed_at = entry.started
-            entry.prefetch = False
-            return entry
         entry.task_running = True
         self._running.add(entry)
         if self._tasks == 0:
@@ -532,12 +530,11 @@ class ContentCache:
 
     def _as_error(self, entry: _Entry, exc: BaseException) -> GuestfsError | None:
         """The error readers get for an exception out of a download (None: only Cancelled)."""
-        if isinstance(exc, BaseExceptionGroup):
-            for sub in exc.exceptions:
-                err = self._as_error(entry, sub)
-                if err is not None:
-                    return err
-            return None
+        exc = next(
+            (e for e in iter_chain(exc) if isinstance(e, Exception)
+             and not isinstance(e, BaseExceptionGroup)),
+            exc,
+        )  # fmt: skip
         if isinstance(exc, (RemoteError, CacheError)):
             return exc
         if isinstance(exc, OSError):
@@ -606,7 +603,7 @@ class ContentCache:
     # -- internals: linger -------------------------------------------------------------------
 
     def _start_linger(self, entry: _Entry) -> None:
-        if entry.linger_scope is not None or self._nursery is None or self._closed:
+        if entry.linger_scope is not None or self._closed:
             return
         scope = trio.CancelScope()
         entry.linger_scope = scope

@@ -25,13 +25,22 @@ from typing import Any
 
 import trio
 
-from .cost import CostError
-from .costopts import add_cost_arguments, cost_from
-from .demo import build_demo_tree
-from .faults import FaultError, Faults
-from .server import ServerSettings, run_server
-from .state import POWER_STATES, GuestAccount, SimOptions, SimState, Vm
-from .vim_app import VimOptions
+try:
+    from .cost import CostError
+    from .costopts import add_cost_arguments, cost_from
+    from .demo import build_demo_tree
+    from .faults import FaultError, Faults
+    from .server import ServerSettings, run_server
+    from .state import POWER_STATES, GuestAccount, SimOptions, SimState, Vm
+    from .vim_app import VimOptions
+except ModuleNotFoundError as exc:  # installed without the sim extra
+    missing = (exc.name or "").partition(".")[0]
+    if missing not in ("hypercorn", "starlette", "trustme", "defusedxml"):
+        raise
+    raise SystemExit(
+        f"guestfs-sim: {missing} is missing: install the simulator with "
+        "pip install 'guestfs-mount[sim]'"
+    ) from None
 
 log = logging.getLogger("guestfs_mount.sim")
 

@@ -55,7 +55,7 @@ class FakeVCenter:
 
     password: str = VC_PASSWORD
     guest_password: str = GUEST_PASSWORD
-    files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    files: dict[str, list[Any]] = field(default_factory=dict)  # entries, hostile ones too
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     contents: dict[str, bytes] = field(default_factory=dict)
     vms: list[dict[str, Any]] = field(

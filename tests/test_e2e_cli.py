@@ -246,3 +246,24 @@ def test_wheel_has_both_console_scripts(tmp_path):
     assert "guestfs-sim = guestfs_mount.sim.cli:main" in entry_points
     assert "guestfs_mount/config.py" in names
     assert "guestfs_mount/py.typed" in names
+
+
+@pytest.mark.parametrize("package", ["hypercorn", "starlette", "trustme"])
+def test_sim_without_its_extra_says_what_to_install(package):
+    """``pip install guestfs-mount`` without ``[sim]``: one line, no traceback."""
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.partition('.')[0] == {package!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from guestfs_mount.sim.cli import main\n"
+        "sys.exit(main(['--demo']))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        f"guestfs-sim: {package} is missing: install the simulator with "
+        "pip install 'guestfs-mount[sim]'"
+    ]

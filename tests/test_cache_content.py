@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -88,8 +89,7 @@ def make_cache(tmp_path: Path, nursery: trio.Nursery) -> Factory:
     caches: list[ContentCache] = []
 
     async def make(fetch: Any, max_bytes: int = 64 * MiB, **kw: Any) -> ContentCache:
-        c = ContentCache(str(tmp_path / "cache"), max_bytes, fetch, **kw)
-        await c.start(nursery)
+        c = ContentCache(str(tmp_path / "cache"), max_bytes, fetch, nursery=nursery, **kw)
         caches.append(c)
         return c
 
@@ -532,9 +532,8 @@ async def test_refuses_accessible_directory(
     d = tmp_path / "shared"
     d.mkdir()
     d.chmod(mode)
-    cache = ContentCache(str(d), MiB, FakeFetch({}))
     with pytest.raises(CacheError):
-        await cache.start(nursery)
+        ContentCache(str(d), MiB, FakeFetch({}), nursery=nursery)
 
 
 async def test_refuses_symlinked_directory(tmp_path: Path, nursery: trio.Nursery) -> None:
@@ -543,13 +542,7 @@ async def test_refuses_symlinked_directory(tmp_path: Path, nursery: trio.Nursery
     link = tmp_path / "link"
     link.symlink_to(real)
     with pytest.raises(CacheError):
-        await ContentCache(str(link), MiB, FakeFetch({})).start(nursery)
-
-
-async def test_open_before_start_fails(tmp_path: Path) -> None:
-    cache = ContentCache(str(tmp_path / "c"), MiB, FakeFetch({}))
-    with pytest.raises(CacheError):
-        await cache.open(ContentKey("/x", 1, 1))
+        ContentCache(str(link), MiB, FakeFetch({}), nursery=nursery)
 
 
 async def test_aclose_removes_files_and_directory(make_cache: Factory, tmp_path: Path) -> None:
@@ -593,22 +586,11 @@ async def test_keep_keeps_complete_files_only(make_cache: Factory, tmp_path: Pat
     assert len(names) == 1
     assert (tmp_path / "cache" / names[0]).read_bytes() == files["/a"]
     # A second cache on the kept directory works (fresh names, no clash).
-    cache2 = ContentCache(str(tmp_path / "cache"), 8 * MiB, fetch)
     async with trio.open_nursery() as n:
-        await cache2.start(n)
+        cache2 = ContentCache(str(tmp_path / "cache"), 8 * MiB, fetch, nursery=n)
         await _load(cache2, key_of("/a", files["/a"]))
         await cache2.aclose()
     assert cache_files(tmp_path) == names  # the kept file stays; ours is removed
-
-
-async def test_empty_file_needs_no_fetch(make_cache: Factory) -> None:
-    fetch = FakeFetch({"/e": b""})
-    cache = await make_cache(fetch)
-    key = ContentKey("/e", 0, 1)
-    h = await cache.open(key)
-    assert await cache.read(h, 0, 4096) == b""
-    cache.release(h)
-    assert fetch.calls == [] and cache.sha256(key) == hashlib.sha256(b"").hexdigest()
 
 
 async def test_bad_handle(make_cache: Factory) -> None:
@@ -617,3 +599,31 @@ async def test_bad_handle(make_cache: Factory) -> None:
         await cache.read(12345, 0, 1)
     assert info.value.errno == errno.EBADF
     cache.release(12345)  # never raises
+
+
+def _contents(directory: str) -> list[bytes] | None:
+    """The files of a directory (None: it does not exist)."""
+    if not os.path.exists(directory):
+        return None
+    return [Path(directory, name).read_bytes() for name in sorted(os.listdir(directory))]
+
+
+async def test_temporary_directory_is_private_and_removed(nursery: trio.Nursery) -> None:
+    """No --cache-dir: the cache makes a private directory and is the one to remove it."""
+    files = {"/a": blob(MiB)}
+    cache = ContentCache(None, 8 * MiB, FakeFetch(files), nursery=nursery)
+    assert stat.S_IMODE(os.lstat(cache.directory).st_mode) == 0o700
+    await _load(cache, key_of("/a", files["/a"]))
+    await cache.aclose()
+    assert _contents(cache.directory) is None
+
+
+async def test_temporary_directory_kept_with_keep(nursery: trio.Nursery) -> None:
+    files = {"/a": blob(MiB)}
+    cache = ContentCache(None, 8 * MiB, FakeFetch(files), nursery=nursery, keep=True)
+    await _load(cache, key_of("/a", files["/a"]))
+    await cache.aclose()
+    try:
+        assert _contents(cache.directory) == [files["/a"]]
+    finally:
+        shutil.rmtree(cache.directory)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guestfs_mount.errors import GuestfsError, ProtocolError
-from tests.test_vcenter_support import FakeVCenter, make_client
+from tests.fake_vcenter import FakeVCenter, make_client
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -1,0 +1,77 @@
+"""Secrets: the vCenter password and the guest credentials, from a file, the environment
+or a prompt on a terminal; never from the command line (other users can read it in /proc)
+nor the config file.
+
+The environment variables that may hold a secret are named once, in :data:`SECRET_ENV`,
+and read only here, so that they can be removed from the environment once read.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import stat
+import sys
+
+from .errors import ConfigError
+from .model import CredentialType, GuestCredentials
+
+log = logging.getLogger("guestfs_mount")
+
+PASSWORD_ENV = "GUESTFS_PASSWORD"
+GUEST_PASSWORD_ENV = "GUESTFS_GUEST_PASSWORD"
+#: Every environment variable read for a secret.
+SECRET_ENV = (PASSWORD_ENV, GUEST_PASSWORD_ENV)
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """The first line of ``path`` (a password or token file); ConfigError if unreadable or
+    empty. Warns (without the value) when other users may read the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            value = f.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file {path} is not UTF-8 text") from None
+    if not value:
+        raise ConfigError(f"{what} file {path} is empty")
+    if mode & stat.S_IROTH:
+        log.warning("%s file %s is readable by other users: chmod o-r %s", what, path, path)
+    return value
+
+
+def _secret(file: str | None, env: str, what: str, prompt: str) -> str:
+    if file:
+        return read_secret_file(file, what)
+    value = os.environ.get(env)
+    if value:
+        return value
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    raise ConfigError(f"no {what}: set ${env} or use the --{what.replace(' ', '-')}-file option")
+
+
+def vcenter_password(user: str, password_file: str | None) -> str:
+    """The vCenter password of ``user``: its file, else $GUESTFS_PASSWORD, else a prompt."""
+    return _secret(password_file, PASSWORD_ENV, "password", f"vCenter password of {user}: ")
+
+
+def guest_credentials(
+    user: str | None, password_file: str | None, saml_token_file: str | None
+) -> GuestCredentials:
+    """The guest login: a SAML token from its file, else ``user`` with the password from
+    its file, $GUESTFS_GUEST_PASSWORD or a prompt."""
+    if saml_token_file:
+        token = read_secret_file(saml_token_file, "SAML token")
+        return GuestCredentials(CredentialType.SAML_BEARER_TOKEN, user_name=user, saml_token=token)
+    if not user:
+        raise ConfigError(
+            "no guest user: use --guest-user, a profile's guest_user or $GUESTFS_GUEST_USER"
+        )
+    pw = _secret(
+        password_file, GUEST_PASSWORD_ENV, "guest password", f"Password of guest user {user}: "
+    )
+    return GuestCredentials(CredentialType.USERNAME_PASSWORD, user_name=user, password=pw)

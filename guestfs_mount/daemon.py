@@ -1,0 +1,106 @@
+"""Running the mount: in the foreground, or forked into the background.
+
+The daemon forks after the secrets were read (so a prompt works) and the parent returns
+only when the mount is ready, or prints the one-line reason it is not and exits with
+the child's status: 2 for a ConfigError (the user's input or set-up, even when found
+only once connected, such as a guest root that does not exist), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import trio
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+from .errors import ConfigError, GuestfsError, iter_chain
+from .logsetup import one_line, setup_logging
+from .mount import MountConfig, serve
+
+log = logging.getLogger("guestfs_mount")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _reason(exc: BaseException) -> BaseException:
+    """The error to report for what ``serve`` raised: the first real one inside the
+    exception groups of trio nurseries."""
+    return next(
+        (e for e in iter_chain(exc) if isinstance(e, Exception)
+         and not isinstance(e, BaseExceptionGroup)),
+        exc,
+    )  # fmt: skip
+
+
+def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
+    """Serve ``cfg`` until unmounted; the exit status. ``ready_fd``: the daemon's pipe to
+    its parent, told ``ok`` or ``error MESSAGE`` (None: report on stderr)."""
+    said = False
+
+    def ready() -> None:
+        nonlocal said
+        said = True
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+
+    try:
+        trio.run(serve, cfg, ready)
+    except Exception as exc:
+        reason = _reason(exc)
+        if not isinstance(reason, (GuestfsError, OSError, RuntimeError)):
+            log.exception("internal error")
+        msg = one_line(str(reason) or type(reason).__name__)
+        if said:
+            log.error("stopped: %s", msg)
+            return EXIT_ERROR
+        if ready_fd is not None:
+            os.write(ready_fd, ("error " + msg + "\n").encode(errors="replace"))
+            os.close(ready_fd)
+        else:
+            print(f"guestfs-mount: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(reason, ConfigError) else EXIT_ERROR
+    return EXIT_OK
+
+
+def daemonize(cfg: MountConfig, args: argparse.Namespace) -> int:
+    """Fork; the parent's exit status once the child mounted (0) or failed."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+        os.close(r)
+        answer = b"".join(chunks).decode(errors="replace").strip()
+        if answer == "ok":
+            return EXIT_OK
+        # The child exits right after its answer: its status says what kind of error.
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if answer.startswith("error "):
+            print(f"guestfs-mount: error: {one_line(answer[6:])}", file=sys.stderr)
+        else:
+            print(
+                f"guestfs-mount: error: the daemon exited before mounting "
+                f"(status {status}); run with --foreground to see why",
+                file=sys.stderr,
+            )
+        return code if code > 0 else EXIT_ERROR
+    # child: new session, no terminal, stdio to /dev/null
+    os.close(r)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.chdir("/")
+    setup_logging(args, daemon=True)
+    code = run(cfg, w)
+    os._exit(code)

@@ -1,0 +1,245 @@
+"""The command line's parser: every long option, its help text and its value type.
+
+The parser has no defaults (``argparse.SUPPRESS``), so what was given can be told apart
+from what was left out; the defaults and the layering live in :mod:`.settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from . import __version__
+from .config import SYSTEM_CONFIG, default_path
+from .errors import ConfigError
+from .vcenter.tls import normalize_thumbprint
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _thumbprint(text: str) -> tuple[str, str]:
+    usage = "expected HOST[:PORT]=SHA256 (64 hex digits)"
+    host, sep, digest = text.partition("=")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(usage)
+    try:
+        return host, normalize_thumbprint(digest)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(usage) from None
+
+
+def _tilde(path: str) -> str:
+    home = os.path.expanduser("~").rstrip("/")
+    return "~" + path[len(home) :] if home and path.startswith(home + "/") else path
+
+
+USAGE = """\
+guestfs-mount [OPTIONS] SERVER VM MOUNTPOINT
+       guestfs-mount [OPTIONS] --profile NAME MOUNTPOINT
+       guestfs-mount [OPTIONS] PROFILE MOUNTPOINT [-o OPT[=VAL],...]
+       guestfs-mount status [--json] [MOUNTPOINT]"""
+
+DESCRIPTION = """\
+Mount a running VMware VM's guest filesystem read-only, through the vCenter REST API
+(VMware Tools guest operations). No agent in the guest, no datastore access; the VM
+keeps running.
+
+  SERVER      vCenter: host, host:port, https://host[:port], or a [servers] name
+              from the config file
+  VM          VM name or id (vm-42)
+  MOUNTPOINT  an existing empty directory
+  PROFILE     a [profiles] name from the config file (the fstab form)"""
+
+EPILOG = f"""\
+secrets:
+  vCenter password: --password-file, the server's password_file, $GUESTFS_PASSWORD,
+  or a prompt on a terminal. Guest: --guest-password-file / --saml-token-file, the
+  profile's, $GUESTFS_GUEST_PASSWORD, or a prompt. Never on the command line, never
+  in the config file. Users: --user / --guest-user, the config, $GUESTFS_USER /
+  $GUESTFS_GUEST_USER.
+
+config file:
+  --config FILE, else {_tilde(default_path())}
+  ($XDG_CONFIG_HOME respected), else {SYSTEM_CONFIG}.
+  Command-line options override the profile, which overrides its server.
+
+examples:
+  guestfs-mount --ca-file vmca.pem vc.example.com web01 /mnt/web01
+  guestfs-mount --profile prod-web01 /mnt/web01
+  guestfs-mount --profile prod-web01 --frozen --audit-log web01.jsonl /mnt/web01
+  guestfs-mount --profile win01 --guest-root 'C:\\' /mnt/win01
+  mount /mnt/web01          # with the fstab line
+                            #   prod-web01 /mnt/web01 fuse.guestfs-mount _netdev,allow_other 0 0
+  guestfs-mount status      # what the running mounts are doing
+  fusermount3 -u /mnt/web01 # unmount (or: kill -TERM the daemon)
+
+See docs/usage.md for every option, fstab and systemd set-ups, and troubleshooting."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="guestfs-mount",
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+    )
+    p.add_argument("positionals", nargs="*", default=[], help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("config file and profiles")
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="config file with servers and profiles (default: see 'config file' below)",
+    )
+    g.add_argument("--profile", metavar="NAME", help="mount the VM of this [profiles] entry")
+    g.add_argument(
+        "-o",
+        dest="mount_options",
+        metavar="OPT[=VAL],...",
+        action="append",
+        help="long options in mount(8) form: allow_other,frozen,metadata_ttl=120 "
+        "(generic ones such as _netdev, noauto, nofail, ro are ignored)",
+    )
+
+    a = p.add_argument_group("vCenter and guest accounts")
+    a.add_argument("--user", help="vCenter user (default: the server's, else $GUESTFS_USER)")
+    a.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="file holding the vCenter password (default: $GUESTFS_PASSWORD, or prompt)",
+    )
+    a.add_argument(
+        "--guest-user",
+        metavar="USER",
+        help="guest account (default: the profile's, else $GUESTFS_GUEST_USER)",
+    )
+    a.add_argument(
+        "--guest-password-file",
+        metavar="FILE",
+        help="file holding the guest password (default: $GUESTFS_GUEST_PASSWORD, or prompt)",
+    )
+    a.add_argument(
+        "--saml-token-file",
+        metavar="FILE",
+        help="authenticate in the guest with this SAML bearer token instead",
+    )
+
+    t = p.add_argument_group("TLS and trust")
+    t.add_argument("--ca-file", metavar="PEM", help="CA bundle for vCenter (default: system)")
+    t.add_argument(
+        "--esx-ca-file",
+        metavar="PEM",
+        help="CA bundle for ESXi transfer hosts (default: --ca-file)",
+    )
+    t.add_argument(
+        "--thumbprint",
+        metavar="HOST=SHA256",
+        action="append",
+        type=_thumbprint,
+        help="pin a host's certificate by SHA-256 fingerprint (repeatable)",
+    )
+    t.add_argument(
+        "--esx-host",
+        metavar="PATTERN",
+        action="append",
+        help="trust transfer URLs on hosts matching this glob (repeatable)",
+    )
+    t.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify TLS certificates or transfer hosts (dangerous)",
+    )
+    t.add_argument(
+        "--api",
+        choices=("auto", "released", "preview"),
+        help="transfer API form: released (7.0U2+), preview (7.0U1), auto (default)",
+    )
+
+    v = p.add_argument_group("what the mount shows")
+    v.add_argument(
+        "--guest-root",
+        metavar="PATH",
+        help="guest directory shown at the mount point (default: /; Windows: 'C:\\')",
+    )
+    v.add_argument("--uid", type=int, help="show every file as owned by this uid")
+    v.add_argument("--gid", type=int, help="show every file as owned by this gid")
+    v.add_argument(
+        "--raw-symlinks",
+        action="store_true",
+        help="show symlink targets unchanged (default: absolute ones stay inside the mount)",
+    )
+    v.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other local users in (the guest's mode bits then apply)",
+    )
+    v.add_argument(
+        "--metadata-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="how long listings and attributes are reused (default: 60)",
+    )
+    v.add_argument(
+        "--frozen",
+        action="store_true",
+        help="evidence view: nothing fetched once ever changes during the mount",
+    )
+
+    c = p.add_argument_group("cache and performance")
+    c.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where file contents are cached (default: a private temporary directory)",
+    )
+    c.add_argument(
+        "--cache-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="disk the content cache may use (default: 25%% of free space, at most 8G)",
+    )
+    c.add_argument("--keep-cache", action="store_true", help="keep cached files at unmount")
+    c.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="do not download small files ahead of a sequential directory read",
+    )
+    c.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest any file operation may block (default: 60)",
+    )
+
+    o = p.add_argument_group("running")
+    o.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground (for systemd and debugging)",
+    )
+    o.add_argument("--debug", action="store_true", help="log every API call and FUSE request")
+    o.add_argument("--log-file", metavar="FILE", help="log here (daemon default: syslog)")
+    o.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="append a JSON line per file transfer (time, path, SHA-256, ...)",
+    )
+    o.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__}",
+        help="print the version and exit",
+    )
+    return p
