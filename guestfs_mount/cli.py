@@ -254,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--api",
-        choices=("auto", "released", "preview"),
-        help="transfer API form: released (7.0U2+), preview (7.0U1), auto (default)",
+        choices=("auto", "rest", "preview", "vi-json", "soap", "released"),
+        help="vSphere API: vi-json (vCenter 8.0U1+), soap (any vCenter or ESXi host),"
+        " rest (/api, 7.0U2+), preview (/api, 7.0U1), auto (default: probe, in that order)",
     )
 
     v = p.add_argument_group("what the mount shows")
@@ -661,7 +662,7 @@ def _default_cache_size(cache_dir: str | None) -> int:
 
 
 def _server_url(server: str) -> tuple[str, bool]:
-    if server.startswith("http://"):
+    if server.lower().startswith("http://"):
         return server, True
     return server, False
 

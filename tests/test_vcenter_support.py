@@ -46,6 +46,15 @@ def stat_body(ftype: str = "FILE", size: int = 10) -> dict[str, Any]:
     }
 
 
+class _Stream(httpx.AsyncByteStream):
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.inner:
+            yield chunk
+
+
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response | None]]
 
 
@@ -74,7 +83,12 @@ class FakeVCenter:
         self.tokens.clear()
 
     def transport(self) -> httpx.MockTransport:
-        return httpx.MockTransport(self.handle)
+        async def streamed(req: httpx.Request) -> httpx.Response:
+            # As from a network transport: the body is a stream, read by the client.
+            resp = await self.handle(req)
+            return httpx.Response(resp.status_code, headers=resp.headers, stream=_Stream(resp.stream))
+
+        return httpx.MockTransport(streamed)
 
     def op(self, req: httpx.Request) -> str:
         p = req.url.raw_path.decode().split("?")[0]
