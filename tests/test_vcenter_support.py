@@ -72,6 +72,7 @@ class FakeVCenter:
     )
     released: bool = True
     transfer_host: str = "*"
+    transfer_scheme: str = "https"
     tokens: set[str] = field(default_factory=set)
     n_logins: int = 0
     requests: list[httpx.Request] = field(default_factory=list)
@@ -174,7 +175,7 @@ class FakeVCenter:
             q = urllib.parse.urlencode({"id": path, "token": URL_TOKEN})
             return httpx.Response(
                 201 if name == "transfer.create" else 200,
-                json=f"https://{self.transfer_host}/guestFile?{q}",
+                json=f"{self.transfer_scheme}://{self.transfer_host}/guestFile?{q}",
             )
         return err(404, "OPERATION_NOT_FOUND", "unknown")
 

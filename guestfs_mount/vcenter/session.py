@@ -36,7 +36,7 @@ from guestfs_mount.model import GuestCredentials
 
 from . import tls
 from .retry import Backoff, CircuitBreaker, retry_call
-from .urls import Server, redact, redact_url
+from .urls import Server, redact
 
 log = logging.getLogger("guestfs_mount.vcenter.client")
 
@@ -460,7 +460,7 @@ class Http:
             log.debug(
                 "%s %s %d %.1fms",
                 method,
-                redact_url(str(u)),
+                u.raw_path.decode("ascii", "replace"),
                 resp.status_code,
                 (time.perf_counter() - t0) * 1000,
             )

@@ -220,7 +220,8 @@ class BodyGet:
         while not self._aborted.is_set() and not eof:
             try:
                 # One byte more than expected: a body that runs long is caught at once.
-                piece = resp.read1(max(1, min(READ, self.expected + 1 - n)))
+                want = min(READ, batch - pending_len, self.expected + 1 - n - pending_len)
+                piece = resp.read1(max(1, want))
             except TimeoutError as e:
                 raise TransferError(
                     f"{self.desc}: no data for {self.stall_timeout:.0f}s after"
@@ -236,6 +237,8 @@ class BodyGet:
             if piece:
                 pending.append(piece)
                 pending_len += len(piece)
+                # A known length read in full is the end: read1() would not say so.
+                eof = resp.length == 0
                 if n + pending_len > self.expected:
                     raise TransferError(
                         f"{self.desc}: more than the expected {self.expected} bytes"
@@ -274,6 +277,8 @@ class BodyGet:
         self.nbytes = n
         self.digest = h.hexdigest()
         self.md5 = m.hexdigest()
+        if resp.length == 0:
+            resp.read()  # marks the answer complete, so the connection may serve again
         return not resp.will_close and resp.isclosed()
 
 
