@@ -9,13 +9,13 @@ import gzip
 import hashlib
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from guestfs_mount.errors import ProtocolError, TransferError, UnsafeTransferUrl, to_errno
 from guestfs_mount.vcenter import VCenterClient
@@ -241,7 +241,7 @@ async def test_host_closing_connections(server: RawServer, mode: str) -> None:
         for _ in range(3):
             chunks, _res = await collect(c, "/f", 10)
             assert b"".join(chunks) == b"0123456789"
-            time.sleep(0.05)  # let the server's close reach us before the reuse
+            await trio.sleep(0.05)  # let the server's close reach us before the reuse
     assert server.hits["/guestFile"] == 3  # each single-use URL fetched once
     assert server.connections == (1 if mode == "keep-alive" else 3)
 
