@@ -211,7 +211,9 @@ async def test_list_paging() -> None:
         got = await c.list_dir("vm-42", "/etc")
     assert [e.name for e in got] == [f"f{i}" for i in range(7)]
     assert got[3].size == 3 and got[0].type is FileType.FILE
-    idx = [json.loads(r.content)["iteration"]["index"] for r in fake.requests if "list" in str(r.url)]
+    idx = [
+        json.loads(r.content)["iteration"]["index"] for r in fake.requests if "list" in str(r.url)
+    ]
     assert idx == [0, 3, 6]
 
 
@@ -512,9 +514,7 @@ async def test_transport_error_message_and_breaker(
         return None
 
     fake.hooks["vm.list"] = refused
-    async with make_client(
-        fake, retry_budget=0, breaker_threshold=3, breaker_cooldown=5.0
-    ) as c:
+    async with make_client(fake, retry_budget=0, breaker_threshold=3, breaker_cooldown=5.0) as c:
         await c.login()
         for _ in range(3):
             with pytest.raises(TransportError, match="Connection refused"):
@@ -598,3 +598,27 @@ async def test_no_secrets_in_logs_or_errors(
     assert "POST /api/vcenter/vm/vm-42/guest/filesystem/files/%2Ff?action=get 200" in text
     assert_no_secrets(text)
     assert_no_secrets(repr(c.config))
+
+
+def test_plain_http_message_names_the_real_way() -> None:
+    from guestfs_mount.vcenter.urls import parse_server
+
+    for s in ("http://vc.example.com", "HTTP://vc.example.com"):
+        with pytest.raises(ConfigError, match=r"give the server as http://HOST") as ei:
+            parse_server(s, allow_http=False)
+        assert "--allow-http" not in str(ei.value)
+    assert parse_server("HTTP://vc.example.com:8080", allow_http=True).port == 8080
+
+
+async def test_api_choice_names() -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b"x"
+    for api, name in (("rest", "rest"), ("released", "rest"), ("preview", "preview")):
+        async with make_client(fake, api=api) as c:
+            assert c.transport_name is None  # chosen at the first call
+            await c.create_transfer("vm-42", "/f")
+            assert c.transport_name == name
+            assert c.transport_reason == f"chosen with --api {name}"
+    assert not any(r.url.path.startswith("/sdk") for r in fake.requests)  # no probe
+    with pytest.raises(ConfigError, match="unknown API"):
+        make_client(fake, api="grpc")

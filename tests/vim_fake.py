@@ -111,7 +111,7 @@ class FakeVim:
                 "fullName": "Fake vim 8.0",
                 "apiType": self.api_type,
                 "apiVersion": "8.0.1.0",
-            },  # fmt: skip
+            },
         }
 
     def guest(self, method: str, args: dict[str, Any]) -> Any:
