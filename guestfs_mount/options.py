@@ -163,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--api",
-        choices=("auto", "released", "preview"),
-        help="transfer API form: released (7.0U2+), preview (7.0U1), auto (default)",
+        choices=("auto", "rest", "preview", "vi-json", "soap", "released"),
+        help="vSphere API: vi-json (vCenter 8.0U1+), soap (any vCenter or ESXi host),"
+        " rest (/api, 7.0U2+), preview (/api, 7.0U1), auto (default: probe, in that order)",
     )
 
     v = p.add_argument_group("what the mount shows")

@@ -41,6 +41,7 @@ def cfg(sim: Any, **kw: Any) -> ClientConfig:
         ca_file=sim.ca_file,
         esx_ca_file=sim.esx_ca_file,
         retry_budget=2.0,
+        esx_hosts=(f"127.0.0.1:{sim.esx_port}",),
     )
     base.update(kw)
     return ClientConfig(**base)

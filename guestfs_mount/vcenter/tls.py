@@ -84,7 +84,7 @@ def pinned_context(sha256_hex: str) -> ssl.SSLContext:
             _check_pin(self.getpeercert(binary_form=True), expected)
 
     class _PinnedSocket(ssl.SSLSocket):
-        # The blocking-socket twin, for the transfer GET read in a thread (bodyget.py).
+        # The blocking-socket twin, for the transfer GET read in a thread (transfer.py).
         def do_handshake(self, block: bool = False) -> None:
             super().do_handshake(block)
             _check_pin(self.getpeercert(binary_form=True), expected)

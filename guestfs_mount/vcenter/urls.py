@@ -72,12 +72,11 @@ def parse_server(server: str, *, allow_http: bool) -> Server:
         raise ConfigError(f"vCenter server address {server!r}: scheme must be https")
     if scheme == "http" and not allow_http:
         raise ConfigError(
-            f"vCenter server address {server!r} uses plain http (allowed only with --allow-http)"
+            f"vCenter server address {server!r} uses plain http; give the server as"
+            " http://HOST[:PORT] to allow it (test servers only)"
         )
     if p.username or p.password or (p.path not in ("", "/")) or p.query or p.fragment:
-        raise ConfigError(
-            f"vCenter server address {redact_url(server)!r}: give only host[:port]"
-        )
+        raise ConfigError(f"vCenter server address {redact_url(server)!r}: give only host[:port]")
     host = (p.hostname or "").lower()
     if not host:
         raise ConfigError(f"vCenter server address {server!r} has no host")
@@ -128,18 +127,48 @@ def check_transfer_url(
         return final
     if scheme == "http" and not allow_http:
         raise UnsafeTransferUrl(
-            f"transfer URL {redact_url(final)} uses plain http (allowed only with --allow-http)"
+            f"transfer URL {redact_url(final)} uses plain http, allowed only when the"
+            " server is given as http://HOST"
         )
-    trusted = (
+    default = 443 if scheme == "https" else 80
+    patterns = [_split_pattern(pat) for pat in esx_hosts]
+    named_ports = {p for pat, p in patterns if p is not None and fnmatch.fnmatchcase(host, pat)}
+    host_trusted = (
         host == vcenter.host
-        or any(fnmatch.fnmatchcase(host, pat.lower()) for pat in esx_hosts)
+        or any(fnmatch.fnmatchcase(host, pat) for pat, _ in patterns)
         or (host, port) in pinned_hosts
         or (host, None) in pinned_hosts
     )
-    if not trusted:
+    if not host_trusted:
         raise UnsafeTransferUrl(
             f"transfer URL points to untrusted host {host}:{port}"
             f" (not the vCenter host); trust it with --esx-host {host}"
             f" or pin it with --thumbprint {host}:{port}=SHA256"
         )
+    # A trusted host is trusted at its HTTPS port, not at any port it listens on: a
+    # hostile vCenter could else aim our GETs at any local service of its host.
+    own = {vcenter.port} if host == vcenter.host else set()
+    port_trusted = (
+        port == default or port in own or port in named_ports or (host, port) in pinned_hosts
+    )
+    if not port_trusted:
+        raise UnsafeTransferUrl(
+            f"transfer URL points to {host}:{port}, not a transfer port of that host;"
+            f" trust the port with --esx-host {_fmt_host(host)}:{port}"
+        )
     return final
+
+
+def _split_pattern(pattern: str) -> tuple[str, int | None]:
+    """``--esx-host`` ``PATTERN[:PORT]`` (``[v6]:PORT`` for IPv6) -> (glob, port)."""
+    pat = pattern.strip().lower()
+    if pat.startswith("["):
+        host, _, rest = pat[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif pat.count(":") == 1:
+        host, _, port_s = pat.partition(":")
+    else:
+        host, port_s = pat, ""
+    if port_s.isdigit() and 0 < int(port_s) < 65536:
+        return host, int(port_s)
+    return host, None
