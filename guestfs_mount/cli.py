@@ -46,6 +46,7 @@ from .config import (
     resolve_path,
 )
 from .errors import ConfigError, GuestfsError
+from .evidence.command import CASE_DEFAULTS, add_case_options, case_metadata
 from .fs import FsOptions
 from .model import CredentialType, GuestCredentials
 from .mount import MountConfig
@@ -107,6 +108,7 @@ DEFAULTS: dict[str, Any] = {
     "debug": False,
     "log_file": None,
     "audit_log": None,
+    **CASE_DEFAULTS,
 }
 # Options whose value is a local path: "~" is expanded, and relative paths are made
 # absolute (the daemon runs in /), against the config file's folder when set there.
@@ -137,7 +139,9 @@ USAGE = """\
 guestfs-mount [OPTIONS] SERVER VM MOUNTPOINT
        guestfs-mount [OPTIONS] --profile NAME MOUNTPOINT
        guestfs-mount [OPTIONS] PROFILE MOUNTPOINT [-o OPT[=VAL],...]
-       guestfs-mount status [--json] [MOUNTPOINT]"""
+       guestfs-mount status [--json] [MOUNTPOINT]
+       guestfs-mount evidence MOUNTPOINT [PATH...] --format FORMAT [-o FILE] [--walk] [--fetch]
+       guestfs-mount evidence --verify-log FILE"""
 
 DESCRIPTION = """\
 Mount a running VMware VM's guest filesystem read-only, through the vCenter REST API
@@ -333,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         version=f"%(prog)s {__version__}",
         help="print the version and exit",
     )
+    add_case_options(p)
     return p
 
 
@@ -723,6 +728,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
         # live transfer display: only for a person watching a terminal
         progress=bool(args.foreground and not args.log_file and sys.stderr.isatty()),
+        case=case_metadata(args),
     )
 
 
@@ -853,6 +859,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .status import main as status_main
 
         return status_main(argv[1:])
+    if argv and argv[0] == "evidence":
+        from .evidence.command import main as evidence_main
+
+        return evidence_main(argv[1:])
     try:
         args, warnings = resolve_args(argv)
     except ConfigError as exc:

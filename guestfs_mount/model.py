@@ -113,3 +113,4 @@ class TransferResult:
     nbytes: int
     sha256: str
     seconds: float
+    md5: str | None = None  # beside the SHA-256: hashdeep manifests and bodyfiles carry MD5

@@ -27,6 +27,7 @@ from .audit import AuditLog
 from .cache.content import ContentCache, ContentKey, TransferEvent
 from .control import serve_control, socket_path
 from .errors import ConfigError, InvalidArgument, NotFound
+from .evidence.ledger import Ledger, RecordingBackend, transfer_hook
 from .fs import FsOptions, Operations
 from .meta import MetadataCache
 from .model import DirEntry, FilesystemFamily, FileType, GuestStat, TransferResult
@@ -54,6 +55,7 @@ class MountConfig:
     read_ahead_kb: int = 4096
     debug_fuse: bool = False
     progress: bool = False  # live transfer display (foreground on a terminal)
+    case: dict[str, str] = field(default_factory=dict)  # --case, --examiner, ... (evidence)
 
 
 class _Guest:
@@ -182,12 +184,22 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
         own_dir = cfg.cache_dir is None
         cache_dir = cfg.cache_dir or tempfile.mkdtemp(prefix="guestfs-mount-")
         audit = (
-            AuditLog(cfg.audit_log, vcenter=client.vcenter_netloc, vm=vm.vm, vm_name=vm.name)
+            AuditLog(
+                cfg.audit_log,
+                vcenter=client.vcenter_netloc,
+                vm=vm.vm,
+                vm_name=vm.name,
+                case=cfg.case,
+            )
             if cfg.audit_log
             else None
         )
+        ledger = Ledger(root=cfg.guest_root, paths=paths)
+        ledger.saw(cfg.guest_root, root)
+        ledger_transfer = transfer_hook(ledger)
 
         def on_transfer_end(ev: TransferEvent) -> None:
+            ledger_transfer(ev)
             if audit is not None:
                 audit.record(ev)
 
@@ -201,11 +213,29 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
             on_transfer_end=on_transfer_end,
         )
         meta = MetadataCache(
-            guest, ttl=cfg.fs.ttl, negative_ttl=cfg.fs.negative_ttl, frozen=cfg.frozen, paths=paths
+            RecordingBackend(guest, ledger),
+            ttl=cfg.fs.ttl,
+            negative_ttl=cfg.fs.negative_ttl,
+            frozen=cfg.frozen,
+            paths=paths,
         )
         ops = Operations(meta, content, cfg.fs, root=cfg.guest_root, paths=paths)
         meta.seed(cfg.guest_root, root)
         started = time.time()
+
+        def evidence() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            head = {
+                "mountpoint": cfg.mountpoint,
+                "vcenter": client.vcenter_netloc,
+                "vm": vm.vm,
+                "vm_name": vm.name,
+                "guest_root": cfg.guest_root,
+                "frozen": cfg.frozen,
+                "case": cfg.case,
+                "audit_chain": audit.chain_id if audit is not None else None,
+                "dropped": ledger.dropped,
+            }
+            return head, ledger.records()
 
         def snapshot() -> dict[str, Any]:
             return {
@@ -243,7 +273,7 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
                     log.info(
                         "mounted %s (%s) %s on %s", vm.name, vm.vm, cfg.guest_root, cfg.mountpoint
                     )
-                    nursery.start_soon(_serve_control_quietly, control_path, snapshot)
+                    nursery.start_soon(_serve_control_quietly, control_path, snapshot, evidence)
                     if cfg.progress:
                         _start_progress(nursery, content.in_flight)
                     ready(None)
@@ -277,9 +307,11 @@ def _start_progress(nursery: trio.Nursery, in_flight: Callable[[], list[dict[str
     nursery.start_soon(show_progress, in_flight, console)
 
 
-async def _serve_control_quietly(path: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+async def _serve_control_quietly(
+    path: str, snapshot: Callable[[], dict[str, Any]], evidence: Any = None
+) -> None:
     try:
-        await serve_control(path, snapshot)
+        await serve_control(path, snapshot, evidence)
     except OSError as exc:  # status is a convenience: never let it stop the mount
         log.warning("no control socket (guestfs-mount status will not see this mount): %s", exc)
 

@@ -78,6 +78,7 @@ class BodyGet:
     _hasher: ThreadPoolExecutor | None = None
     nbytes: int = 0
     digest: str = ""
+    md5: str = ""
     _aborted: threading.Event = field(default_factory=threading.Event)
     _conn: http.client.HTTPConnection | None = None
 
@@ -176,6 +177,12 @@ class BodyGet:
         if enc not in ("", "identity"):
             raise TransferError(f"{self.desc}: unexpected Content-Encoding {enc[:30]!r}")
         h = hashlib.sha256()
+        h5 = hashlib.md5(usedforsecurity=False)
+
+        def update(data: bytes) -> None:
+            h.update(data)
+            h5.update(data)
+
         # One byte more than expected: a body that runs long is caught at once.
         limit = self.expected + 1
         n = 0
@@ -214,9 +221,9 @@ class BodyGet:
                 if hashing is not None:
                     hashing.result()  # at most one chunk waits to be hashed
                 if self._hasher is not None:
-                    hashing = self._hasher.submit(h.update, data)
+                    hashing = self._hasher.submit(update, data)
                 else:
-                    h.update(data)
+                    update(data)
                 try:
                     trio.from_thread.run(send.send, data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
@@ -233,6 +240,7 @@ class BodyGet:
             )
         self.nbytes = n
         self.digest = h.hexdigest()
+        self.md5 = h5.hexdigest()
         return not resp.will_close and resp.isclosed()
 
 

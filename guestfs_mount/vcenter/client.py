@@ -789,7 +789,7 @@ class VCenterClient:
             started = [False]
             t0 = time.perf_counter()
 
-            async def attempt() -> tuple[int, str]:
+            async def attempt() -> tuple[int, str, str]:
                 url = await self._create_transfer_once(vm, path)
                 return await self._fetch(url, vm, path, expected_size, sink, started)
 
@@ -800,11 +800,13 @@ class VCenterClient:
                 self.stats.retries += 1
                 log.info("download of %s: %s; retrying in %.2fs", _show(path), e, delay)
 
-            n, digest = await retry_call(
+            n, digest, md5 = await retry_call(
                 attempt, self._backoff, clock=self._clock, retryable=retryable, on_retry=on_retry
             )
             self.stats.downloads += 1
-            return TransferResult(nbytes=n, sha256=digest, seconds=time.perf_counter() - t0)
+            return TransferResult(
+                nbytes=n, sha256=digest, seconds=time.perf_counter() - t0, md5=md5
+            )
 
     def _transfer_context(self, host: str, port: int, same: bool) -> Any:
         # Built once (pins: once per host): loading a CA bundle per file showed in profiles.
@@ -829,7 +831,7 @@ class VCenterClient:
         sink: Callable[[bytes], Awaitable[None]],
         started: list[bool],
         desc: str,
-    ) -> tuple[int, str]:
+    ) -> tuple[int, str, str]:
         cfg = self.config
         host = (u.host or "").lower()
         where = f"{host}:{port}"
@@ -866,7 +868,7 @@ class VCenterClient:
             raise leaf from leaf.__cause__
         if self.config.debug:
             log.debug("GET %s 200 %.1fms", redact_url(str(u)), (time.perf_counter() - t0) * 1e3)
-        return body.nbytes, body.digest
+        return body.nbytes, body.digest, body.md5
 
     async def _fetch(
         self,
@@ -876,7 +878,7 @@ class VCenterClient:
         expected: int,
         sink: Callable[[bytes], Awaitable[None]],
         started: list[bool],
-    ) -> tuple[int, str]:
+    ) -> tuple[int, str, str]:
         cfg = self.config
         vc, esx = self._clients()
         u = httpx.URL(url)
@@ -906,6 +908,7 @@ class VCenterClient:
             if enc not in ("", "identity"):
                 raise TransferError(f"{desc}: unexpected Content-Encoding {enc[:30]!r}")
             h = hashlib.sha256()
+            h5 = hashlib.md5(usedforsecurity=False)
             n = 0
             buf: list[bytes] = []
             buflen = 0
@@ -930,6 +933,7 @@ class VCenterClient:
                 if n > expected:
                     raise TransferError(f"{desc}: more than the expected {expected} bytes")
                 h.update(chunk)
+                h5.update(chunk)
                 buf.append(chunk)
                 buflen += len(chunk)
                 if buflen >= CHUNK:
@@ -946,7 +950,7 @@ class VCenterClient:
                 started[0] = True
                 self.stats.bytes_downloaded += len(data)
                 await sink(data)
-            return n, h.hexdigest()
+            return n, h.hexdigest(), h5.hexdigest()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await resp.aclose()
