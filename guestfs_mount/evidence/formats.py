@@ -105,8 +105,10 @@ def mode_string(rec: dict[str, Any]) -> str:
 
 
 def _body_field(data: bytes) -> bytes:
-    # mactime splits on '|' and then decodes %XX in every field.
-    return re.sub(rb"[\x00-\x1f\x7f|%]", lambda m: b"%%%02X" % m.group()[0], data)
+    # mactime splits on '|', then decodes %XX in every field; a name with a control
+    # character it would drop, so those are shown as \xNN (as in our logs).
+    data = re.sub(rb"[|%]", lambda m: b"%%%02X" % m.group()[0], data)
+    return re.sub(rb"[\x00-\x1f\x7f]", lambda m: b"%%5Cx%02x" % m.group()[0], data)
 
 
 def _secs(ns: int | None) -> int:
@@ -194,9 +196,11 @@ def write_dfxml(
     for key in ("vcenter", "vm", "vm_name", "instance_uuid", "guest_root", "mountpoint"):
         if head.get(key):
             source.set(f"{{{GM_NS}}}{key}", xml_text(str(head[key])))
-    root = str(head.get("guest_root") or "/")
+    guest_root = str(head.get("guest_root") or "/")
     where = f"vsphere-guest://{head.get('vcenter')}/{head.get('vm')}"
-    _sub(source, "image_filename", where + (root if root.startswith("/") else "/" + root))
+    if not guest_root.startswith("/"):
+        where += "/"
+    _sub(source, "image_filename", where + guest_root)
     n = 0
     for rec in records:
         fo = _sub(root, "fileobject")
