@@ -178,3 +178,21 @@ def test_audit_log_chain_over_two_mounts_and_tampering(sim, tmp_path):
         f.writelines(lines[:n] + lines[n + 1 :])
     res = evidence("--verify-log", audit)
     assert res.returncode == 1 and "lines were removed" in res.stdout
+
+
+def test_hashdeep_lists_symlinks_to_files_as_hashdeep_follows_them(sim, tmp_path):
+    manifest = str(tmp_path / "links.hashdeep")
+    mnt = str(tmp_path / "m")
+    with mounted(sim, mnt) as m:
+        res = evidence(mnt, "links", "etc", "--walk", "--fetch", "--format", "hashdeep",
+                       "-o", manifest)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        names = {x.rsplit(",", 1)[1] for x in open(manifest).read().splitlines()
+                 if not x.startswith(("%", "#"))}  # fmt: skip
+        real = os.path.realpath(mnt)
+        assert names == {f"{real}/{p}" for p in ("etc/hosts", "etc/shadow", "links/relative",
+                                                  "links/absolute", "links/climbing")}  # fmt: skip
+        files = ["etc/hosts", "etc/shadow", "links/relative", "links/absolute", "links/climbing"]
+        audit = subprocess.run(["hashdeep", "-a", "-k", manifest, *files], capture_output=True,
+                               text=True, cwd=m.path())  # fmt: skip
+        assert audit.returncode == 0, audit.stdout + audit.stderr

@@ -113,10 +113,14 @@ def walk(top: str, errors: list[str]) -> int:
     return n
 
 
+def _unhashed(r: dict[str, Any]) -> bool:
+    return bool(r["type"] == "FILE" and r["sha256"] is None)
+
+
 def fetch(path: str, errors: list[str]) -> bool:
     """Read a file through the mount (the daemon hashes the bytes as they arrive)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY)
         try:
             while os.read(fd, 1 << 20):
                 pass
@@ -126,6 +130,41 @@ def fetch(path: str, errors: list[str]) -> bool:
         errors.append(f"{path}: cannot fetch: {exc.strerror}")
         return False
     return True
+
+
+def _file_links(
+    mountpoint: str, records: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], str]]:
+    """Symlinks that lead to a regular file on the mount, with the target's mount-relative
+    path: hashdeep follows them and hashes what they lead to."""
+    out = []
+    for r in records:
+        if r["type"] != "SYMLINK":
+            continue
+        link = os.path.join(mountpoint, r["path"])
+        try:
+            if not statmod.S_ISREG(os.stat(link).st_mode):
+                continue
+            target = os.path.relpath(os.path.realpath(link), mountpoint)
+        except OSError:
+            continue  # dangling, a loop: hashdeep skips it too
+        if target != ".." and not target.startswith("../"):
+            out.append((r, target))
+    return out
+
+
+def _link_aliases(
+    links: list[tuple[dict[str, Any], str]], records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """A link's line in a hashdeep manifest: the target's size and hashes, under the
+    link's name (what reading the link gives)."""
+    by_rel = {r["path"]: r for r in records}
+    out = []
+    for link, target in links:
+        t = by_rel.get(target)
+        if t is not None and t["type"] == "FILE":
+            out.append({**t, "path": link["path"], "guest_path": link["guest_path"]})
+    return out
 
 
 def _export(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -142,14 +181,25 @@ def _export(args: argparse.Namespace, argv: Sequence[str]) -> int:
         head, records = ask_evidence(sock)
     except (OSError, ValueError) as exc:
         raise EvidenceError(f"no running mount at {args.mountpoint} ({exc})") from exc
+    every = records
     records = [r for r in records if _under(r["path"], prefixes)]
+    links = _file_links(mountpoint, records) if args.format == "hashdeep" else []
+    if links:
+        head, every = ask_evidence(sock)  # the links' targets were just stat'ed
     if args.fetch:
-        todo = [r for r in records if r["type"] == "FILE" and r["sha256"] is None]
-        for r in todo:
-            fetch(os.path.join(mountpoint, r["path"]), errors)
+        todo = [os.path.join(mountpoint, r["path"]) for r in records if _unhashed(r)]
+        by_rel = {r["path"]: r for r in every}
+        todo += [
+            os.path.join(mountpoint, link["path"])
+            for link, target in links
+            if target not in by_rel or _unhashed(by_rel[target])
+        ]
+        for path in todo:
+            fetch(path, errors)
         if todo:
-            head, records = ask_evidence(sock)
-            records = [r for r in records if _under(r["path"], prefixes)]
+            head, every = ask_evidence(sock)
+    records = [r for r in every if _under(r["path"], prefixes)]
+    records += _link_aliases(links, every)
     ctx = formats.Context(
         head=head,
         program="guestfs-mount",
@@ -174,7 +224,7 @@ def _export(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f" {head['dropped']} entries were not recorded",
             file=sys.stderr,
         )
-    unhashed = sum(1 for r in records if r["type"] == "FILE" and r["sha256"] is None)
+    unhashed = sum(1 for r in records if _unhashed(r))
     print(
         f"guestfs-mount evidence: {n} entries written ({args.format}); {unhashed} files not"
         " fetched" + ("" if args.fetch or not unhashed else " (--fetch reads them)"),
