@@ -196,3 +196,25 @@ def test_hashdeep_lists_symlinks_to_files_as_hashdeep_follows_them(sim, tmp_path
         audit = subprocess.run(["hashdeep", "-a", "-k", manifest, *files], capture_output=True,
                                text=True, cwd=m.path())  # fmt: skip
         assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_windows_guest_exports_birth_times_and_drive_paths(tmp_path):
+    drive = tmp_path / "c-drive"
+    (drive / "Users" / "Admin").mkdir(parents=True)
+    (drive / "Users" / "Admin" / "Report.TXT").write_bytes(b"quarterly numbers\n")
+    body, manifest = str(tmp_path / "win.body"), str(tmp_path / "win.hashdeep")
+    with run_simulator("--windows-vm", f"win={drive}") as sim:
+        mnt = str(tmp_path / "m")
+        with mounted(sim, mnt, "--guest-root", sim.guest_root("win"), vm="win") as m:
+            res = evidence(mnt, "Users", "--walk", "--format", "bodyfile", "-o", body)
+            assert res.returncode == 0, res.stderr
+            res = evidence(mnt, "Users", "--fetch", "--format", "hashdeep", "-o", manifest)
+            assert res.returncode == 0, res.stderr
+            audit = subprocess.run(["hashdeep", "-a", "-k", manifest, "-r", m.path("Users")],
+                                   capture_output=True, text=True)  # fmt: skip
+            assert audit.returncode == 0, audit.stdout + audit.stderr
+    report = next(x.split("|") for x in open(body).read().splitlines() if "Report" in x)
+    assert report[1] == "C:\\Users\\Admin\\Report.TXT"
+    assert report[4:6] == ["0", "0"]  # no owners on Windows
+    assert int(report[10]) > 0  # crtime: Windows reports a creation time
+    assert int(report[9]) == 0  # ctime: never reported
