@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import trio
@@ -48,7 +49,7 @@ def _private_dir(path: str) -> None:
 async def serve_control(
     path: str,
     snapshot: Callable[[], dict[str, Any]],
-    evidence: Callable[[], tuple[dict[str, Any], list[dict[str, Any]]]] | None = None,
+    evidence: Callable[[], tuple[dict[str, Any], Iterable[dict[str, Any]]]] | None = None,
 ) -> None:
     """Serve ``snapshot()`` on ``path`` until cancelled; the socket is removed after."""
     _private_dir(os.path.dirname(path))
@@ -88,13 +89,13 @@ async def serve_control(
 
 
 async def _send_evidence(
-    stream: trio.SocketStream, head: dict[str, Any], records: list[dict[str, Any]]
+    stream: trio.SocketStream, head: dict[str, Any], records: Iterable[dict[str, Any]]
 ) -> None:
-    # No deadline: a ledger can hold millions of entries. Sent in batches with a
-    # checkpoint between them, so the mount keeps serving the kernel meanwhile.
+    # No deadline: a ledger can hold millions of entries. Built and sent in batches with
+    # a checkpoint between them, so the mount keeps serving the kernel meanwhile.
     await stream.send_all(json.dumps(head, ensure_ascii=True).encode() + b"\n")
-    for i in range(0, len(records), 2000):
-        batch = records[i : i + 2000]
+    it = iter(records)
+    while batch := list(itertools.islice(it, 1000)):
         lines = (json.dumps(r, ensure_ascii=True).encode() + b"\n" for r in batch)
         await stream.send_all(b"".join(lines))
 

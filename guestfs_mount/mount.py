@@ -16,7 +16,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,7 +223,7 @@ async def serve(cfg: MountConfig, ready: Callable[[str | None], None]) -> None:
         meta.seed(cfg.guest_root, root)
         started = time.time()
 
-        def evidence() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        def evidence() -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
             head = {
                 "mountpoint": cfg.mountpoint,
                 "vcenter": client.vcenter_netloc,

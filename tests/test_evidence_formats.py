@@ -31,7 +31,7 @@ def _records() -> list[dict]:
     led.saw("/odd/new\nline", GuestStat(FileType.FILE, 0, 1_400_000_000 * S, 1_400_000_000 * S))
     led.saw("/link", GuestStat(FileType.SYMLINK, 10, 5 * S, 5 * S, symlink_target="etc/hosts"))
     led.fetched("/etc/hosts", 20, 1_500_000_000 * S, "a" * 64, "b" * 32, 1_700_000_000.0)
-    return led.records()
+    return list(led.records())
 
 
 def _ctx() -> formats.Context:

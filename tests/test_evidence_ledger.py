@@ -26,11 +26,11 @@ def test_hash_only_for_the_version_that_was_fetched():
     hook = transfer_hook(led)
     led.saw("/etc/hosts", _file(20))
     hook(_ok("/etc/hosts", 20))
-    (rec,) = led.records()
+    (rec,) = list(led.records())
     assert (rec["sha256"], rec["md5"], rec["fetched"]) == ("a" * 64, "b" * 32, 11.0)
     assert rec["mode"] == 0o100640 and (rec["uid"], rec["gid"]) == (1, 2)
     led.saw("/etc/hosts", _file(21, mtime=101))  # the guest file changed since
-    (rec,) = led.records()
+    (rec,) = list(led.records())
     assert rec["sha256"] is None and rec["md5"] is None and rec["size"] == 21
 
 
@@ -40,7 +40,7 @@ def test_failed_transfer_and_unfetched_file_have_no_hash_but_empty_files_do():
     led.saw("/empty", _file(0))
     bad = TransferEvent(ContentKey("/a", 5, 100 * S), 1.0, 1.0, 2, None, OSError("cut"))
     transfer_hook(led)(bad)
-    a, empty = led.records()
+    a, empty = list(led.records())
     assert a["sha256"] is None
     assert empty["sha256"] == hashlib.sha256(b"").hexdigest()
     assert empty["md5"] == hashlib.md5(b"").hexdigest()
@@ -58,6 +58,6 @@ def test_windows_paths_become_mount_relative_and_crtime_is_kept():
     st = GuestStat(FileType.FILE, 3, 5 * S, 6 * S, family=FilesystemFamily.WINDOWS,
                    created_ns=4 * S)  # fmt: skip
     led.saw("C:\\Users\\x\\a.txt", st)
-    (rec,) = led.records()
+    (rec,) = list(led.records())
     assert rec["path"] == "Users/x/a.txt" and rec["crtime_ns"] == 4 * S
     assert rec["uid"] is None and not rec["permissions_known"]

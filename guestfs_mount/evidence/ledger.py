@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import stat as statmod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,10 +84,12 @@ class Ledger:
             rest = rest.replace("\\", "/")
         return rest.strip("/")
 
-    def records(self) -> list[dict[str, Any]]:
-        """Plain records (JSON-ready) of every entry, in path order."""
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Plain records (JSON-ready) of every entry, in path order, built as they are
+        consumed (the control socket sends them in batches between FUSE requests)."""
         items = sorted(self._entries.items())
-        return [record(path, self.relative(path), e.stat, e.hashes) for path, e in items]
+        for path, e in items:
+            yield record(path, self.relative(path), e.stat, e.hashes)
 
 
 def record(path: str, rel: str, st: GuestStat, hashes: Hashes | None) -> dict[str, Any]:
