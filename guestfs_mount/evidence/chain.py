@@ -33,7 +33,8 @@ class ChainWriter:
     """Builds the lines of one chain; the caller writes each one (in order)."""
 
     def __init__(self, chain_id: str | None = None) -> None:
-        self.chain_id = chain_id or uuid.uuid4().hex
+        # Dashed: 32 bare hex digits look like a vCenter session id to a log scanner.
+        self.chain_id = chain_id or str(uuid.uuid4())
         self.seq = 0
         self.prev: str | None = None
 
