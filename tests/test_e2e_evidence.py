@@ -218,3 +218,16 @@ def test_windows_guest_exports_birth_times_and_drive_paths(tmp_path):
     assert report[4:6] == ["0", "0"]  # no owners on Windows
     assert int(report[10]) > 0  # crtime: Windows reports a creation time
     assert int(report[9]) == 0  # ctime: never reported
+
+
+def test_large_file_hashed_on_the_hash_threads(sim, tmp_path):
+    big = os.path.join(sim.root(), "data", "big.bin")
+    trees.write_random_file(big, 20 << 20)  # above the size hashed on threads of its own
+    mnt = str(tmp_path / "m")
+    with mounted(sim, mnt):
+        res = evidence(mnt, "data/big.bin", "--walk", "--fetch", "--format", "jsonl")
+        assert res.returncode == 0, res.stderr
+    (rec,) = [json.loads(x) for x in res.stdout.splitlines()[1:]]
+    with open(big, "rb") as f:
+        data = f.read()
+    assert (rec["md5"], rec["sha256"]) == (hashlib.md5(data).hexdigest(), _sha(big))

@@ -86,13 +86,14 @@ def _under(rel: str, prefixes: Sequence[str]) -> bool:
 
 def walk(top: str, errors: list[str]) -> int:
     """lstat every entry under ``top`` through the mount, never following symlinks."""
-    n = 0
-    stack = [top]
     try:
-        os.lstat(top)
+        if not statmod.S_ISDIR(os.lstat(top).st_mode):
+            return 1  # PATH is a file or a symlink: its lstat was all there was to do
     except OSError as exc:
         errors.append(f"{top}: {exc.strerror}")
         return 0
+    n = 1
+    stack = [top]
     while stack:
         d = stack.pop()
         try:
