@@ -110,5 +110,5 @@ class TransferResult:
     nbytes: int
     sha256: str
     seconds: float
-    md5: str = ""
+    md5: str = ""  # beside the SHA-256: hashdeep manifests and bodyfiles carry MD5
     stat: GuestStat | None = None

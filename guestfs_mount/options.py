@@ -13,6 +13,7 @@ import re
 from . import __version__
 from .config import SYSTEM_CONFIG, default_path
 from .errors import ConfigError
+from .evidence.command import add_case_options
 from .vcenter.tls import normalize_thumbprint
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -46,7 +47,9 @@ USAGE = """\
 guestfs-mount [OPTIONS] SERVER VM MOUNTPOINT
        guestfs-mount [OPTIONS] --profile NAME MOUNTPOINT
        guestfs-mount [OPTIONS] PROFILE MOUNTPOINT [-o OPT[=VAL],...]
-       guestfs-mount status [--json] [MOUNTPOINT]"""
+       guestfs-mount status [--json] [MOUNTPOINT]
+       guestfs-mount evidence MOUNTPOINT [PATH...] --format FORMAT [-o FILE] [--walk] [--fetch]
+       guestfs-mount evidence --verify-log FILE"""
 
 DESCRIPTION = """\
 Mount a running VMware VM's guest filesystem read-only, through the vCenter REST API
@@ -243,4 +246,5 @@ def build_parser() -> argparse.ArgumentParser:
         version=f"%(prog)s {__version__}",
         help="print the version and exit",
     )
+    add_case_options(p)
     return p
