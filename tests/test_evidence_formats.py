@@ -1,3 +1,5 @@
+# mypy: disable-error-code="union-attr, operator"
+# (ElementTree.find() is Optional; a missing element fails these tests with AttributeError.)
 """The export writers, from plain records, with hostile guest names; checked by the tools
 that read each format (hashdeep's own header, mactime, xmllint with the DFXML schema)."""
 
