@@ -155,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--esx-host",
-        metavar="PATTERN",
+        metavar="PATTERN[:PORT]",
         action="append",
-        help="trust transfer URLs on hosts matching this glob (repeatable)",
+        help="trust transfer URLs on hosts matching this glob, at port 443 or PORT (repeatable)",
     )
     t.add_argument(
         "--insecure",

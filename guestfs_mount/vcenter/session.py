@@ -36,7 +36,7 @@ from guestfs_mount.model import GuestCredentials
 
 from . import tls
 from .retry import Backoff, CircuitBreaker, retry_call
-from .urls import Server, redact
+from .urls import Server, redact, split_host_port
 
 log = logging.getLogger("guestfs_mount.vcenter.client")
 
@@ -110,6 +110,11 @@ class ClientConfig:
     backoff_cap: float = 2.0
     breaker_threshold: int = 5
     breaker_cooldown: float = 5.0
+
+    def __post_init__(self) -> None:
+        # A bad --esx-host is a usage error at start-up, not an EIO at the first open.
+        for pattern in self.esx_hosts:
+            split_host_port(pattern, "--esx-host")
 
     @property
     def api_choice(self) -> str:

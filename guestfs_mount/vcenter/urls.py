@@ -131,7 +131,7 @@ def check_transfer_url(
             " server is given as http://HOST"
         )
     default = 443 if scheme == "https" else 80
-    patterns = [_split_pattern(pat) for pat in esx_hosts]
+    patterns = [split_host_port(pat, "--esx-host") for pat in esx_hosts]
     named_ports = {p for pat, p in patterns if p is not None and fnmatch.fnmatchcase(host, pat)}
     host_trusted = (
         host == vcenter.host
@@ -159,16 +159,21 @@ def check_transfer_url(
     return final
 
 
-def _split_pattern(pattern: str) -> tuple[str, int | None]:
-    """``--esx-host`` ``PATTERN[:PORT]`` (``[v6]:PORT`` for IPv6) -> (glob, port)."""
-    pat = pattern.strip().lower()
-    if pat.startswith("["):
-        host, _, rest = pat[1:].partition("]")
-        port_s = rest[1:] if rest.startswith(":") else ""
-    elif pat.count(":") == 1:
-        host, _, port_s = pat.partition(":")
+def split_host_port(text: str, what: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]:port`` (or a glob in place of the host) ->
+    (lower-case host, port or None). The one parser of host[:port] options."""
+    k = text.strip().lower()
+    if k.startswith("["):
+        host, _, rest = k[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif k.count(":") == 1:
+        host, port = k.split(":")
     else:
-        host, port_s = pat, ""
-    if port_s.isdigit() and 0 < int(port_s) < 65536:
-        return host, int(port_s)
+        host, port = k, ""
+    if not host:
+        raise ConfigError(f"{what} {text!r} has no host")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{what} {text!r} has an invalid port")
+        return host, int(port)
     return host, None
