@@ -14,6 +14,7 @@ ODD_NAMES = [
     ".hidden",
     "x" * 255,
 ]
+ODD_NAMES_BYTES = [os.fsencode(n) for n in ODD_NAMES]
 
 
 def build(root: str) -> None:
