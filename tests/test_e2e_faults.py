@@ -292,7 +292,8 @@ def test_busy_few_calls_retried(sim: Any, mnt: Any, files: Files, kind: str) -> 
     assert time.monotonic() - t0 < TIMEOUT
     assert sim.faults()[kind] == 0  # all three were hit and retried
     after = sim.stats()["calls"]
-    assert sum(after.values()) - sum(before.values()) >= 5
+    if sim.api == "rest":  # the global counts are /api's; vim25 rejections are not in them
+        assert sum(after.values()) - sum(before.values()) >= 5
 
 
 def test_tools_briefly_not_running(sim: Any, files: Files, tmp_path: Any) -> None:
