@@ -29,7 +29,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     # A test marked one_transport runs once, over rest: the others add only CI time.
-    keep, drop = [], []
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
     for item in items:
         callspec = getattr(item, "callspec", None)
         api = callspec.params.get("api") if callspec is not None else None
