@@ -6,7 +6,12 @@ Every remote metadata call of the mount goes through here, so that:
 * a path's stat and a directory's listing are reused for ``ttl`` seconds
   (for ever with ``frozen``: an evidence view that never changes once seen);
 * ``NotFound`` is remembered too, so repeated probes (shells, ``git``) cost nothing;
-* listing a directory makes no per-file call.
+* listing a directory makes no per-file call, and a listing whose entries carry their
+  full attributes (vim25: ``DirEntry.stat``) fills the stat cache as well, so ``ls -l``,
+  ``find -ls`` and ``du`` cost the listing alone;
+* with ``stat_by_listing`` (vim25, where a stat is a listing call anyway), the stat of a
+  path whose directory is not listed yet lists that directory whole: the same one call
+  serves the siblings a walk asks for next.
 
 It also fetches in the background, a bounded number at a time, what it is told will be
 wanted soon (``stat_in_background``, ``list_in_background``); what and when is decided
@@ -119,8 +124,10 @@ class MetadataCache:
         background_parallel: int = 32,
         clock: Callable[[], float] = time.monotonic,
         paths: PosixPaths | None = None,
+        stat_by_listing: bool = False,
     ) -> None:
         self.backend = backend
+        self.stat_by_listing = stat_by_listing
         self.paths = paths or PosixPaths()
         self.frozen = frozen
         self.ttl = math.inf if frozen else ttl
@@ -163,6 +170,11 @@ class MetadataCache:
         return await self._stat_flights.run(path, lambda: self._fetch_stat(path))
 
     async def _fetch_stat(self, path: str) -> GuestStat:
+        parent = self.paths.parent(path)
+        if self.stat_by_listing and parent != path:
+            found = await self._stat_from_listing(parent, path)
+            if found is not None:
+                return found
         self.counters["stat_calls"] += 1
         try:
             st = await self.backend.stat(path)
@@ -173,9 +185,33 @@ class MetadataCache:
         self._missing.pop(path, None)
         return st
 
+    async def _stat_from_listing(self, parent: str, path: str) -> GuestStat | None:
+        """``path``'s stat from the (possibly just fetched) listing of ``parent``; None
+        when the listing cannot tell (an error other than NotFound, an entry without
+        attributes): the caller then asks for the stat itself."""
+        try:
+            await self.listdir(parent)
+        except NotFound:
+            self._missing[path] = True
+            raise
+        except Exception as exc:  # e.g. the parent is a file: a plain stat will tell
+            log.debug("listing %r to stat %r failed: %s", parent, path, exc)
+            return None
+        st = self._stats.get(path)
+        if st is not None:
+            return st
+        if self.entry(parent, self.paths.basename(path)) is False:
+            self._missing[path] = True
+            raise NotFound(f"{path}: no such file in the guest", path=path)
+        return None
+
     def seed(self, path: str, st: GuestStat) -> None:
-        """Remember a stat fetched elsewhere (the root, checked at start)."""
+        """Remember a stat fetched elsewhere (the root checked at start, the attributes
+        a transfer came with). A frozen view keeps what it already showed."""
+        if self.frozen and path in self._stats:
+            return
         self._stats[path] = st
+        self._missing.pop(path, None)
 
     # -- listings ---------------------------------------------------------------
 
@@ -203,7 +239,14 @@ class MetadataCache:
             self._lists[path] = _Listing(entries, self._versions)
         except ValueError:
             log.warning("listing of %r has %d entries: too large to cache", path, len(entries))
+        self._seed_listed(path, entries)
         return entries
+
+    def _seed_listed(self, path: str, entries: tuple[DirEntry, ...]) -> None:
+        # Inserted now, they expire with the listing (one TTL from the same moment).
+        for e in entries:
+            if e.stat is not None:
+                self.seed(self.paths.join(path, e.name), e.stat)
 
     def entry(self, parent: str, name: str) -> DirEntry | bool | None:
         """From a cached listing of ``parent``: the entry, ``False`` if the listing is

@@ -70,6 +70,8 @@ class _Guest:
     def __init__(self, client: VCenterClient, vm: str) -> None:
         self.client = client
         self.vm = vm
+        # Told the attributes a transfer came with (vim25), so the stat cache has them.
+        self.on_stat: Callable[[str, GuestStat], None] | None = None
 
     async def list_dir(self, path: str) -> list[DirEntry]:
         return await self.client.list_dir(self.vm, path)
@@ -78,7 +80,10 @@ class _Guest:
         return await self.client.stat(self.vm, path)
 
     async def fetch(self, path: str, size: int, sink: Sink) -> TransferResult:
-        return await self.client.download(self.vm, path, size, sink)
+        result = await self.client.download(self.vm, path, size, sink)
+        if result.stat is not None and self.on_stat is not None:
+            self.on_stat(path, result.stat)
+        return result
 
 
 def client_deadlines(client: ClientConfig, fuse_timeout: float) -> ClientConfig:
@@ -242,7 +247,10 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
             negative_ttl=cfg.fs.negative_ttl,
             frozen=cfg.frozen,
             paths=paths,
+            # vim25 has no stat call: a stat is a listing call, so list the whole directory.
+            stat_by_listing=client.transport_name in ("vi-json", "soap"),
         )
+        guest.on_stat = meta.seed
         ops = Operations(meta, content, cfg.fs, root=cfg.guest_root, paths=paths, nursery=nursery)
         meta.seed(cfg.guest_root, root)
         started = time.time()
@@ -265,6 +273,8 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
             return {
                 "mountpoint": cfg.mountpoint,
                 "vcenter": client.vcenter_netloc,
+                "transport": client.transport_name,
+                "transport_reason": client.transport_reason,
                 "vm": vm.vm,
                 "vm_name": vm.name,
                 "guest_root": cfg.guest_root,

@@ -68,6 +68,14 @@ def _api_line(api: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _transport_line(doc: Mapping[str, Any]) -> str:
+    name, why = doc.get("transport"), doc.get("transport_reason")
+    line = one_line(str(name)) if isinstance(name, str) and name else "?"
+    if isinstance(why, str) and why:
+        line += f" ({one_line(why)})"
+    return line
+
+
 def _metadata_line(meta: Mapping[str, Any]) -> str:
     stats, lists = _int(meta, "stat_calls"), _int(meta, "list_calls")
     hits = _int(meta, "stat_hits") + _int(meta, "list_hits")
@@ -121,6 +129,7 @@ def render(doc: Mapping[str, Any], now: float | None = None) -> str:
                f" on {one_line(str(doc.get('vcenter', '?')))}"),
         ("guest root", one_line(str(doc.get("guest_root", "?")))),
         ("daemon", daemon),
+        ("transport", _transport_line(doc)),
         ("cache", _cache_line(_dict(doc, "cache"))),
         ("api", _api_line(_dict(doc, "api"))),
         ("metadata", _metadata_line(_dict(doc, "metadata"))),

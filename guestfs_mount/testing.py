@@ -54,6 +54,21 @@ class Endpoint(Server, Accounts, Protocol):
     """Everything ``mounted`` needs of a simulator."""
 
 
+TRANSPORTS = ("rest", "vi-json", "soap")  # what end-to-end tests run over (--api)
+
+
+class ViaApi:
+    """A server seen through one transport: mounts of it get ``--api NAME``; everything
+    else (admin calls, faults, stats) is the server's."""
+
+    def __init__(self, server: Any, api: str) -> None:
+        self._server = server
+        self.api = api
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self._server, key)
+
+
 def mount_env(sim: Accounts, **overrides: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -85,6 +100,9 @@ def mount_argv(sim: Server, mnt: str, *extra: str, vm: str | None = None) -> lis
         # The simulator's ESXi listener is a port of the vCenter host: trusted only if named.
         host = urllib.parse.urlsplit(sim.vcenter_url).hostname or "127.0.0.1"
         argv += ["--esx-host", f"{host}:{esx_port}"]
+    api = getattr(sim, "api", None)
+    if isinstance(api, str):
+        argv += ["--api", api]
     return argv + list(extra)
 
 

@@ -4,6 +4,8 @@ import shutil
 
 import pytest
 
+from guestfs_mount.testing import TRANSPORTS
+
 faulthandler.enable()
 
 
@@ -11,7 +13,32 @@ def fuse_available() -> bool:
     return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
 
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def api(request):
+    """The transport an end-to-end module's mounts use (``--api``); with
+    ``testing.ViaApi(sim, api)`` every mount of the module runs once per transport."""
+    return request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "one_transport: transport-independent (kernel or body path only): run over rest alone",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
+    # A test marked one_transport runs once, over rest: the others add only CI time.
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        api = callspec.params.get("api") if callspec is not None else None
+        once = item.get_closest_marker("one_transport") is not None
+        (drop if once and api not in (None, TRANSPORTS[0]) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
     if fuse_available():
         return
     skip = pytest.mark.skip(reason="needs /dev/fuse and fusermount3")

@@ -21,6 +21,8 @@ class FakeGuest:
     async def list_dir(self, path: str) -> list[DirEntry]:
         self.list_calls.append(path)
         await trio.sleep(self.delay)
+        if path not in self.tree:
+            raise NotFound("no such directory", path=path)
         return list(self.tree[path])
 
     async def stat(self, path: str) -> GuestStat:

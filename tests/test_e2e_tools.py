@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from guestfs_mount.sim.testing import run_simulator
-from guestfs_mount.testing import mounted
+from guestfs_mount.testing import ViaApi, mounted
 from tests import trees
 
 pytestmark = pytest.mark.fuse
@@ -43,10 +43,15 @@ def source(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mnt(source, tmp_path_factory):
-    with run_simulator("--root", source) as sim:
-        mp = str(tmp_path_factory.mktemp("mnt"))
-        with mounted(sim, mp) as m:
+def sim(source):
+    with run_simulator("--root", source) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def mnt(sim, api, tmp_path_factory):
+    mp = str(tmp_path_factory.mktemp("mnt"))
+    with mounted(ViaApi(sim, api), mp) as m:
             yield m
 
 
@@ -93,11 +98,12 @@ def test_sha256sum_manifest(source, mnt):
 
 
 def test_plain_ls_makes_no_per_file_call(tmp_path):
+    """Over REST (listings without attributes): vim25's costs are in test_e2e_transports."""
     root = tmp_path / "g"
     (root / "d").mkdir(parents=True)
     for i in range(300):
         (root / "d" / f"f{i}").write_bytes(b"x")
-    with run_simulator("--root", str(root)) as sim, mounted(sim, str(tmp_path / "m")) as m:
+    with run_simulator("--root", str(root)) as sim, mounted(sim, str(tmp_path / "m"), "--api", "rest") as m:
         os.stat(m.path("d"))
         sim.reset_stats()
         names = _run("ls", "--color=never", m.path("d")).split()

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from guestfs_mount.sim.testing import run_simulator
-from guestfs_mount.testing import mounted
+from guestfs_mount.testing import ViaApi, mounted
 
 pytestmark = pytest.mark.fuse
 
@@ -28,10 +28,15 @@ def drive(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mnt(drive, tmp_path_factory):
-    with run_simulator("--windows-vm", f"win={drive}") as sim:
-        mp = str(tmp_path_factory.mktemp("mnt"))
-        with mounted(sim, mp, "--guest-root", sim.guest_root("win"), vm="win") as m:
+def sim(drive):
+    with run_simulator("--windows-vm", f"win={drive}") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def mnt(sim, api, tmp_path_factory):
+    mp = str(tmp_path_factory.mktemp("mnt"))
+    with mounted(ViaApi(sim, api), mp, "--guest-root", sim.guest_root("win"), vm="win") as m:
             yield m
 
 

@@ -6,7 +6,7 @@ import trio.testing
 
 from guestfs_mount.errors import NotFound, ResourceBusy
 from guestfs_mount.meta import MetadataCache
-from guestfs_mount.model import DirEntry, FileType
+from guestfs_mount.model import DirEntry, FileType, GuestStat
 
 from .guests import FakeGuest, big_tree
 
@@ -128,3 +128,64 @@ async def test_entry_lookup_exact_casefolded_and_position(nursery):
     assert m.entry("/", "readme.txt") is False
     assert m.entry_casefold("/", "readme.TXT") == DirEntry("README.txt", FileType.FILE, 1)
     assert m.position("/", "b") == 1 and m.position("/", "zz") is None
+
+
+def _vim_tree() -> dict[str, list[DirEntry]]:
+    """Listings that carry every entry's attributes, as vim25's ListFilesInGuest does."""
+
+    def e(name: str, ftype: FileType, size: int) -> DirEntry:
+        return DirEntry(name, ftype, size, stat=GuestStat(ftype, size, 7, 7, permissions=0o600))
+
+    return {
+        "/": [e("d", FileType.DIRECTORY, 0), e("f", FileType.FILE, 3)],
+        "/d": [e("x", FileType.FILE, 1), e("y", FileType.FILE, 2)],
+    }
+
+
+async def test_listing_with_attributes_fills_the_stat_cache(nursery):
+    clock = [0.0]
+    g = FakeGuest(_vim_tree())
+    m = MetadataCache(g, nursery=nursery, ttl=60, clock=lambda: clock[0])
+    await m.listdir("/d")
+    assert (await m.stat("/d/x")).permissions == 0o600
+    assert (await m.stat("/d/y")).size == 2
+    m.stat_in_background(["/d/x", "/d/y"])  # stat-ahead finds them cached: no call
+    await trio.testing.wait_all_tasks_blocked()
+    assert g.stat_calls == [] and m.counters["stat_hits"] == 2
+    clock[0] = 61  # they expire with the listing they came from
+    assert m.cached_stat("/d/x") is None and m.cached_listing("/d") is None
+
+
+async def test_stat_by_listing_lists_the_parent_once_for_all_siblings(nursery):
+    g = FakeGuest(_vim_tree())
+    m = MetadataCache(g, nursery=nursery, stat_by_listing=True)
+    assert (await m.stat("/d/x")).size == 1
+    assert (await m.stat("/d/y")).size == 2
+    with pytest.raises(NotFound):
+        await m.stat("/d/missing")
+    with pytest.raises(NotFound):
+        await m.stat("/nodir/z")  # the parent does not exist: one failed listing
+    with pytest.raises(NotFound):
+        await m.stat("/nodir/z")
+    assert g.list_calls == ["/d", "/nodir"] and g.stat_calls == []
+    await m.stat("/")  # the root has no parent to list: its own stat
+    assert g.stat_calls == ["/"]
+
+
+async def test_stat_by_listing_falls_back_when_the_listing_has_no_attributes(nursery):
+    g = FakeGuest(big_tree())
+    m = MetadataCache(g, nursery=nursery, stat_by_listing=True)
+    assert (await m.stat("/d/sub1/x")).size == 1
+    assert g.list_calls == ["/d/sub1"] and g.stat_calls == ["/d/sub1/x"]
+
+
+async def test_frozen_seed_keeps_what_was_shown(nursery):
+    g = FakeGuest(_vim_tree())
+    m = MetadataCache(g, nursery=nursery, frozen=True)
+    first = await m.stat("/d/x")
+    m.seed("/d/x", GuestStat(FileType.FILE, 99, 8, 8))  # a transfer saw a newer version
+    assert await m.stat("/d/x") == first
+    live = MetadataCache(g, nursery=nursery)
+    await live.stat("/d/x")
+    live.seed("/d/x", GuestStat(FileType.FILE, 99, 8, 8))
+    assert (await live.stat("/d/x")).size == 99

@@ -11,6 +11,8 @@ NOW = 1_700_000_000.0
 DOC = {
     "mountpoint": "/mnt/web01",
     "vcenter": "vc.example.com:443",
+    "transport": "soap",
+    "transport_reason": "auto: VMware ESXi 8.0.2 (standalone ESXi host) answers SOAP at /sdk\n",
     "vm": "vm-42",
     "vm_name": "web01",
     "guest_root": "/",
@@ -53,6 +55,9 @@ def test_render_for_a_person():
     assert fields["api"] == "160 calls, 3 errors (ResourceBusy 3), 3 retries"
     assert fields["metadata"] == "100 stats and 20 listings fetched, 75% answered from cache"
     assert fields["transfers"] == "2 in flight"
+    assert fields["transport"] == (
+        "soap (auto: VMware ESXi 8.0.2 (standalone ESXi host) answers SOAP at /sdk\\x0a)"
+    )
     column = len("  guest root  ")  # every value starts in the same column
     assert all(line[column - 1] == " " != line[column] for line in lines[1:8])
     rows = [line for line in lines if line.startswith("    ")]
@@ -67,6 +72,9 @@ def test_render_idle_mount():
     text = status.render(doc, now=NOW)
     assert "transfers   none in flight" in text
     assert "0 calls, no errors" in text and "frozen" not in text
+    # a daemon that has not chosen yet (or an older one) says so, not "None"
+    old = {k: v for k, v in doc.items() if not k.startswith("transport")}
+    assert "transport   ?" in status.render(old, now=NOW)
 
 
 def test_json_prints_everything(monkeypatch, capsys):

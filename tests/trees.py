@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 ODD_NAMES = [
     "with space.txt",
@@ -13,6 +14,7 @@ ODD_NAMES = [
     ".hidden",
     "x" * 255,
 ]
+ODD_NAMES_BYTES = [os.fsencode(n) for n in ODD_NAMES]
 
 
 def build(root: str) -> None:
@@ -85,3 +87,36 @@ def write_random_file(path: str, size: int, chunk: int = 8 << 20) -> None:
             f.write(block[:left])
             left -= len(block[:left])
             i += 1
+
+
+def build_debian_like(
+    root: str, dirs: int = 300, files: int = 3000, seed: int = 12
+) -> dict[str, int]:
+    """A tree shaped like a Debian root: a few top directories (etc, usr, var, ...),
+    nested a few levels, most directories small, a few with hundreds of entries, small
+    text files, symlinks here and there. Returns how many directories and files it made."""
+    rng = random.Random(seed)
+    tops = ["bin", "boot", "etc", "home", "lib", "opt", "root", "sbin", "srv", "usr", "var"]
+    made = [os.path.join(root, t) for t in tops]
+    for d in made:
+        os.makedirs(d, exist_ok=True)
+    while len(made) < dirs:
+        parent = rng.choice(made)
+        if parent.count(os.sep) - root.count(os.sep) >= 6:
+            continue
+        d = os.path.join(parent, f"d{len(made)}")
+        os.makedirs(d)
+        made.append(d)
+    # Zipf-like: a few directories hold most files (as /usr/share/doc, /etc do).
+    weights = [1.0 / (i + 1) for i in range(len(made))]
+    rng.shuffle(weights)
+    for i in range(files):
+        d = rng.choices(made, weights)[0]
+        path = os.path.join(d, f"f{i}.conf")
+        if i % 37 == 0:
+            os.symlink(f"f{i - 1}.conf", path)
+            continue
+        with open(path, "wb") as f:
+            f.write(rng.randbytes(rng.randint(0, 2048)))
+        os.chmod(path, rng.choice((0o644, 0o600, 0o755)))
+    return {"dirs": len(made) + 1, "files": files - (files + 36) // 37}

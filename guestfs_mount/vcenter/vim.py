@@ -66,7 +66,9 @@ _FAULTS: dict[str, tuple[type[ApiError], str | None]] = {
     "NotAFile": (InvalidArgument, "NOT_A_FILE"),
     "InvalidArgument": (InvalidArgument, None),
     "GuestOperationsUnavailable": (ServiceUnavailable, None),
-    "InvalidState": (NotAllowedInCurrentState, None),
+    # A guest busy with another operation answers InvalidState (real-guest-ops.md §1):
+    # transient, retried like REST's RESOURCE_BUSY. InvalidPowerState stays final.
+    "InvalidState": (ResourceBusy, None),
     "InvalidPowerState": (NotAllowedInCurrentState, None),
     "TaskInProgress": (ResourceBusy, None),
     "InvalidLogin": (Unauthenticated, None),

@@ -1,0 +1,197 @@
+"""Per-VM scheduling of guest operations: one adaptive lane per VM, two priorities.
+
+A real VM runs its guest operations one at a time (``../shared/docs/real-guest-ops.md``):
+the control-plane delay is paid in parallel, the guest lane serially, so about
+``1 + delay / service`` calls in flight keep the lane busy and more only lengthen its
+queue. Each VM gets a :class:`Lane` whose in-flight limit adapts in the spirit of TCP
+Vegas: it grows by one per limit's worth of calls while round trips stay near the
+smallest seen, and shrinks (multiplicatively) when they rise or the guest rejects.
+
+Foreground calls (a syscall waits) are always served before background ones
+(stat-ahead, list-ahead, prefetch: :data:`priority` set to ``BACKGROUND`` by
+read-ahead's tasks); background calls take at most ``bg_fraction`` of the slots, so a
+foreground call waits for at most the one operation ahead of it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from guestfs_mount.errors import NotAllowedInCurrentState, ResourceBusy, ServiceUnavailable
+
+__all__ = ["Lane", "LaneStats", "Priority", "Scheduler", "is_rejection", "priority"]
+
+
+class Priority(enum.Enum):
+    FOREGROUND = "foreground"
+    BACKGROUND = "background"
+
+
+# Foreground is the default: only read-ahead's own tasks mark themselves background.
+priority: contextvars.ContextVar[Priority] = contextvars.ContextVar(
+    "guestfs_priority", default=Priority.FOREGROUND
+)
+
+_REJECTIONS = (NotAllowedInCurrentState, ResourceBusy, ServiceUnavailable)
+
+
+def is_rejection(exc: BaseException) -> bool:
+    """The guest (or vCenter) refused for load, not for the request itself."""
+    return isinstance(exc, _REJECTIONS)
+
+
+@dataclass
+class LaneStats:
+    calls: int = 0
+    background_calls: int = 0
+    rejections: int = 0
+    max_in_flight: int = 0
+    max_waiting: int = 0
+
+
+class Lane:
+    """The in-flight limit and the two queues of one VM."""
+
+    def __init__(
+        self,
+        max_limit: int,
+        *,
+        start: float = 2.0,
+        bg_fraction: float = 0.5,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.max_limit = max(1, max_limit)
+        self.limit = min(float(self.max_limit), max(1.0, start))
+        self.bg_fraction = bg_fraction
+        self.in_flight = 0
+        self.bg_in_flight = 0
+        self.min_rtt = math.inf
+        self.stats = LaneStats()
+        self._clock = clock
+        self._waiting: dict[Priority, deque[trio.Event]] = {p: deque() for p in Priority}
+
+    # -- admission -------------------------------------------------------------------
+
+    def _bg_cap(self) -> int:
+        return max(1, math.floor(self.limit * self.bg_fraction))
+
+    def _admissible(self, prio: Priority) -> bool:
+        if self.in_flight >= math.floor(self.limit):
+            return False
+        if prio is Priority.FOREGROUND:
+            return True
+        return not self._waiting[Priority.FOREGROUND] and self.bg_in_flight < self._bg_cap()
+
+    def _wake(self) -> None:
+        for prio in Priority:  # foreground first
+            q = self._waiting[prio]
+            while q and self._admissible(prio):
+                ev = q.popleft()
+                self._take(prio)
+                ev.set()
+            if q:
+                return  # a foreground waiter blocks background ones
+
+    def _take(self, prio: Priority) -> None:
+        self.in_flight += 1
+        if prio is Priority.BACKGROUND:
+            self.bg_in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.in_flight)
+
+    def _give(self, prio: Priority) -> None:
+        self.in_flight -= 1
+        if prio is Priority.BACKGROUND:
+            self.bg_in_flight -= 1
+        self._wake()
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    @asynccontextmanager
+    async def slot(self, prio: Priority | None = None) -> AsyncIterator[None]:
+        """Hold one in-flight slot for the body; the body's duration is its round trip,
+        a rejection inside it lowers the limit."""
+        prio = prio or priority.get()
+        if self._admissible(prio) and not self._waiting[prio]:
+            self._take(prio)
+        else:
+            ev = trio.Event()
+            self._waiting[prio].append(ev)
+            self.stats.max_waiting = max(self.stats.max_waiting, self.waiting)
+            try:
+                await ev.wait()
+            except BaseException:
+                if ev.is_set():
+                    self._give(prio)  # admitted just as we were cancelled
+                else:
+                    self._waiting[prio].remove(ev)
+                    self._wake()
+                raise
+        self.stats.calls += 1
+        if prio is Priority.BACKGROUND:
+            self.stats.background_calls += 1
+        t0 = self._clock()
+        try:
+            yield
+        except Exception as e:
+            if is_rejection(e):
+                self.rejected()
+            raise
+        else:
+            self.observe(self._clock() - t0)
+        finally:
+            self._give(prio)
+
+    # -- adaptation (Vegas-like AIMD) --------------------------------------------------
+
+    def observe(self, rtt: float) -> None:
+        """A call finished after ``rtt`` seconds."""
+        self.min_rtt = min(self.min_rtt, rtt)
+        if rtt <= 1.5 * self.min_rtt:
+            # additive increase: about +1 per round trip's worth of calls
+            self.limit = min(float(self.max_limit), self.limit + 1.0 / max(1.0, self.limit))
+        elif rtt > 2.5 * self.min_rtt:
+            # the calls queue in the guest: each one waits behind the others
+            self.limit = max(1.0, self.limit - 1.0 / max(1.0, self.limit) * 2)
+        self._wake()
+
+    def rejected(self) -> None:
+        """The guest refused for load: multiplicative decrease."""
+        self.stats.rejections += 1
+        self.limit = max(1.0, self.limit / 2)
+
+
+class Scheduler:
+    """One :class:`Lane` per VM id."""
+
+    def __init__(
+        self,
+        max_limit: int,
+        *,
+        bg_fraction: float = 0.5,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.max_limit = max_limit
+        self.bg_fraction = bg_fraction
+        self._clock = clock
+        self._lanes: dict[str, Lane] = {}
+
+    def lane(self, vm: str) -> Lane:
+        lane = self._lanes.get(vm)
+        if lane is None:
+            lane = self._lanes[vm] = Lane(
+                self.max_limit, bg_fraction=self.bg_fraction, clock=self._clock
+            )
+        return lane
+
+    def slot(self, vm: str, prio: Priority | None = None) -> AbstractAsyncContextManager[None]:
+        return self.lane(vm).slot(prio)

@@ -1,0 +1,136 @@
+"""The per-VM guest-operation scheduler: priorities, the in-flight cap, back-off."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from guestfs_mount.errors import NotAllowedInCurrentState
+from guestfs_mount.vcenter.scheduler import Lane, Priority, Scheduler, priority
+
+
+def _run(fn):  # type: ignore[no-untyped-def]
+    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_in_flight_never_exceeds_the_cap() -> None:
+    seen: list[int] = []
+
+    async def main() -> None:
+        lane = Lane(3, start=3)
+
+        async def call() -> None:
+            async with lane.slot():
+                seen.append(lane.in_flight)
+                await trio.sleep(1)
+
+        async with trio.open_nursery() as n:
+            for _ in range(20):
+                n.start_soon(call)
+        assert lane.stats.calls == 20
+
+    _run(main)
+    assert max(seen) == 3
+
+
+def test_foreground_served_before_waiting_background() -> None:
+    order: list[str] = []
+
+    async def main() -> None:
+        lane = Lane(1, start=1)
+
+        async def call(tag: str, prio: Priority) -> None:
+            async with lane.slot(prio):
+                order.append(tag)
+                await trio.sleep(1)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(call, "first", Priority.BACKGROUND)
+            await trio.sleep(0.1)
+            for i in range(3):
+                n.start_soon(call, f"bg{i}", Priority.BACKGROUND)
+            await trio.sleep(0.1)
+            n.start_soon(call, "fg", Priority.FOREGROUND)
+
+    _run(main)
+    # the foreground call waits for the one operation ahead of it, no more
+    assert order[:2] == ["first", "fg"]
+
+
+def test_background_takes_at_most_its_fraction() -> None:
+    peak = [0]
+
+    async def main() -> None:
+        lane = Lane(4, start=4, bg_fraction=0.5)
+
+        async def call() -> None:
+            async with lane.slot():
+                peak[0] = max(peak[0], lane.bg_in_flight)
+                await trio.sleep(1)
+
+        async def bg_task() -> None:
+            priority.set(Priority.BACKGROUND)  # as read-ahead's tasks do
+            async with trio.open_nursery() as n:
+                for _ in range(10):
+                    n.start_soon(call)
+
+        await bg_task()
+        assert lane.stats.background_calls == 10
+
+    _run(main)
+    assert peak[0] == 2
+
+
+def test_rejection_halves_the_limit_and_propagates() -> None:
+    async def main() -> None:
+        lane = Lane(8, start=8)
+        with pytest.raises(NotAllowedInCurrentState):
+            async with lane.slot():
+                raise NotAllowedInCurrentState("busy guest")
+        assert lane.limit == 4
+        assert lane.stats.rejections == 1
+        assert lane.in_flight == 0
+
+    _run(main)
+
+
+def test_limit_grows_while_round_trips_stay_flat_and_shrinks_when_they_rise() -> None:
+    async def main() -> None:
+        lane = Lane(6, start=1)
+        for _ in range(30):
+            async with lane.slot():
+                await trio.sleep(0.1)
+        assert lane.limit == 6  # capped by --guest-ops
+        for _ in range(10):
+            async with lane.slot():
+                await trio.sleep(1.0)  # queueing in the guest
+        assert lane.limit < 6
+
+    _run(main)
+
+
+def test_cancelled_waiter_gives_its_place_back() -> None:
+    async def main() -> None:
+        lane = Lane(1, start=1)
+
+        async def holder() -> None:
+            async with lane.slot():
+                await trio.sleep(5)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(holder)
+            await trio.sleep(0.1)
+            with trio.move_on_after(1):
+                async with lane.slot():
+                    pass
+            assert lane.waiting == 0
+        assert lane.in_flight == 0
+
+    _run(main)
+
+
+def test_one_lane_per_vm() -> None:
+    s = Scheduler(4)
+    assert s.lane("vm-1") is s.lane("vm-1")
+    assert s.lane("vm-1") is not s.lane("vm-2")
