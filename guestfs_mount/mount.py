@@ -297,7 +297,11 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
         pyfuse3.init(ops, cfg.mountpoint, _mount_options(cfg))
         stack.callback(_unmount, cfg.mountpoint)
         nursery.start_soon(_raise_read_ahead_after_init, ops, cfg.mountpoint, cfg.read_ahead_kb)
-        log.info("mounted %s (%s) %s on %s", vm.name, vm.vm, cfg.guest_root, cfg.mountpoint)
+        log.info(
+            "mounted %s (%s) %s on %s; vCenter API: %s (%s)",
+            vm.name, vm.vm, cfg.guest_root, cfg.mountpoint,
+            client.transport_name, client.transport_reason,
+        )  # fmt: skip
         nursery.start_soon(_serve_control_quietly, control_path, snapshot, evidence)
         if cfg.progress:
             _start_progress(nursery, content.in_flight)

@@ -136,7 +136,8 @@ class VCenterClient:
             async with self._choose_lock:
                 if self._transport is None:
                     t, why = await probe.choose(self.http, self._api)
-                    log.info("vCenter API: %s (%s)", t.name, why)
+                    # The mount's "mounted ..." line names it; here only for --debug.
+                    log.debug("vCenter API: %s (%s)", t.name, why)
                     self._transport, self._transport_reason = t, why
         return self._transport
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import ssl
 import time
 from collections import Counter
@@ -60,6 +61,14 @@ _ALIASES = {"released": "rest"}  # the name of --api rest before the vim25 trans
 _EMPTY: Mapping[str, str] = {}
 
 
+# httpcore's DEBUG lines dump response headers as ``(b'name', b'value')`` pairs: the
+# VI/JSON session id and the SOAP session cookie arrive that way.
+_SESSION_HEADER = re.compile(
+    r"""\(b?['"](?:vmware-api-session-id|set-cookie|cookie)['"],\s*b?(['"]).*?\1\)""",
+    re.IGNORECASE,
+)
+
+
 class _RedactFilter(logging.Filter):
     """httpx/httpcore log request URLs at INFO/DEBUG; transfer URLs carry ``token=``."""
 
@@ -68,14 +77,22 @@ class _RedactFilter(logging.Filter):
             msg = record.getMessage()
         except Exception:
             return True
-        red = redact(msg)
+        red = _SESSION_HEADER.sub("(<session header>, <redacted>)", redact(msg))
         if red != msg:
             record.msg = red
             record.args = None
         return True
 
 
-for _name in ("httpx", "httpcore"):
+# A logger's filters see only its own records, not its children's: name each one.
+for _name in (
+    "httpx",
+    "httpcore",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+):
     _lg = logging.getLogger(_name)
     if not any(isinstance(f, _RedactFilter) for f in _lg.filters):
         _lg.addFilter(_RedactFilter())

@@ -87,6 +87,9 @@ def fault_error(
     cls, reason = _FAULTS.get(type_name, (ApiError, None))
     data = {"reason": reason} if reason else None
     text = f"{desc} failed: {type_name}" + (f": {message}" if message else "")
+    if type_name == "InvalidPowerState":
+        # Guest operations need a running VM; say so in the user's words, as REST does.
+        text = f"{desc} failed: the VM is powered off or suspended ({type_name})"
     return cls(
         text,
         status=status,
