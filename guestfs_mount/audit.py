@@ -31,7 +31,7 @@ class AuditLog:
         self._static = {"vcenter": vcenter, "vm": vm, "vm_name": vm_name}
 
     def record(self, ev: TransferEvent) -> None:
-        line = {
+        line: dict[str, object] = {
             "time": _iso(ev.started + ev.seconds),
             **self._static,
             "path": ev.key.path,
@@ -45,6 +45,11 @@ class AuditLog:
             # Fetched ahead of a sequential directory read, not by an open (--no-prefetch).
             "prefetch": ev.prefetch,
         }
+        if ev.seen is not None:
+            # The file changed between the stat the kernel was shown and the transfer:
+            # what was fetched (size/mtime above) and what had been seen.
+            line["stat_seen"] = {"size": ev.seen.size, "mtime": _iso(ev.seen.mtime_ns / 1e9)}
+            line["stat_fetched"] = {"size": ev.key.size, "mtime": _iso(ev.key.mtime_ns / 1e9)}
         if ev.error is not None:
             line["error"] = f"{type(ev.error).__name__}: {ev.error}"
         data = (json.dumps(line, ensure_ascii=True) + "\n").encode()

@@ -26,7 +26,7 @@ import pyfuse3
 import trio
 
 from .audit import AuditLog
-from .cache.content import ContentCache, Sink, TransferEvent
+from .cache.content import ContentCache, OnStart, Sink, TransferEvent
 from .control import serve_control, socket_path
 from .errors import ConfigError, InvalidArgument, NotFound
 from .fs import FsOptions, Operations
@@ -75,8 +75,10 @@ class _Guest:
     async def stat(self, path: str) -> GuestStat:
         return await self.client.stat(self.vm, path)
 
-    async def fetch(self, path: str, size: int, sink: Sink) -> TransferResult:
-        return await self.client.download(self.vm, path, size, sink)
+    async def fetch(
+        self, path: str, size: int, sink: Sink, on_start: OnStart | None = None
+    ) -> TransferResult:
+        return await self.client.download(self.vm, path, size, sink, on_start)
 
 
 def client_deadlines(client: ClientConfig, fuse_timeout: float) -> ClientConfig:

@@ -102,6 +102,11 @@ class BodyGet:
     desc: str
     where: str
     pool: ConnectionPool | None = None
+    # False when ``expected`` is only the size a stat showed earlier (REST gives no stat
+    # with the URL): a different Content-Length is then the file as it is now.
+    strict_length: bool = True
+    # Called on the event loop once the body's length is known, before any byte.
+    on_start: Callable[[int], None] | None = None
     _hasher: ThreadPoolExecutor | None = None
     nbytes: int = 0
     digest: str = ""
@@ -195,6 +200,8 @@ class BodyGet:
         if status != 200:
             raise TransferError(f"{self.desc}: {self.where} answered HTTP {status}")
         cl = resp.getheader("content-length")
+        if cl is not None and cl.strip().isdigit() and not self.strict_length:
+            self.expected = int(cl)  # the file changed since its stat: serve it as it is
         if cl is not None and (not cl.strip().isdigit() or int(cl) != self.expected):
             raise TransferError(
                 f"{self.desc}: Content-Length {cl[:30]!r} differs from the expected size"
@@ -203,6 +210,8 @@ class BodyGet:
         enc = (resp.getheader("content-encoding") or "identity").strip().lower()
         if enc not in ("", "identity"):
             raise TransferError(f"{self.desc}: unexpected Content-Encoding {enc[:30]!r}")
+        if self.on_start is not None:
+            trio.from_thread.run_sync(self.on_start, self.expected)
         h = hashlib.sha256()
         m = hashlib.md5(usedforsecurity=False)
 
