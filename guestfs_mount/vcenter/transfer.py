@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import select
 import socket
 import ssl
 import threading
@@ -191,6 +192,21 @@ class BodyGet:
         conn.sock.settimeout(self.stall_timeout)
         return conn.getresponse()
 
+    def _more_ready(self) -> bool:
+        """Whether the next read returns at once. When it would wait, the bytes in hand
+        are handed over first: a reader may be waiting for them (a slow or stalled body
+        must not keep what arrived in this thread)."""
+        sock = getattr(self._conn, "sock", None)
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            ready, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(ready)
+
     def _run(self, send: trio.MemorySendChannel[bytes]) -> bool:
         """Stream the body; True when the connection may serve another transfer."""
         resp = self._connect()
@@ -255,8 +271,10 @@ class BodyGet:
             else:
                 eof = True
             now = time.monotonic()
-            if not pending or (not eof and pending_len < batch and now - last < FLUSH_AFTER):
-                continue
+            if not pending or (
+                not eof and pending_len < batch and now - last < FLUSH_AFTER and self._more_ready()
+            ):
+                continue  # more is there at once: fill the batch
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()
             pending_len = 0
