@@ -492,6 +492,11 @@ class ContentCache:
             # What running downloads still have to write is not free any more.
             free -= sum(max(e.size - e.written, 0) for e in self._running)
             free += already
+            if size > free and size <= self._max_bytes:
+                # The disk is fuller than the accounting says: free what nobody uses.
+                before = self._usage
+                self._make_room(-1, include_running=False, need_free=size - free)
+                free += before - self._usage
         if size > self._max_bytes or (free is not None and size > free):
             self._stats["refused_too_big"] += 1
             room = self._max_bytes if free is None else min(self._max_bytes, free)
