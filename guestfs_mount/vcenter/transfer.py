@@ -192,8 +192,9 @@ class BodyGet:
         conn.sock.settimeout(self.stall_timeout)
         return conn.getresponse()
 
-    def _more_ready(self) -> bool:
-        """Whether the next read returns at once. When it would wait, the bytes in hand
+    def _more_ready(self, wait: float) -> bool:
+        """Whether more bytes arrive within ``wait`` seconds (the rest of the batch's 20 ms),
+        so batches stay large while data flows. When it would wait, the bytes in hand
         are handed over first: a reader may be waiting for them (a slow or stalled body
         must not keep what arrived in this thread)."""
         sock = getattr(self._conn, "sock", None)
@@ -202,7 +203,7 @@ class BodyGet:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
         try:
-            ready, _, _ = select.select([sock], [], [], 0)
+            ready, _, _ = select.select([sock], [], [], max(wait, 0.0))
         except (OSError, ValueError):
             return False
         return bool(ready)
@@ -272,7 +273,8 @@ class BodyGet:
                 eof = True
             now = time.monotonic()
             if not pending or (
-                not eof and pending_len < batch and now - last < FLUSH_AFTER and self._more_ready()
+                not eof and pending_len < batch and now - last < FLUSH_AFTER
+                and self._more_ready(FLUSH_AFTER - (now - last))
             ):
                 continue  # more is there at once: fill the batch
             data = pending[0] if len(pending) == 1 else b"".join(pending)
