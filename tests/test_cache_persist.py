@@ -54,3 +54,36 @@ def test_second_index_on_same_dir_is_refused(tmp_path: Path) -> None:
         PersistentIndex(fd2)
     os.close(fd2)
     idx.close()
+
+
+def test_sigkill_while_recording_leaves_only_whole_records(tmp_path: Path) -> None:
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    d = tmp_path / "cache"
+    fileio.prepare_directory(str(d))
+    script = (
+        "import os, sys, time\n"
+        "from guestfs_mount.cache.persist import PersistentIndex, Record\n"
+        "idx = PersistentIndex(os.open(sys.argv[1], os.O_RDONLY))\n"
+        "print('ready', flush=True)\n"
+        "i = 0\n"
+        "while True:\n"
+        "    idx.record(Record('vc', 'u', f'/f{i % 50}', i, 0, 'a' * 64, 'c', 0.0, 0.0))\n"
+        "    i += 1\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(d)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    while len(list((d / "index").glob("*.json"))) < 20:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    records = list((d / "index").glob("*.json"))
+    assert records
+    for p in records:
+        assert Record(**json.loads(p.read_bytes())).instance_uuid == "u"
+    # The lock died with the process: a new mount may use the directory.
+    PersistentIndex(os.open(d, os.O_RDONLY)).close()
