@@ -49,7 +49,7 @@ class AuditLog:
         self._write(HEADER, {**header, **self._static, **(case or {})})
 
     def record(self, ev: TransferEvent) -> None:
-        line = {
+        line: dict[str, object] = {
             "time": _iso(ev.started + ev.seconds),
             "path": ev.key.path,
             "size": ev.key.size,
@@ -63,6 +63,11 @@ class AuditLog:
             # Fetched ahead of a sequential directory read, not by an open (--no-prefetch).
             "prefetch": ev.prefetch,
         }
+        if ev.seen is not None:
+            # The file changed between the stat the kernel was shown and the transfer:
+            # what was fetched (size/mtime above) and what had been seen.
+            line["stat_seen"] = {"size": ev.seen.size, "mtime": _iso(ev.seen.mtime_ns / 1e9)}
+            line["stat_fetched"] = {"size": ev.key.size, "mtime": _iso(ev.key.mtime_ns / 1e9)}
         if ev.error is not None:
             line["error"] = f"{type(ev.error).__name__}: {ev.error}"
         self._count += 1

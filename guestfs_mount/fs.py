@@ -10,6 +10,7 @@ of the requests is not decided here: the handlers tell ``readahead`` what was as
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -49,7 +50,10 @@ _XATTR_PREFIX = b"user.guestfs."
 class ContentStore(Prefetcher, Protocol):
     """What the FUSE layer (and, through it, read-ahead) needs of the content cache."""
 
+    version_listener: Callable[[ContentKey, ContentKey, GuestStat | None], None] | None
+
     async def open(self, key: ContentKey) -> int: ...
+    async def started(self, handle: int) -> None: ...
     async def read(self, handle: int, offset: int, size: int) -> bytes: ...
     def release(self, handle: int) -> None: ...
     def sha256(self, key: ContentKey) -> str | None: ...
@@ -145,6 +149,7 @@ class Operations(pyfuse3.Operations):
         self._resolved_links: dict[tuple[str, str], str] = {}
         self._reported: dict[tuple[str, str], float] = {}
         self.initialized = trio.Event()
+        content.version_listener = self._version_changed
 
     def init(self) -> None:
         # Called by pyfuse3 when the kernel's INIT arrives, before its reply: settings the
@@ -255,6 +260,30 @@ class Operations(pyfuse3.Operations):
         a.st_ino = 0  # a negative entry: the kernel remembers "no such name"
         a.entry_timeout = min(self.opts.negative_ttl, self.meta.ttl)
         return a
+
+    def _version_changed(
+        self, old: ContentKey, new: ContentKey, stat: GuestStat | None
+    ) -> None:
+        """A transfer found ``old.path`` changed since its stat: show the version fetched
+        (runs on the loop before any of its bytes is served)."""
+        path = old.path
+        known = self.meta.cached_stat(path)
+        if stat is None and known is not None:
+            # REST gives no stat with the URL: the length is certain, the mtime is not.
+            stat = dataclasses.replace(known, size=new.size, mtime_ns=new.mtime_ns)
+        if stat is not None:
+            self.meta.seed(path, stat)  # --frozen too: nothing of the old one was read
+        ino = self.inodes.inode(path)
+        if self._last_key.get(ino) == old:
+            self._last_key[ino] = new
+        for f in self._files.values():
+            if f.key == old:
+                f.key = new
+        try:
+            # Attributes only: never the pages (that could wait on a read we serve).
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError:
+            pass  # the kernel does not know the inode (a prefetch): nothing to update
 
     # -- metadata ---------------------------------------------------------------
 
@@ -394,7 +423,18 @@ class Operations(pyfuse3.Operations):
         if st.type is FileType.SYMLINK:
             raise pyfuse3.FUSEError(errno.ELOOP)
         key = ContentKey(path, st.size, st.mtime_ns)
-        handle = None if st.size == 0 else await self.content.open(key)
+        handle = None
+        if st.size != 0:
+            handle = await self.content.open(key)
+            try:
+                # The transfer may find another version: it is shown before the first read.
+                await self.content.started(handle)
+            except BaseException:
+                self.content.release(handle)
+                raise
+            now = self.meta.cached_stat(path)  # _version_changed updated it if it changed
+            if now is not None and (now.size, now.mtime_ns) != (key.size, key.mtime_ns):
+                key = ContentKey(path, now.size, now.mtime_ns)
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = _OpenFile(key, handle)
@@ -409,8 +449,9 @@ class Operations(pyfuse3.Operations):
         f = self._files.get(fh)
         if f is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        if f.handle is None or off >= f.key.size:
+        if f.handle is None:
             return b""
+        # The cache knows the length of the version fetched, which may not be f.key's.
         return await self.content.read(f.handle, off, size)
 
     @_handler

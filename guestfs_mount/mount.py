@@ -26,7 +26,7 @@ import pyfuse3
 import trio
 
 from .audit import AuditLog
-from .cache.content import ContentCache, Sink, TransferEvent
+from .cache.content import ContentCache, OnStart, Sink, TransferEvent
 from .control import serve_control, socket_path
 from .errors import ConfigError, InvalidArgument, NotFound
 from .evidence.ledger import Ledger, RecordingBackend, transfer_hook
@@ -79,8 +79,10 @@ class _Guest:
     async def stat(self, path: str) -> GuestStat:
         return await self.client.stat(self.vm, path)
 
-    async def fetch(self, path: str, size: int, sink: Sink) -> TransferResult:
-        result = await self.client.download(self.vm, path, size, sink)
+    async def fetch(
+        self, path: str, size: int, sink: Sink, on_start: OnStart | None = None
+    ) -> TransferResult:
+        result = await self.client.download(self.vm, path, size, sink, on_start)
         if result.stat is not None and self.on_stat is not None:
             self.on_stat(path, result.stat)
         return result

@@ -42,16 +42,21 @@ class FakeFetch:
         self.lie_nbytes: dict[str, int] = {}  # report this nbytes
         self.delay = 0.0  # sleep between chunks
         self.cancelled: list[str] = []
+        self.real_size: dict[str, int] = {}  # path -> length reported before the body
 
     def hold(self, path: str, at: int) -> trio.Event:
         self.hold_at[path] = at
         ev = self.gate[path] = trio.Event()
         return ev
 
-    async def __call__(self, path: str, size: int, sink: Sink) -> TransferResult:
+    async def __call__(
+        self, path: str, size: int, sink: Sink, on_start: Any = None
+    ) -> TransferResult:
         self.calls.append(path)
         data = self.files[path]
         data = data[: self.truncate.get(path, len(data))]
+        if on_start is not None and path in self.real_size:
+            on_start(self.real_size[path], None)
         h = hashlib.sha256()
         try:
             for off in range(0, len(data), self.chunk):
@@ -295,6 +300,7 @@ async def test_linger_cancels_unused_download_and_open_reattaches(
     fetch.delay = 1.0  # 1 MiB per (virtual) second
     events: list[TransferEvent] = []
     cache = await make_cache(fetch, max_bytes=256 * MiB, linger=10.0, on_transfer_end=events.append)
+    cache.linger_max_bytes = 64 * MiB  # a file small enough to keep downloading unread
     key = key_of("/huge", data)
     h = await cache.open(key)
     assert await cache.read(h, 0, 4096) == data[:4096]  # `head -c 4096`
@@ -368,22 +374,6 @@ async def test_open_files_are_never_evicted(make_cache: Factory) -> None:
     cache.release(hd)
     cache.release(ha)
     assert cache.usage <= 2 * MiB
-
-
-async def test_file_bigger_than_cache_readable_then_dropped(
-    make_cache: Factory, tmp_path: Path
-) -> None:
-    big = blob(5 * MiB, 1)
-    small = blob(MiB, 2)
-    fetch = FakeFetch({"/big": big, "/small": small})
-    cache = await make_cache(fetch, max_bytes=2 * MiB)
-    await _load(cache, key_of("/small", small))
-    h = await cache.open(key_of("/big", big))
-    with trio.fail_after(5):
-        assert await read_all(cache, h, len(big), step=MiB) == big
-    assert cache.sha256(key_of("/small", small)) is None  # made room while it could
-    cache.release(h)
-    assert cache.usage == 0 and cache_files(tmp_path) == []
 
 
 async def test_new_version_replaces_idle_old_one(make_cache: Factory) -> None:
@@ -627,3 +617,63 @@ async def test_temporary_directory_kept_with_keep(nursery: trio.Nursery) -> None
         assert _contents(cache.directory) == [files["/a"]]
     finally:
         shutil.rmtree(cache.directory)
+
+
+async def test_unread_big_download_is_cancelled_at_close(
+    make_cache: Factory, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Issue 10 item 9: `head -c 16` of a big file must not keep downloading after close.
+    data = blob(64 * MiB)
+    fetch = FakeFetch({"/big": data})
+    fetch.delay = 1.0
+    cache = await make_cache(fetch, max_bytes=256 * MiB, linger=10.0)
+    h = await cache.open(key_of("/big", data))
+    assert await cache.read(h, 0, 16) == data[:16]
+    t0 = trio.current_time()
+    cache.release(h)
+    while cache.stats["cancelled"] == 0:
+        await trio.sleep(0.01)
+    assert trio.current_time() - t0 < 1.0  # at once, not after the 10 s linger
+    assert cache.usage == 0 and fetch.cancelled == ["/big"]
+
+
+@pytest.mark.parametrize("where", ["cache", "disk"])
+async def test_file_larger_than_cache_or_disk_is_refused(
+    make_cache: Factory, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    data = blob(2 * MiB)
+    fetch = FakeFetch({"/f": data})
+    cache = await make_cache(fetch, max_bytes=MiB if where == "cache" else 64 * MiB)
+    if where == "disk":
+        real = os.statvfs
+
+        class Small:
+            f_bavail, f_frsize = 256, 4096  # 1 MiB free
+
+        monkeypatch.setattr(os, "statvfs", lambda fd: Small() if isinstance(fd, int) else real(fd))
+    with pytest.raises(CacheError) as ei:
+        await cache.open(key_of("/f", data))
+    assert ei.value.errno == errno.EFBIG and to_errno(ei.value) == errno.EFBIG
+    assert fetch.calls == [] and cache.stats["refused_too_big"] == 1
+
+
+async def test_length_found_by_the_transfer_rekeys_the_version(make_cache: Factory) -> None:
+    # Issue 10 item 1: the guest appended after the stat; the transfer reports 15 bytes.
+    now = b"line1\nline2\nabc"
+    fetch = FakeFetch({"/log": now})
+    fetch.real_size["/log"] = len(now)
+    changes: list[tuple[ContentKey, ContentKey]] = []
+    events: list[TransferEvent] = []
+    cache = await make_cache(fetch, on_transfer_end=events.append)
+    cache.version_listener = lambda old, new, st: changes.append((old, new))
+    seen = ContentKey("/log", 6, 5)
+    h = await cache.open(seen)
+    await cache.started(h)
+    assert changes == [(seen, ContentKey("/log", len(now), 5))]
+    assert await cache.read(h, 0, 4096) == now
+    assert await cache.read(h, 6, 4096) == now[6:]  # past the old size: the new bytes
+    cache.release(h)
+    assert events[-1].error is None and events[-1].seen == seen
+    assert events[-1].key.size == len(now)
+    assert cache.sha256(ContentKey("/log", len(now), 5)) == hashlib.sha256(now).hexdigest()
+    assert cache.usage == len(now)

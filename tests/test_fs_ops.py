@@ -53,10 +53,14 @@ class Content:
         self.fail = fail
         self.opened = []
         self.prefetched = []
+        self.version_listener = None
 
     async def open(self, key):
         self.opened.append(key)
         return len(self.opened)
+
+    async def started(self, handle):
+        pass
 
     async def read(self, handle, offset, size):
         if self.fail:

@@ -10,7 +10,7 @@ from guestfs_mount.errors import NotAllowedInCurrentState
 from guestfs_mount.vcenter.scheduler import Lane, Priority, Scheduler, priority
 
 
-def _run(fn):  # type: ignore[no-untyped-def]
+def _run(fn):
     trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 

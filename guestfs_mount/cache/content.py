@@ -20,8 +20,18 @@ stays open until the last handle and the last read are gone.
 Disk accounting: ``key.size`` is reserved when a download starts (so concurrent downloads
 cannot overshoot together) and released when the entry is detached. An entry is *idle* when
 it has no handles; only idle entries are evicted, LRU first, unused prefetches before
-everything else. Opens are never refused for lack of room: a file bigger than the whole
-cache is downloaded while open and dropped when its last handle closes.
+everything else. A file larger than the cache (``max_bytes``) or than the free space of
+the cache's filesystem (less what running downloads still have to write) is refused with
+``EFBIG`` and one log line, at open and again when the body's real length is known; files
+in use may overshoot ``max_bytes`` together, never the disk. A download left without
+handles keeps running (``linger``) only if the file is small (``linger_max_bytes``) and
+fits; otherwise it is cancelled at once.
+
+Version changes: the transfer reports the body's real length (and, on vim25, the stat
+returned with the URL) before the first byte. If it differs from the key's, nothing of the
+file was served yet, so the entry is re-keyed to the version fetched and
+``version_listener(old, new, stat)`` tells the FUSE layer, which updates the stat the
+kernel sees. Readers get the bytes fetched: up to the new size.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..errors import CacheError, GuestfsError, RemoteError, TransferError, iter_chain
-from ..model import TransferResult
+from ..model import GuestStat, TransferResult
 from . import fileio
 from .fileio import PWrite
 
@@ -51,7 +61,13 @@ if sys.version_info < (3, 11):  # pragma: no cover
 log = logging.getLogger(__name__)
 
 Sink = Callable[[bytes], Awaitable[None]]
-Fetch = Callable[[str, int, Sink], Awaitable[TransferResult]]
+#: ``on_start(size, stat)``: called by the fetch on the event loop before the first byte
+#: with the body's real length and the stat returned with the URL (None over REST).
+OnStart = Callable[[int, "GuestStat | None"], None]
+#: ``fetch(path, expected_size, sink, on_start)``
+Fetch = Callable[[str, int, Sink, OnStart], Awaitable[TransferResult]]
+VersionListener = Callable[["ContentKey", "ContentKey", "GuestStat | None"], None]
+LINGER_MAX_BYTES = 16 << 20  # an unread download keeps running after close only below this
 
 INLINE_WRITE = 128 << 10
 WRITE_CHUNK = 1 << 20  # sink chunks are joined to at least this much per pwrite
@@ -78,6 +94,8 @@ class TransferEvent:
     error: BaseException | None
     prefetch: bool = False  # started by prefetch() and never opened
     md5: str | None = None
+    # The version opened (what the kernel was shown) when the transfer found another one.
+    seen: ContentKey | None = None
 
 
 class DownloadCancelled(CacheError):
@@ -113,6 +131,9 @@ class _Entry:
     linger_scope: trio.CancelScope | None = None
     progress: trio.Event = field(default_factory=trio.Event)
     wanted: int = _NOBODY  # smallest end offset a waiting reader needs
+    size: int = -1  # the body's length: key.size until the transfer reports it
+    begun: trio.Event = field(default_factory=trio.Event)  # length known, or ended
+    seen: ContentKey | None = None  # the key opened, when the transfer found another
 
     def wake(self) -> None:
         """Wake every reader waiting for progress or for the end of the download."""
@@ -165,6 +186,8 @@ class ContentCache:
         self._tasks_done = trio.Event()
         self._tasks_done.set()
         self._nowait = fileio.NoWaitReader()
+        self.version_listener: VersionListener | None = None
+        self.linger_max_bytes = LINGER_MAX_BYTES
         self._stats: dict[str, int] = {
             "hits": 0,
             "joins": 0,
@@ -177,6 +200,8 @@ class ContentCache:
             "prefetches": 0,
             "prefetch_used": 0,
             "prefetch_refused": 0,
+            "refused_too_big": 0,
+            "version_changes": 0,
         }
         temporary = directory is None
         if directory is None:
@@ -267,6 +292,14 @@ class ContentCache:
         self._handles[handle] = entry
         return handle
 
+    async def started(self, handle: int) -> None:
+        """Wait until the handle's download knows the body's length (so a version change
+        is applied before the caller answers the kernel) or has ended."""
+        entry = self._handles.get(handle)
+        if entry is None:
+            raise CacheError("bad content handle", errno.EBADF)
+        await entry.begun.wait()
+
     async def read(self, handle: int, offset: int, size: int) -> bytes:
         """Bytes [offset, min(offset + size, key.size)); waits only for those to be on disk.
 
@@ -278,7 +311,7 @@ class ContentCache:
             raise CacheError("bad content handle", errno.EBADF)
         if offset < 0 or size < 0:
             raise CacheError("negative read offset or size", errno.EINVAL)
-        end = min(offset + size, entry.key.size)
+        end = min(offset + size, entry.size)
         while True:
             if entry.error is not None:
                 raise entry.error
@@ -288,7 +321,7 @@ class ContentCache:
                 break
             # A read reaching the end of the file waits for the verdict on the whole
             # transfer (length check), so a failed attempt never looks like a clean EOF.
-            if entry.written >= end and end < entry.key.size:
+            if entry.written >= end and end < entry.size:
                 break
             entry.wanted = min(entry.wanted, end)  # lets the sink flush early for us
             await entry.progress.wait()
@@ -332,7 +365,14 @@ class ContentCache:
         if entry.attached:
             self._index.move_to_end(entry.key)
             if entry.state is _State.RUNNING:
-                self._start_linger(entry)
+                if entry.size <= self.linger_max_bytes and self._usage <= self._max_bytes:
+                    self._start_linger(entry)
+                else:
+                    # Nobody reads it and it is big (or the cache is over its bound):
+                    # every further byte would only fill the disk.
+                    log.debug("cancelling unread download of %r", entry.key.path)
+                    entry.scope.cancel()
+                    self._detach(entry)
             elif self._usage > self._max_bytes:
                 self._make_room(0, include_running=False)
         self._maybe_close(entry)
@@ -417,6 +457,7 @@ class ContentCache:
             old_entry = self._index[old]
             if old_entry.handles == 0:
                 self._evict(old_entry)
+        self._check_room(key.path, key.size, 0)
         self._make_room(key.size, include_running=not prefetch)
         fd, name = self._create_file()
         entry = _Entry(
@@ -426,6 +467,7 @@ class ContentCache:
             started=time.time(),
             started_mono=time.monotonic(),
             prefetch=prefetch,
+            size=key.size,
         )
         self._index[key] = entry
         self._by_path.setdefault(key.path, set()).add(key)
@@ -438,6 +480,69 @@ class ContentCache:
         self._tasks += 1
         self._nursery.start_soon(self._download, entry, name=f"download-{name}")
         return entry
+
+    def _check_room(self, path: str, size: int, already: int) -> None:
+        """EFBIG unless ``size`` bytes fit in the cache bound and on the disk (``already``:
+        bytes of this file reserved there already)."""
+        try:
+            vfs = os.statvfs(self._dir_fd)
+            free = vfs.f_bavail * vfs.f_frsize
+        except OSError:
+            free = None
+        if free is not None:
+            # What running downloads still have to write is not free any more.
+            free -= sum(max(e.size - e.written, 0) for e in self._running)
+            free += already
+            if size > free and size <= self._max_bytes:
+                # The disk is fuller than the accounting says: free what nobody uses.
+                before = self._usage
+                self._make_room(-1, include_running=False, need_free=size - free)
+                free += before - self._usage
+        if size > self._max_bytes or (free is not None and size > free):
+            self._stats["refused_too_big"] += 1
+            room = self._max_bytes if free is None else min(self._max_bytes, free)
+            log.warning(
+                "refused %r: %d bytes do not fit in the cache (%d bytes available)",
+                path, size, max(room, 0),
+            )  # fmt: skip
+            raise CacheError(f"{path!r} is larger than the cache can hold", errno.EFBIG)
+
+    def _begin(self, entry: _Entry, size: int, stat: GuestStat | None) -> None:
+        """The transfer knows the body's length (on the loop, before the first byte)."""
+        key = entry.key
+        if size < 0:
+            raise TransferError(f"download of {key.path!r}: negative length {size}")
+        mtime = stat.mtime_ns if stat is not None else key.mtime_ns
+        if size != key.size:
+            self._check_room(key.path, size, entry.size if entry.attached else 0)
+        entry.size = size
+        if (size, mtime) != (key.size, key.mtime_ns):
+            # Nothing of this file was served yet: the version fetched is the one shown.
+            new = ContentKey(key.path, size, mtime)
+            self._stats["version_changes"] += 1
+            log.info(
+                "%r changed since it was stat'ed: %d -> %d bytes; serving it as it is now",
+                key.path, key.size, size,
+            )  # fmt: skip
+            if entry.attached:
+                other = self._index.get(new)
+                if other is not None:
+                    self._detach(other)  # its readers keep their fd; one entry per key
+                del self._index[key]
+                keys = self._by_path.setdefault(key.path, set())
+                keys.discard(key)
+                keys.add(new)
+                self._index[new] = entry
+                self._usage += size - key.size
+            entry.key = new
+            entry.seen = entry.seen or key
+            if self.version_listener is not None:
+                try:
+                    self.version_listener(key, new, stat)
+                except Exception:
+                    log.exception("version listener failed")
+        entry.begun.set()
+        entry.wake()
 
     def _create_file(self) -> tuple[int, str]:
         for _ in range(1000):
@@ -485,8 +590,10 @@ class ContentCache:
                 return
             entry.received += len(chunk)
             self._stats["bytes_downloaded"] += len(chunk)
-            if entry.received > key.size:
-                raise TransferError(f"download of {key.path!r} is longer than {key.size} bytes")
+            if entry.received > entry.size:
+                raise TransferError(
+                    f"download of {key.path!r} is longer than {entry.size} bytes"
+                )
             pending.append(chunk)
             pending_len += len(chunk)
             # Write in >= 1 MiB pieces, or sooner when a waiting reader needs these bytes.
@@ -516,16 +623,19 @@ class ContentCache:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
             async with send:
-                result = await self._fetch(key.path, key.size, sink)
+                result = await self._fetch(
+                    key.path, key.size, sink, lambda n, st: self._begin(entry, n, st)
+                )
                 if pending:
                     data = pending[0] if len(pending) == 1 else b"".join(pending)
                     pending.clear()
                     await send.send((data, offset))
                     offset += len(data)
-        if result.nbytes != key.size or entry.received != key.size or entry.written != key.size:
+        size = entry.size
+        if result.nbytes != size or entry.received != size or entry.written != size:
             raise TransferError(
                 f"download of {key.path!r} delivered {result.nbytes} bytes "
-                f"({entry.received} received), expected {key.size}"
+                f"({entry.received} received), expected {size}"
             )
         return result
 
@@ -584,6 +694,7 @@ class ContentCache:
             if isinstance(error, CacheError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
                 # The disk is fuller than our accounting thought: free what nobody uses.
                 self._make_room(-1, include_running=False, need_free=entry.key.size)
+        entry.begun.set()
         entry.wake()
         self._maybe_close(entry)
         if self._on_transfer_end is not None:
@@ -596,6 +707,7 @@ class ContentCache:
                 error=error,
                 prefetch=was_prefetch,
                 md5=result.md5 if error is None and result is not None else None,
+                seen=entry.seen,
             )
             try:
                 self._on_transfer_end(event)

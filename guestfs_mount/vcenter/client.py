@@ -20,7 +20,7 @@ import httpx
 import trio
 
 from guestfs_mount.errors import ProtocolError, UnsafeTransferUrl
-from guestfs_mount.model import DirEntry, GuestStat, TransferResult, VmInfo
+from guestfs_mount.model import DirEntry, FileType, GuestStat, TransferResult, VmInfo
 
 from . import probe
 from .rest import RestTransport
@@ -241,15 +241,26 @@ class VCenterClient:
         path: str,
         expected_size: int,
         sink: Callable[[bytes], Awaitable[None]],
+        on_start: Callable[[int, GuestStat | None], None] | None = None,
     ) -> TransferResult:
-        """Fetch a whole guest file into ``sink``; retried only until the first byte."""
+        """Fetch a whole guest file into ``sink``; retried only until the first byte.
+
+        ``on_start(size, stat)`` runs on the event loop before the first byte: the body's
+        real length (the stat returned with the URL, else the Content-Length; it differs
+        from ``expected_size`` when the file changed since it was stat'ed) and that stat."""
         with self._counting():
             started = [False]
             t0 = time.perf_counter()
 
             async def attempt() -> tuple[BodyGet, OpenedTransfer]:
                 opened = await self._open_once(vm, path)
-                body = await self._fetch(opened.url, vm, path, expected_size, sink, started)
+                st = opened.stat
+                exact = st is not None and st.type is FileType.FILE
+                size = st.size if st is not None and exact else expected_size
+                start = None if on_start is None else (lambda n: on_start(n, st))
+                body = await self._fetch(
+                    opened.url, vm, path, size, sink, started, strict=exact, on_start=start
+                )
                 return body, opened
 
             def retryable(e: BaseException) -> bool:
@@ -280,6 +291,9 @@ class VCenterClient:
         expected: int,
         sink: Callable[[bytes], Awaitable[None]],
         started: list[bool],
+        *,
+        strict: bool = True,
+        on_start: Callable[[int], None] | None = None,
     ) -> BodyGet:
         cfg = self.config
         u = httpx.URL(url)
@@ -302,6 +316,8 @@ class VCenterClient:
             desc=f"download of {show(path)} from VM {vm}",
             where=where,
             pool=self._body_pool,
+            strict_length=strict,
+            on_start=on_start,
         )
         self.stats.calls["transfer.get"] += 1
         t0 = time.perf_counter()

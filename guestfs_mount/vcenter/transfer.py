@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import select
 import socket
 import ssl
 import threading
@@ -102,6 +103,11 @@ class BodyGet:
     desc: str
     where: str
     pool: ConnectionPool | None = None
+    # False when ``expected`` is only the size a stat showed earlier (REST gives no stat
+    # with the URL): a different Content-Length is then the file as it is now.
+    strict_length: bool = True
+    # Called on the event loop once the body's length is known, before any byte.
+    on_start: Callable[[int], None] | None = None
     _hasher: ThreadPoolExecutor | None = None
     nbytes: int = 0
     digest: str = ""
@@ -186,6 +192,22 @@ class BodyGet:
         conn.sock.settimeout(self.stall_timeout)
         return conn.getresponse()
 
+    def _more_ready(self, wait: float) -> bool:
+        """Whether more bytes arrive within ``wait`` seconds (the rest of the batch's 20 ms),
+        so batches stay large while data flows. When it would wait, the bytes in hand
+        are handed over first: a reader may be waiting for them (a slow or stalled body
+        must not keep what arrived in this thread)."""
+        sock = getattr(self._conn, "sock", None)
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            ready, _, _ = select.select([sock], [], [], max(wait, 0.0))
+        except (OSError, ValueError):
+            return False
+        return bool(ready)
+
     def _run(self, send: trio.MemorySendChannel[bytes]) -> bool:
         """Stream the body; True when the connection may serve another transfer."""
         resp = self._connect()
@@ -195,6 +217,8 @@ class BodyGet:
         if status != 200:
             raise TransferError(f"{self.desc}: {self.where} answered HTTP {status}")
         cl = resp.getheader("content-length")
+        if cl is not None and cl.strip().isdigit() and not self.strict_length:
+            self.expected = int(cl)  # the file changed since its stat: serve it as it is
         if cl is not None and (not cl.strip().isdigit() or int(cl) != self.expected):
             raise TransferError(
                 f"{self.desc}: Content-Length {cl[:30]!r} differs from the expected size"
@@ -203,6 +227,8 @@ class BodyGet:
         enc = (resp.getheader("content-encoding") or "identity").strip().lower()
         if enc not in ("", "identity"):
             raise TransferError(f"{self.desc}: unexpected Content-Encoding {enc[:30]!r}")
+        if self.on_start is not None:
+            trio.from_thread.run_sync(self.on_start, self.expected)
         h = hashlib.sha256()
         m = hashlib.md5(usedforsecurity=False)
 
@@ -246,8 +272,11 @@ class BodyGet:
             else:
                 eof = True
             now = time.monotonic()
-            if not pending or (not eof and pending_len < batch and now - last < FLUSH_AFTER):
-                continue
+            if not pending or (
+                not eof and pending_len < batch and now - last < FLUSH_AFTER
+                and self._more_ready(FLUSH_AFTER - (now - last))
+            ):
+                continue  # more is there at once: fill the batch
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()
             pending_len = 0
