@@ -272,7 +272,7 @@ class Operations(pyfuse3.Operations):
             # REST gives no stat with the URL: the length is certain, the mtime is not.
             stat = dataclasses.replace(known, size=new.size, mtime_ns=new.mtime_ns)
         if stat is not None:
-            self.meta.seed(path, stat)  # --frozen too: nothing of the old one was read
+            self.meta.replace(path, stat)  # --frozen too: nothing of the old one was read
         ino = self.inodes.inode(path)
         if self._last_key.get(ino) == old:
             self._last_key[ino] = new

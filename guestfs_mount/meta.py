@@ -213,6 +213,12 @@ class MetadataCache:
         self._stats[path] = st
         self._missing.pop(path, None)
 
+    def replace(self, path: str, st: GuestStat) -> None:
+        """Show ``st`` from now on, ``--frozen`` too: a transfer found the file changed
+        before any byte of the version shown was read (so nothing of it is frozen)."""
+        self._stats[path] = st
+        self._missing.pop(path, None)
+
     # -- listings ---------------------------------------------------------------
 
     def cached_listing(self, path: str) -> tuple[DirEntry, ...] | None:

@@ -74,6 +74,9 @@ class ReadAhead:
         # parent -> the listing version its entries were stat'ed ahead for
         self._stat_ahead_of: cachetools.Cache[str, int] = self._marks(clock)
         self._listed_ahead: cachetools.Cache[str, bool] = self._marks(clock)
+        # Directories the user read (opendir): prefetch only serves a walk through them.
+        # A cached listing alone is no sign (a vim25 stat lists the parent whole).
+        self._read_dirs: cachetools.Cache[str, bool] = self._marks(clock)
         self._prefetched_upto: dict[str, int] = {}
 
     def _marks(self, clock: Callable[[], float]) -> cachetools.Cache[str, V]:
@@ -91,13 +94,16 @@ class ReadAhead:
 
     def on_opendir(self, path: str) -> None:
         """The kernel opened the directory ``path`` (its listing is cached by now)."""
+        self._read_dirs[path] = True
         if path != self.root:
             self._list_ahead(self.paths.parent(path))
 
     def on_open(self, path: str) -> None:
         """The kernel opened the file ``path`` for reading."""
         if self.prefetch and path != self.root:
-            self._prefetch_after(self.paths.parent(path), self.paths.basename(path))
+            parent = self.paths.parent(path)
+            if self._read_dirs.get(parent):
+                self._prefetch_after(parent, self.paths.basename(path))
 
     # -- policies -------------------------------------------------------------------------
 

@@ -626,14 +626,15 @@ async def test_unread_big_download_is_cancelled_at_close(
     data = blob(64 * MiB)
     fetch = FakeFetch({"/big": data})
     fetch.delay = 1.0
-    cache = await make_cache(fetch, max_bytes=256 * MiB, linger=10.0)
+    # A linger far longer than any jump of the virtual clock while real threads write.
+    cache = await make_cache(fetch, max_bytes=256 * MiB, linger=1000.0)
     h = await cache.open(key_of("/big", data))
     assert await cache.read(h, 0, 16) == data[:16]
     t0 = trio.current_time()
     cache.release(h)
     while cache.stats["cancelled"] == 0:
         await trio.sleep(0.01)
-    assert trio.current_time() - t0 < 1.0  # at once, not after the 10 s linger
+    assert trio.current_time() - t0 < 100.0  # at once, not after the linger
     assert cache.usage == 0 and fetch.cancelled == ["/big"]
 
 

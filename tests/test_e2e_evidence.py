@@ -142,7 +142,8 @@ def test_dfxml_validates_and_names_its_source(sim, source, tmp_path):
 
 def test_jsonl_and_errors(sim, tmp_path):
     mnt = str(tmp_path / "m")
-    with mounted(sim, mnt, *CASE):
+    # REST: the only transport that carries non-UTF-8 names (vim25 answers are XML/JSON).
+    with mounted(sim, mnt, "--api", "rest", *CASE):
         res = evidence(mnt, "names", "--walk", "--format", "jsonl")
         assert res.returncode == 0, res.stderr
         docs = [json.loads(x) for x in res.stdout.splitlines()]

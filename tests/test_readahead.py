@@ -113,6 +113,10 @@ async def test_prefetch_window_follows_the_reader_in_listing_order(
 ) -> None:
     g, m, ra, content = setup(nursery, files(100, big=(2,)))
     await m.listdir("/")
+    ra.on_open("/f000")  # a listing cached but never read by the user: no walk to serve
+    await settle()
+    assert content.keys == []
+    ra.on_opendir("/")
     ra.on_open("/f000")
     await settle()
     assert [k.path for k in content.keys] == [f"/f{i:03}" for i in range(1, 34) if i != 2]
@@ -131,7 +135,11 @@ async def test_prefetch_stops_when_the_budget_is_spent_and_can_be_off(
     m = MetadataCache(g, nursery=nursery)
     content = Prefetches(budget=5)
     await m.listdir("/")
-    ReadAhead(m, content, nursery=nursery).on_open("/f000")
-    ReadAhead(m, content, nursery=nursery, prefetch=False).on_open("/f050")
+    for ra, first in (
+        (ReadAhead(m, content, nursery=nursery), "/f000"),
+        (ReadAhead(m, content, nursery=nursery, prefetch=False), "/f050"),
+    ):
+        ra.on_opendir("/")
+        ra.on_open(first)
     await settle()
     assert [k.path for k in content.keys] == [f"/f{i:03}" for i in range(1, 6)]

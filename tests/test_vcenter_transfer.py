@@ -19,7 +19,7 @@ import trio
 
 from guestfs_mount.errors import ProtocolError, TransferError, UnsafeTransferUrl, to_errno
 from guestfs_mount.vcenter import VCenterClient
-from tests.fake_vcenter import FakeVCenter, assert_no_secrets, config, err
+from tests.fake_vcenter import FakeVCenter, assert_no_secrets, config, err, stat_body
 from tests.hostile_server import RawServer, json_route, send
 
 
@@ -105,6 +105,7 @@ async def test_download_content_length_differs_from_stat_size(server: RawServer)
     # earlier is the file as it is now (issue 10 item 1), announced before any byte.
     fake = FakeVCenter()
     fake.contents["/f"] = b""
+    fake.stats["/f"] = stat_body("FILE", 5)  # the guest now stats it at 5 bytes
     server.routes["/guestFile"] = body_route(b"z" * 5)
     started: list[tuple[int, object]] = []
     chunks: list[bytes] = []
@@ -115,7 +116,21 @@ async def test_download_content_length_differs_from_stat_size(server: RawServer)
 
     async with client_for(server, fake) as c:
         res = await c.download("vm-42", "/f", 10, sink, lambda n, st: started.append((n, st)))
-    assert started == [(5, None)] and b"".join(chunks) == b"z" * 5 and res.nbytes == 5
+    assert [n for n, _ in started] == [5] and b"".join(chunks) == b"z" * 5 and res.nbytes == 5
+    assert res.stat is not None and res.stat.size == 5  # the re-stat that confirmed it
+
+
+async def test_download_content_length_not_confirmed_by_a_stat_is_an_error(
+    server: RawServer,
+) -> None:
+    # The guest still stats the file at 10 bytes: a 5-byte body is damaged, never served.
+    fake = FakeVCenter()
+    fake.contents["/f"] = b""
+    fake.stats["/f"] = stat_body("FILE", 10)
+    server.routes["/guestFile"] = body_route(b"z" * 5)
+    async with client_for(server, fake) as c:
+        with pytest.raises(TransferError, match="differs from the expected size"):
+            await collect(c, "/f", 10)
 
 
 async def test_download_content_length_invalid(server: RawServer) -> None:

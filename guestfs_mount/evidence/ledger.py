@@ -132,6 +132,11 @@ class RecordingBackend:
 
     async def list_dir(self, path: str) -> list[DirEntry]:
         result: list[DirEntry] = await self._backend.list_dir(path)
+        # vim25 listings carry every entry's attributes: the stat cache is seeded from
+        # them without a stat call, so they are what the mount shows.
+        for entry in result:
+            if entry.stat is not None:
+                self._ledger.saw(self._ledger.paths.join(path, entry.name), entry.stat)
         return result
 
     async def stat(self, path: str) -> GuestStat:

@@ -10,6 +10,7 @@ operation and guest path and never contains a password, session id or URL token.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -254,14 +255,28 @@ class VCenterClient:
 
             async def attempt() -> tuple[BodyGet, OpenedTransfer]:
                 opened = await self._open_once(vm, path)
-                st = opened.stat
-                exact = st is not None and st.type is FileType.FILE
-                size = st.size if st is not None and exact else expected_size
-                start = None if on_start is None else (lambda n: on_start(n, st))
+                exact = opened.stat is not None and opened.stat.type is FileType.FILE
+                size = opened.stat.size if opened.stat is not None and exact else expected_size
+                known = [opened.stat]  # the file's stat, once a transport or a re-stat gave it
+
+                async def confirm(n: int) -> bool:
+                    # REST gives no stat with the URL: ask the guest whether the file
+                    # now has this length (it changed) or the body is damaged.
+                    fresh = await self.stat(vm, path)
+                    if fresh.type is not FileType.FILE or fresh.size != n:
+                        return False
+                    known[0] = fresh
+                    return True
+
+                def start(n: int) -> None:
+                    if on_start is not None:
+                        on_start(n, known[0])
+
                 body = await self._fetch(
-                    opened.url, vm, path, size, sink, started, strict=exact, on_start=start
-                )
-                return body, opened
+                    opened.url, vm, path, size, sink, started, strict=exact, on_start=start,
+                    confirm_length=confirm,
+                )  # fmt: skip
+                return body, dataclasses.replace(opened, stat=known[0])
 
             def retryable(e: BaseException) -> bool:
                 return not started[0] and is_retryable(e)
@@ -294,6 +309,7 @@ class VCenterClient:
         *,
         strict: bool = True,
         on_start: Callable[[int], None] | None = None,
+        confirm_length: Callable[[int], Awaitable[bool]] | None = None,
     ) -> BodyGet:
         cfg = self.config
         u = httpx.URL(url)
@@ -318,6 +334,7 @@ class VCenterClient:
             pool=self._body_pool,
             strict_length=strict,
             on_start=on_start,
+            confirm_length=confirm_length,
         )
         self.stats.calls["transfer.get"] += 1
         t0 = time.perf_counter()

@@ -108,6 +108,10 @@ class BodyGet:
     strict_length: bool = True
     # Called on the event loop once the body's length is known, before any byte.
     on_start: Callable[[int], None] | None = None
+    # With strict_length False: asked (on the event loop) whether a Content-Length that
+    # differs from ``expected`` is the file as the guest now stats it. A body cut or
+    # padded on the way (same guest file, other length) must stay an error.
+    confirm_length: Callable[[int], Awaitable[bool]] | None = None
     _hasher: ThreadPoolExecutor | None = None
     nbytes: int = 0
     digest: str = ""
@@ -217,7 +221,14 @@ class BodyGet:
         if status != 200:
             raise TransferError(f"{self.desc}: {self.where} answered HTTP {status}")
         cl = resp.getheader("content-length")
-        if cl is not None and cl.strip().isdigit() and not self.strict_length:
+        if (
+            cl is not None
+            and cl.strip().isdigit()
+            and int(cl) != self.expected
+            and not self.strict_length
+            and self.confirm_length is not None
+            and trio.from_thread.run(self.confirm_length, int(cl))
+        ):
             self.expected = int(cl)  # the file changed since its stat: serve it as it is
         if cl is not None and (not cl.strip().isdigit() or int(cl) != self.expected):
             raise TransferError(
