@@ -6,6 +6,7 @@ file name, let a path resolve outside the mount, or loop without end."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -161,6 +162,18 @@ def _xxe() -> httpx.Response:
     return httpx.Response(200, content=body.encode(), headers={"content-type": "text/xml"})
 
 
+def _entity() -> httpx.Response:
+    # harmless on its face: a stdlib parser would expand it and list "injected.txt"
+    body = (
+        '<?xml version="1.0"?><!DOCTYPE r [<!ENTITY x "injected.txt">]>'
+        '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
+        '<soapenv:Body><ListFilesInGuestResponse xmlns="urn:vim25"><returnval>'
+        "<remaining>0</remaining><files><path>&x;</path><type>file</type><size>1</size>"
+        "</files></returnval></ListFilesInGuestResponse></soapenv:Body></soapenv:Envelope>"
+    )  # fmt: skip
+    return httpx.Response(200, content=body.encode(), headers={"content-type": "text/xml"})
+
+
 def _bad_json() -> httpx.Response:
     return httpx.Response(
         200, content=b'{"_typeName": "GuestListFileInfo", "files": [{"path": "x"',
@@ -168,17 +181,34 @@ def _bad_json() -> httpx.Response:
     )  # fmt: skip
 
 
-def _huge() -> httpx.Response:
-    return httpx.Response(200, content=b" " * (80 << 20), headers={"content-type": "text/xml"})
+def _huge(api: str) -> httpx.Response:
+    # a well-formed page padded past the reply cap (8 MiB): only the cap refuses it
+    pad = " " * (9 << 20)
+    if api == "vi-json":
+        page = {"_typeName": "GuestListFileInfo", "files": [posix_file("padded.txt")],
+                "remaining": 0}  # fmt: skip
+        text = json.dumps(page)
+        return httpx.Response(200, content=(text[:-1] + pad + "}").encode(),
+                              headers={"content-type": "application/json"})  # fmt: skip
+    body = (
+        '<?xml version="1.0"?>'
+        '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
+        '<soapenv:Body><ListFilesInGuestResponse xmlns="urn:vim25"><returnval>'
+        "<remaining>0</remaining><files><path>padded.txt</path><type>file</type>"
+        "<size>1</size></files>" + pad + "</returnval></ListFilesInGuestResponse>"
+        "</soapenv:Body></soapenv:Envelope>"
+    )  # fmt: skip
+    return httpx.Response(200, content=body.encode(), headers={"content-type": "text/xml"})
 
 
-@pytest.mark.parametrize("kind", ["bomb", "xxe", "malformed", "huge"])
+@pytest.mark.parametrize("kind", ["bomb", "xxe", "entity", "malformed", "huge"])
 def test_bad_body_gives_eio_and_mount_keeps_working(
     hostile: HostileVim, tmp_path: Any, kind: str
 ) -> None:
-    if kind in ("bomb", "xxe") and hostile.api != "soap":
+    if kind in ("bomb", "xxe", "entity") and hostile.api != "soap":
         pytest.skip("XML entity tricks are a SOAP matter")
-    answer = {"bomb": _entity_bomb, "xxe": _xxe, "malformed": _bad_json, "huge": _huge}[kind]
+    answers = {"bomb": _entity_bomb, "xxe": _xxe, "entity": _entity, "malformed": _bad_json}
+    answer = answers.get(kind, lambda: _huge(hostile.api))
     hostile.raw["/bomb"] = answer  # a listing
     hostile.raw["/big.txt"] = answer  # an open
     mnt = str(tmp_path / "m")
