@@ -177,6 +177,7 @@ class VCenterClient:
             if self.http.clock() > deadline:
                 raise ProtocolError(f"{desc}: listing did not finish in {cfg.list_deadline:.0f}s")
             page = await t.list_page(vm, path, index, size)
+            known = len(seen)
             for ent in page.entries:
                 if ent.name in seen:
                     skipped.append(f"duplicate name {show(ent.name[:60])!r}")
@@ -192,7 +193,9 @@ class VCenterClient:
             if page.remaining is not None:
                 # vim25: ask for all that is left, up to a page the reply cap can carry.
                 size = max(1, min(cfg.max_list_page, page.remaining))
-            if page.raw_count == 0:
+            # A page without a new name is no progress, whatever it holds: a server that
+            # answers the same page at every index would else run to max_list_entries.
+            if len(seen) == known:
                 stalls += 1
                 if stalls > cfg.list_max_stalls:
                     raise ProtocolError(
