@@ -10,7 +10,7 @@ from guestfs_mount.errors import NotAllowedInCurrentState
 from guestfs_mount.vcenter.scheduler import Lane, Priority, Scheduler, priority
 
 
-def _run(fn):  # type: ignore[no-untyped-def]
+def _run(fn):
     trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
@@ -136,7 +136,7 @@ def test_one_lane_per_vm() -> None:
     assert s.lane("vm-1") is not s.lane("vm-2")
 
 
-def test_guest_ops_option_reaches_the_client(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_guest_ops_option_reaches_the_client(tmp_path, monkeypatch) -> None:
     from guestfs_mount.settings import build_config, resolve_args
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
