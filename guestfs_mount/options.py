@@ -220,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not download small files ahead of a sequential directory read",
     )
     c.add_argument(
+        "--guest-ops",
+        type=int,
+        metavar="MAX",
+        help="most guest operations in flight per VM; the VM runs them one at a time, so"
+        " more only queue in the guest (default: 8, the limit adapts below it)",
+    )
+    c.add_argument(
         "--timeout",
         type=float,
         metavar="SECONDS",

@@ -21,10 +21,11 @@ file alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol, TypeVar
 
 import cachetools
@@ -34,6 +35,7 @@ from .cache.content import ContentKey
 from .meta import MetadataCache
 from .model import FileType
 from .paths import PosixPaths
+from .vcenter.scheduler import Priority, priority
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,17 @@ _PREFETCH_FILES = 32  # files downloaded ahead of one open
 _PREFETCH_MAX_FILE = 4 << 20  # larger files are left to the kernel's read-ahead
 _LIST_AHEAD_DIRS = 1000  # subdirectories listed ahead of one opendir
 _MARKS = 100_000  # directories remembered as done (per trigger), for one TTL
+
+
+@contextlib.contextmanager
+def _background() -> Iterator[None]:
+    # trio tasks copy the context of the task that starts them: what meta's and this
+    # module's nurseries start in here runs at background priority in the VM's lane.
+    token = priority.set(Priority.BACKGROUND)
+    try:
+        yield
+    finally:
+        priority.reset(token)
 
 
 class Prefetcher(Protocol):
@@ -113,7 +126,8 @@ class ReadAhead:
             return
         entries = self.meta.cached_listing(parent) or ()
         self._stat_ahead_of[parent] = version
-        self.meta.stat_in_background([self.paths.join(parent, e.name) for e in entries])
+        with _background():
+            self.meta.stat_in_background([self.paths.join(parent, e.name) for e in entries])
 
     def _list_ahead(self, parent: str) -> None:
         entries = self.meta.cached_listing(parent)
@@ -122,9 +136,10 @@ class ReadAhead:
         self._listed_ahead[parent] = True
         dirs = [self.paths.join(parent, e.name) for e in entries if e.type is FileType.DIRECTORY]
         stated = self._stat_ahead_of.get(parent) == self.meta.listing_version(parent)
-        self.meta.list_in_background(
-            dirs, at_most=_LIST_AHEAD_DIRS, then=self._stat_ahead if stated else None
-        )
+        with _background():
+            self.meta.list_in_background(
+                dirs, at_most=_LIST_AHEAD_DIRS, then=self._stat_ahead if stated else None
+            )
 
     def _prefetch_after(self, parent: str, name: str) -> None:
         entries = self.meta.cached_listing(parent)
@@ -147,7 +162,8 @@ class ReadAhead:
         self._prefetched_upto[parent] = last
         if picked:
             self._stat_ahead(parent)
-            self._nursery.start_soon(self._download, picked)
+            with _background():
+                self._nursery.start_soon(self._download, picked)
 
     async def _download(self, paths: list[str]) -> None:
         for path in paths:

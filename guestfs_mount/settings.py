@@ -65,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "cache_size": None,
     "keep_cache": False,
     "no_prefetch": False,
+    "guest_ops": 8,
     "timeout": 60.0,
     "foreground": False,
     "debug": False,
@@ -351,6 +352,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         allow_http=args.server.lower().startswith("http://"),
         esx_hosts=tuple(args.esx_host),
         api=args.api,
+        guest_ops=max(1, args.guest_ops),
         debug=args.debug,
     )  # its deadlines are derived from --timeout by the mount (mount.client_deadlines)
     fs = FsOptions(

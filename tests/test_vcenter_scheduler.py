@@ -134,3 +134,21 @@ def test_one_lane_per_vm() -> None:
     s = Scheduler(4)
     assert s.lane("vm-1") is s.lane("vm-1")
     assert s.lane("vm-1") is not s.lane("vm-2")
+
+
+def test_guest_ops_option_reaches_the_client(tmp_path, monkeypatch) -> None:
+    from guestfs_mount.settings import build_config, resolve_args
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    for k, v in {
+        "USER": "admin",
+        "PASSWORD": "p",
+        "GUEST_USER": "root",
+        "GUEST_PASSWORD": "g",
+    }.items():
+        monkeypatch.setenv(f"GUESTFS_{k}", v)
+    (tmp_path / "mnt").mkdir()
+    mnt = str(tmp_path / "mnt")
+    assert build_config(resolve_args(["vc", "vm", mnt])[0]).client.guest_ops == 8
+    args, _ = resolve_args(["--guest-ops", "2", "vc", "vm", mnt])
+    assert build_config(args).client.guest_ops == 2

@@ -11,21 +11,24 @@ operation and guest path and never contains a password, session id or URL token.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TypeVar
 
 import httpx
 import trio
 
-from guestfs_mount.errors import ProtocolError, UnsafeTransferUrl
+from guestfs_mount.errors import NotAllowedInCurrentState, ProtocolError, UnsafeTransferUrl
 from guestfs_mount.model import DirEntry, FileType, GuestStat, TransferResult, VmInfo
 
 from . import probe
 from .rest import RestTransport
 from .retry import is_retryable, retry_call
+from .scheduler import Scheduler
 from .session import ClientConfig, ClientStats, ErrorCounter, Http, show
 from .transfer import BodyGet, ConnectionPool, fetch_body
 from .transport import OpenedTransfer, Transport
@@ -34,6 +37,9 @@ from .urls import Server, check_transfer_url, parse_server, redact_url
 log = logging.getLogger(__name__)
 
 __all__ = ["ClientConfig", "ClientStats", "VCenterClient"]
+
+T = TypeVar("T")
+_REJECTION_RETRIES = 3
 
 
 class VCenterClient:
@@ -65,6 +71,8 @@ class VCenterClient:
         self._transport: Transport | None = None
         self._transport_reason = ""
         self._choose_lock: trio.Lock | None = None
+        # Every guest operation of a VM passes its lane (one channel per VM in the guest).
+        self.scheduler = Scheduler(config.guest_ops, clock=self.http.clock)
 
     # --- properties / lifecycle -------------------------------------------------------
 
@@ -142,6 +150,24 @@ class VCenterClient:
                     self._transport, self._transport_reason = t, why
         return self._transport
 
+    async def _guest(self, vm: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one guest operation in ``vm``'s lane. A load rejection
+        (``not_allowed_in_current_state``; busy/unavailable are retried by the session)
+        halves the lane's limit and is retried a few times after a back-off: the same
+        error also means "VM off", which must not wait out the whole retry budget."""
+        lane = self.scheduler.lane(vm)
+        attempt = 0
+        while True:
+            try:
+                async with lane.slot():
+                    return await fn()
+            except NotAllowedInCurrentState:
+                if attempt >= _REJECTION_RETRIES:
+                    raise
+                self.stats.retries += 1
+            await trio.sleep(self.http.backoff.delay(attempt))
+            attempt += 1
+
     # --- the facade -------------------------------------------------------------------
 
     async def login(self) -> None:
@@ -155,7 +181,8 @@ class VCenterClient:
 
     async def check_guest_ready(self, vm: str) -> None:
         with self._counting():
-            await (await self.transport()).check_guest(vm)
+            t = await self.transport()
+            await self._guest(vm, lambda: t.check_guest(vm))
 
     async def list_dir(self, vm: str, path: str) -> list[DirEntry]:
         """Every entry of a directory, in as few pages as the server serves. Entries from
@@ -176,7 +203,7 @@ class VCenterClient:
         while True:
             if self.http.clock() > deadline:
                 raise ProtocolError(f"{desc}: listing did not finish in {cfg.list_deadline:.0f}s")
-            page = await t.list_page(vm, path, index, size)
+            page = await self._guest(vm, functools.partial(t.list_page, vm, path, index, size))
             known = len(seen)
             for ent in page.entries:
                 if ent.name in seen:
@@ -211,7 +238,8 @@ class VCenterClient:
 
     async def stat(self, vm: str, path: str) -> GuestStat:
         with self._counting():
-            return await (await self.transport()).stat(vm, path)
+            t = await self.transport()
+            return await self._guest(vm, lambda: t.stat(vm, path))
 
     # --- transfers --------------------------------------------------------------------
 
@@ -228,7 +256,7 @@ class VCenterClient:
 
     async def _open_once(self, vm: str, path: str) -> OpenedTransfer:
         t = await self.transport()
-        opened = await t.open_transfer(vm, path)
+        opened = await self._guest(vm, lambda: t.open_transfer(vm, path))
         url = check_transfer_url(
             opened.url,
             self._server,

@@ -119,6 +119,9 @@ class ClientConfig:
     max_list_page: int = 5000  # vim25 pages ask for the remaining count up to this
     max_reply: int = MAX_REPLY
     max_connections: int = 64
+    # Most guest operations in flight per VM (--guest-ops): 1 + control delay / service
+    # time keeps a one-at-a-time guest busy (~8 at 80 ms over ~10 ms); the lane adapts below it.
+    guest_ops: int = 8
     debug: bool = False
     # --- tuning knobs (defaults are fine; tests shrink them) ---
     list_deadline: float = 600.0  # one list_dir may not run longer
