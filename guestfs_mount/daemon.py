@@ -15,26 +15,13 @@ import sys
 
 import trio
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
-
-from .errors import ConfigError, GuestfsError, iter_chain
+from .errors import ConfigError, GuestfsError, first_error
 from .logsetup import one_line, setup_logging
 from .mount import MountConfig, serve
 
 log = logging.getLogger("guestfs_mount")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-
-
-def _reason(exc: BaseException) -> BaseException:
-    """The error to report for what ``serve`` raised: the first real one inside the
-    exception groups of trio nurseries."""
-    return next(
-        (e for e in iter_chain(exc) if isinstance(e, Exception)
-         and not isinstance(e, BaseExceptionGroup)),
-        exc,
-    )  # fmt: skip
 
 
 def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
@@ -52,7 +39,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
     try:
         trio.run(serve, cfg, ready)
     except Exception as exc:
-        reason = _reason(exc)
+        reason = first_error(exc)
         if not isinstance(reason, (GuestfsError, OSError, RuntimeError)):
             log.exception("internal error")
         msg = one_line(str(reason) or type(reason).__name__)

@@ -33,8 +33,12 @@ server's ``default_message`` only. Every translation keeps the cause (``raise ..
 from __future__ import annotations
 
 import errno
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 
 class GuestfsError(Exception):
@@ -212,6 +216,16 @@ def iter_chain(exc: BaseException) -> Iterator[BaseException]:
         for nxt in (e.__context__, e.__cause__):
             if nxt is not None:
                 stack.append(nxt)
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The first real error in ``exc``'s chain, past the exception groups trio nurseries
+    wrap it in (``exc`` itself when there is none, e.g. only ``Cancelled``)."""
+    return next(
+        (e for e in iter_chain(exc) if isinstance(e, Exception)
+         and not isinstance(e, BaseExceptionGroup)),
+        exc,
+    )  # fmt: skip
 
 
 def to_errno(exc: BaseException) -> int:

@@ -41,7 +41,6 @@ import errno
 import itertools
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -50,13 +49,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..errors import CacheError, GuestfsError, RemoteError, TransferError, iter_chain
+from ..errors import CacheError, GuestfsError, RemoteError, TransferError, first_error
 from ..model import GuestStat, TransferResult
 from . import fileio
 from .fileio import PWrite
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 log = logging.getLogger(__name__)
 
@@ -641,11 +637,7 @@ class ContentCache:
 
     def _as_error(self, entry: _Entry, exc: BaseException) -> GuestfsError | None:
         """The error readers get for an exception out of a download (None: only Cancelled)."""
-        exc = next(
-            (e for e in iter_chain(exc) if isinstance(e, Exception)
-             and not isinstance(e, BaseExceptionGroup)),
-            exc,
-        )  # fmt: skip
+        exc = first_error(exc)
         if isinstance(exc, (RemoteError, CacheError)):
             return exc
         if isinstance(exc, OSError):
