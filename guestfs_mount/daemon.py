@@ -19,7 +19,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 from .errors import ConfigError, GuestfsError, iter_chain
-from .logsetup import one_line, setup_logging
+from .logsetup import SYSLOG_ADDRESS, one_line, setup_logging, syslog_available
 from .mount import MountConfig, serve
 
 log = logging.getLogger("guestfs_mount")
@@ -70,6 +70,11 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
 def daemonize(cfg: MountConfig, args: argparse.Namespace) -> int:
     """Fork; the parent's exit status once the child mounted (0) or failed."""
+    if not args.log_file and not syslog_available():
+        # Detached, its stderr is /dev/null: say it here, where someone reads it.
+        log.warning(
+            "no syslog at %s: the daemon's log is lost; use --log-file FILE", SYSLOG_ADDRESS
+        )
     r, w = os.pipe()
     pid = os.fork()
     if pid:
@@ -101,6 +106,10 @@ def daemonize(cfg: MountConfig, args: argparse.Namespace) -> int:
         os.dup2(devnull, fd)
     os.close(devnull)
     os.chdir("/")
-    setup_logging(args, daemon=True)
+    try:
+        setup_logging(args, daemon=True)
+    except ConfigError as exc:  # the log file was replaced since the parent checked it
+        os.write(w, ("error " + one_line(str(exc)) + "\n").encode(errors="replace"))
+        os._exit(EXIT_USAGE)
     code = run(cfg, w)
     os._exit(code)
