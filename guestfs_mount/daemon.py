@@ -70,11 +70,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
 def daemonize(cfg: MountConfig, args: argparse.Namespace) -> int:
     """Fork; the parent's exit status once the child mounted (0) or failed."""
-    if not args.log_file and not syslog_available():
-        # Detached, its stderr is /dev/null: say it here, where someone reads it.
-        log.warning(
-            "no syslog at %s: the daemon's log is lost; use --log-file FILE", SYSLOG_ADDRESS
-        )
+    no_syslog = not args.log_file and not syslog_available()
     r, w = os.pipe()
     pid = os.fork()
     if pid:
@@ -85,6 +81,11 @@ def daemonize(cfg: MountConfig, args: argparse.Namespace) -> int:
         os.close(r)
         answer = b"".join(chunks).decode(errors="replace").strip()
         if answer == "ok":
+            if no_syslog:  # detached, its stderr is /dev/null: say it where someone reads
+                log.warning(
+                    "no syslog at %s: the daemon's log is lost; use --log-file FILE",
+                    SYSLOG_ADDRESS,
+                )
             return EXIT_OK
         # The child exits right after its answer: its status says what kind of error.
         _, status = os.waitpid(pid, 0)

@@ -54,7 +54,7 @@ def _seconds(minimum: float, *, inclusive: bool) -> Callable[[str], float]:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"not a valid float (seconds): {text!r}") from None
         low_ok = value >= minimum if inclusive else value > minimum
         # NaN fails every comparison, so it lands here too.
         if not (low_ok and value <= MAX_SECONDS):
