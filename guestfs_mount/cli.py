@@ -6,6 +6,7 @@
     guestfs-mount [OPTIONS] --profile NAME MOUNTPOINT
     guestfs-mount PROFILE MOUNTPOINT -o OPT[=VAL],...      (fstab, via mount.fuse3)
     guestfs-mount status [--json] [MOUNTPOINT]
+    guestfs-mount evidence MOUNTPOINT [PATH...] --format FORMAT   (see docs/forensics.md)
 
 The parts: :mod:`.options` (the parser), :mod:`.settings` (defaults, config file,
 profile and command line merged), :mod:`.credentials` (secrets), :mod:`.mountpoint`
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 from .daemon import EXIT_USAGE, daemonize, run
 from .errors import ConfigError
+from .evidence.command import main as evidence_main
 from .logsetup import one_line, setup_logging
 from .settings import build_config, resolve_args
 from .status import main as status_main
@@ -31,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "status":
         return status_main(argv[1:])
+    if argv and argv[0] == "evidence":
+        return evidence_main(argv[1:])
     try:
         args, warnings = resolve_args(argv)
         setup_logging(args, daemon=False)

@@ -77,10 +77,10 @@ _PROFILE_KEYS = {
     "guest_root",
     "options",
 }
-_APIS = ("auto", "released", "preview")
+_APIS = ("auto", "rest", "preview", "vi-json", "soap", "released")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
 # Names the command line gives another meaning as a first argument.
-RESERVED_PROFILE_NAMES = frozenset({"status"})
+RESERVED_PROFILE_NAMES = frozenset({"status", "evidence"})
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,20 @@
 
 One Unix socket per mount in a per-user runtime directory (0700; the socket 0600),
 so only the mounting user can ask. The protocol is one line in (``status``), one JSON
-document out, then close.
+document out, then close; or ``evidence``: a JSON header line, then one JSON line per
+ledger entry (``guestfs-mount evidence``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import trio
@@ -44,7 +46,11 @@ def _private_dir(path: str) -> None:
         raise PermissionError(f"{path} must be a private directory owned by uid {os.geteuid()}")
 
 
-async def serve_control(path: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+async def serve_control(
+    path: str,
+    snapshot: Callable[[], dict[str, Any]],
+    evidence: Callable[[], tuple[dict[str, Any], Iterable[dict[str, Any]]]] | None = None,
+) -> None:
     """Serve ``snapshot()`` on ``path`` until cancelled; the socket is removed after."""
     _private_dir(os.path.dirname(path))
     with contextlib.suppress(FileNotFoundError):
@@ -59,12 +65,15 @@ async def serve_control(path: str, snapshot: Callable[[], dict[str, Any]]) -> No
     listener = trio.SocketListener(sock)
 
     async def handle(stream: trio.SocketStream) -> None:
+        request = b""
         try:
             with trio.move_on_after(5):
                 request = await stream.receive_some(256)
                 if request.strip() == b"status":
                     body = json.dumps(snapshot(), ensure_ascii=True, default=str)
                     await stream.send_all(body.encode() + b"\n")
+            if request.strip() == b"evidence" and evidence is not None:
+                await _send_evidence(stream, *evidence())
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -77,6 +86,31 @@ async def serve_control(path: str, snapshot: Callable[[], dict[str, Any]]) -> No
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+async def _send_evidence(
+    stream: trio.SocketStream, head: dict[str, Any], records: Iterable[dict[str, Any]]
+) -> None:
+    # No deadline: a ledger can hold millions of entries. Built and sent in batches with
+    # a checkpoint between them, so the mount keeps serving the kernel meanwhile.
+    await stream.send_all(json.dumps(head, ensure_ascii=True).encode() + b"\n")
+    it = iter(records)
+    while batch := list(itertools.islice(it, 1000)):
+        lines = (json.dumps(r, ensure_ascii=True).encode() + b"\n" for r in batch)
+        await stream.send_all(b"".join(lines))
+
+
+def ask_evidence(path: str, timeout: float = 60.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Synchronous client: the mount's evidence header and its ledger records."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(b"evidence\n")
+        with s.makefile("rb") as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    if not lines or not all(isinstance(x, dict) for x in lines):
+        raise ValueError("malformed evidence answer")
+    return lines[0], lines[1:]
 
 
 def ask(path: str, timeout: float = 5.0) -> dict[str, Any]:

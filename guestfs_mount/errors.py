@@ -22,6 +22,7 @@
         │   ├── TlsError            certificate / pin rejected             -> EIO
         │   └── CircuitOpen         failing fast while the server is down  -> EIO
         ├── ProtocolError           malformed or unexpected response       -> EIO
+        │   └── NoSuchOperation     the server lacks the endpoint (vcenter/session.py)
         ├── TransferError           download cut, short, long or refused   -> EIO
         └── UnsafeTransferUrl       URL refused (http, foreign host, ...)  -> EACCES
 

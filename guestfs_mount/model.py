@@ -32,26 +32,6 @@ class PowerState(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class DirEntry:
-    """One ``files?action=list`` summary: all the list API tells about an entry."""
-
-    name: str
-    type: FileType
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class ListPage:
-    """One page of ``files?action=list``. ``end_of_data`` is ``status == END_OF_DATA``."""
-
-    entries: tuple[DirEntry, ...]
-    total: int
-    end_of_data: bool
-    start_index: int | None = None
-    end_index: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class GuestStat:
     """``files/{path}?action=get``: the full attributes of one guest path.
 
@@ -71,6 +51,18 @@ class GuestStat:
     hidden: bool | None = None
     read_only: bool | None = None
     created_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    """One listed entry. ``stat`` is set when the listing itself carried the entry's full
+    attributes (the vim25 ``ListFilesInGuest``; REST listings give name, type and size
+    only and leave it None), so a stat cache can be filled without a call per entry."""
+
+    name: str
+    type: FileType
+    size: int
+    stat: GuestStat | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +103,12 @@ class GuestCredentials:
 
 @dataclass(frozen=True, slots=True)
 class TransferResult:
-    """What a finished download delivered."""
+    """What a finished download delivered. ``stat`` is the file's attributes as the
+    transport reported them with the transfer URL (vim25), None when it does not (REST):
+    they confirm the version (size, mtime) that was fetched."""
 
     nbytes: int
     sha256: str
     seconds: float
+    md5: str = ""  # beside the SHA-256: hashdeep manifests and bodyfiles carry MD5
+    stat: GuestStat | None = None

@@ -18,7 +18,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from .audit import AuditLog
 from .cache.content import ContentCache, Sink, TransferEvent
 from .control import serve_control, socket_path
 from .errors import ConfigError, InvalidArgument, NotFound
+from .evidence.ledger import Ledger, RecordingBackend, transfer_hook
 from .fs import FsOptions, Operations
 from .meta import MetadataCache
 from .model import DirEntry, FilesystemFamily, FileType, GuestStat, TransferResult
@@ -49,6 +50,7 @@ class MountConfig:
     guest_root: str = "/"
     fs: FsOptions = field(default_factory=FsOptions)
     metadata_ttl: float = 60.0  # how long listings and attributes are reused
+    case: dict[str, str] = field(default_factory=dict)  # --case, --examiner, ... (evidence)
     frozen: bool = False
     cache_dir: str | None = None
     cache_size: int = 4 << 30
@@ -215,11 +217,19 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
         audit = None
         if cfg.audit_log:
             audit = AuditLog(
-                cfg.audit_log, vcenter=client.vcenter_netloc, vm=vm.vm, vm_name=vm.name
+                cfg.audit_log,
+                vcenter=client.vcenter_netloc,
+                vm=vm.vm,
+                vm_name=vm.name,
+                case=cfg.case,
             )
             stack.callback(audit.close)
+        ledger = Ledger(root=cfg.guest_root, paths=paths)
+        ledger.saw(cfg.guest_root, root)
+        ledger_transfer = transfer_hook(ledger)
 
         def on_transfer_end(ev: TransferEvent) -> None:
+            ledger_transfer(ev)
             if audit is not None:
                 audit.record(ev)
 
@@ -238,7 +248,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
         # The background tasks end before the cache closes: none may start a download.
         stack.callback(nursery.cancel_scope.cancel)
         meta = MetadataCache(
-            guest,
+            RecordingBackend(guest, ledger),
             nursery=nursery,
             ttl=cfg.metadata_ttl,
             negative_ttl=cfg.fs.negative_ttl,
@@ -248,6 +258,20 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
         ops = Operations(meta, content, cfg.fs, root=cfg.guest_root, paths=paths, nursery=nursery)
         meta.seed(cfg.guest_root, root)
         started = time.time()
+
+        def evidence() -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+            head = {
+                "mountpoint": cfg.mountpoint,
+                "vcenter": client.vcenter_netloc,
+                "vm": vm.vm,
+                "vm_name": vm.name,
+                "guest_root": cfg.guest_root,
+                "frozen": cfg.frozen,
+                "case": cfg.case,
+                "audit_chain": audit.chain_id if audit is not None else None,
+                "dropped": ledger.dropped,
+            }
+            return head, ledger.records()
 
         def snapshot() -> dict[str, Any]:
             return {
@@ -276,7 +300,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
         stack.callback(_unmount, cfg.mountpoint)
         nursery.start_soon(_raise_read_ahead_after_init, ops, cfg.mountpoint, cfg.read_ahead_kb)
         log.info("mounted %s (%s) %s on %s", vm.name, vm.vm, cfg.guest_root, cfg.mountpoint)
-        nursery.start_soon(_serve_control_quietly, control_path, snapshot)
+        nursery.start_soon(_serve_control_quietly, control_path, snapshot, evidence)
         if cfg.progress:
             _start_progress(nursery, content.in_flight)
         ready()
@@ -307,9 +331,13 @@ def _start_progress(nursery: trio.Nursery, in_flight: Callable[[], list[dict[str
     nursery.start_soon(show_progress, in_flight, console)
 
 
-async def _serve_control_quietly(path: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+async def _serve_control_quietly(
+    path: str,
+    snapshot: Callable[[], dict[str, Any]],
+    evidence: Callable[[], tuple[dict[str, Any], Iterator[dict[str, Any]]]] | None = None,
+) -> None:
     try:
-        await serve_control(path, snapshot)
+        await serve_control(path, snapshot, evidence)
     except OSError as exc:  # status is a convenience: never let it stop the mount
         log.warning("no control socket (guestfs-mount status will not see this mount): %s", exc)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from . import __version__
 from .config import SYSTEM_CONFIG, default_path
 from .errors import ConfigError
+from .evidence.command import add_case_options
 from .vcenter.tls import normalize_thumbprint
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -101,7 +102,9 @@ USAGE = """\
 guestfs-mount [OPTIONS] SERVER VM MOUNTPOINT
        guestfs-mount [OPTIONS] --profile NAME MOUNTPOINT
        guestfs-mount [OPTIONS] PROFILE MOUNTPOINT [-o OPT[=VAL],...]
-       guestfs-mount status [--json] [MOUNTPOINT]"""
+       guestfs-mount status [--json] [MOUNTPOINT]
+       guestfs-mount evidence MOUNTPOINT [PATH...] --format FORMAT [-o FILE] [--walk] [--fetch]
+       guestfs-mount evidence --verify-log FILE"""
 
 DESCRIPTION = """\
 Mount a running VMware VM's guest filesystem read-only, through the vCenter REST API
@@ -219,10 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--esx-host",
-        metavar="PATTERN",
+        metavar="PATTERN[:PORT]",
         type=_text,
         action="append",
-        help="trust transfer URLs on hosts matching this glob (repeatable)",
+        help="trust transfer URLs on hosts matching this glob, at port 443 or PORT (repeatable)",
     )
     t.add_argument(
         "--insecure",
@@ -231,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--api",
-        choices=("auto", "released", "preview"),
-        help="transfer API form: released (7.0U2+), preview (7.0U1), auto (default)",
+        choices=("auto", "rest", "preview", "vi-json", "soap", "released"),
+        help="vSphere API: vi-json (vCenter 8.0U1+), soap (any vCenter or ESXi host),"
+        " rest (/api, 7.0U2+), preview (/api, 7.0U1), auto (default: probe, in that order)",
     )
 
     v = p.add_argument_group("what the mount shows")
@@ -315,4 +319,5 @@ def build_parser() -> argparse.ArgumentParser:
         version=f"%(prog)s {__version__}",
         help="print the version and exit",
     )
+    add_case_options(p)
     return p

@@ -28,6 +28,7 @@ from .config import (
 )
 from .credentials import forget_secret_environment, guest_credentials, vcenter_password
 from .errors import ConfigError
+from .evidence.command import CASE_DEFAULTS, case_metadata
 from .fs import FsOptions
 from .mount import MountConfig
 from .mountpoint import check_mountpoint
@@ -69,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "debug": False,
     "log_file": None,
     "audit_log": None,
+    **CASE_DEFAULTS,
 }
 # Options whose value is a local path: "~" is expanded, and relative paths are made
 # absolute (the daemon runs in /), against the config file's folder when set there.
@@ -375,4 +377,5 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
         # live transfer display: only for a person watching a terminal
         progress=bool(args.foreground and not args.log_file and sys.stderr.isatty()),
+        case=case_metadata(args),
     )

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -79,6 +80,11 @@ def mount_argv(sim: Server, mnt: str, *extra: str, vm: str | None = None) -> lis
         argv += ["--ca-file", sim.ca_file]
     if sim.esx_ca_file and sim.esx_ca_file != sim.ca_file:
         argv += ["--esx-ca-file", sim.esx_ca_file]
+    esx_port = getattr(sim, "esx_port", None)
+    if esx_port:
+        # The simulator's ESXi listener is a port of the vCenter host: trusted only if named.
+        host = urllib.parse.urlsplit(sim.vcenter_url).hostname or "127.0.0.1"
+        argv += ["--esx-host", f"{host}:{esx_port}"]
     return argv + list(extra)
 
 

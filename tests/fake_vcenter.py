@@ -46,6 +46,15 @@ def stat_body(ftype: str = "FILE", size: int = 10) -> dict[str, Any]:
     }
 
 
+class _Stream(httpx.AsyncByteStream):
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.inner:
+            yield chunk
+
+
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response | None]]
 
 
@@ -63,6 +72,7 @@ class FakeVCenter:
     )
     released: bool = True
     transfer_host: str = "*"
+    transfer_scheme: str = "https"
     tokens: set[str] = field(default_factory=set)
     n_logins: int = 0
     requests: list[httpx.Request] = field(default_factory=list)
@@ -74,7 +84,12 @@ class FakeVCenter:
         self.tokens.clear()
 
     def transport(self) -> httpx.MockTransport:
-        return httpx.MockTransport(self.handle)
+        async def streamed(req: httpx.Request) -> httpx.Response:
+            # As from a network transport: the body is a stream, read by the client.
+            resp = await self.handle(req)
+            return httpx.Response(resp.status_code, headers=resp.headers, stream=_Stream(resp.stream))
+
+        return httpx.MockTransport(streamed)
 
     def op(self, req: httpx.Request) -> str:
         p = req.url.raw_path.decode().split("?")[0]
@@ -160,7 +175,7 @@ class FakeVCenter:
             q = urllib.parse.urlencode({"id": path, "token": URL_TOKEN})
             return httpx.Response(
                 201 if name == "transfer.create" else 200,
-                json=f"https://{self.transfer_host}/guestFile?{q}",
+                json=f"{self.transfer_scheme}://{self.transfer_host}/guestFile?{q}",
             )
         return err(404, "OPERATION_NOT_FOUND", "unknown")
 

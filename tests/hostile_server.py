@@ -1,4 +1,5 @@
-"""A hostile vCenter double over real (plain) HTTP, for end-to-end tests of the mount.
+"""Hostile servers over real (plain) HTTP: a vCenter double for end-to-end tests of the
+mount, and :class:`RawServer` for byte-exact answers (transfer bodies, API reply caps).
 
 It serves a :class:`tests.fake_vcenter.FakeVCenter` (the scriptable in-memory
 vCenter of the client's unit tests) through a ThreadingHTTPServer in a thread, so that
@@ -8,8 +9,11 @@ targets and transfer URLs. Each request runs ``fake.handle`` in its own ``trio.r
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 import urllib.parse
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -18,7 +22,7 @@ import trio
 
 from tests.fake_vcenter import FakeVCenter, stat_body
 
-__all__ = ["HostileVCenter", "stat_body"]
+__all__ = ["HostileVCenter", "RawServer", "json_route", "send", "stat_body"]
 
 
 class HostileVCenter:
@@ -110,3 +114,100 @@ def symlink_stat(target: str) -> dict[str, Any]:
     b = stat_body("SYMLINK", len(target))
     b["attributes"]["symlink_target"] = target
     return b
+
+
+# --- a raw HTTP server: every byte of the answer under the test's control ------------------
+
+Route = Callable[[BaseHTTPRequestHandler], None]
+
+
+class RawServer:
+    """A real local HTTP server (a thread) whose answers tests write byte by byte: for the
+    transfer-body path (the client's worker thread reads it with a blocking socket, as in
+    production) and for the caps on API replies. ``routes`` maps a path (no query) to a
+    function that writes the whole answer to ``handler.wfile``; ``hits`` counts requests
+    per path, ``headers`` keeps the last request's headers per path."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.hits: dict[str, int] = {}
+        self.headers: dict[str, dict[str, str]] = {}
+        self.connections = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                outer.connections += 1
+                super().setup()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _any(self) -> None:
+                n = int(self.headers.get("content-length") or 0)
+                self.body = self.rfile.read(n) if n else b""
+                path = self.path.split("?", 1)[0]
+                outer.hits[path] = outer.hits.get(path, 0) + 1
+                outer.headers[path] = {k.lower(): v for k, v in self.headers.items()}
+                route = outer.routes.get(path)
+                if route is None:
+                    send(self, 404, b"no such route")
+                    return
+                try:
+                    route(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            do_GET = do_POST = do_DELETE = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.netloc = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.netloc}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> RawServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def send(
+    h: BaseHTTPRequestHandler,
+    status: int,
+    body: bytes = b"",
+    *,
+    headers: dict[str, str] | None = None,
+    length: bool = True,
+    close: bool = False,
+    chunk: int = 65536,
+    pause: float = 0.0,
+) -> None:
+    """Answer ``status`` with ``body`` in ``chunk``-sized writes, ``pause`` seconds apart;
+    without ``length`` the body is delimited by closing the connection."""
+    h.send_response(status)
+    for k, v in (headers or {}).items():
+        h.send_header(k, v)
+    if length:
+        h.send_header("Content-Length", str(len(body)))
+    if close or not length:
+        h.send_header("Connection", "close")
+        h.close_connection = True
+    h.end_headers()
+    for i in range(0, len(body), chunk):
+        h.wfile.write(body[i : i + chunk])
+        h.wfile.flush()
+        if pause:
+            time.sleep(pause)
+
+
+def json_route(status: int, value: Any, headers: dict[str, str] | None = None) -> Route:
+    data = json.dumps(value).encode()
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    return lambda h: send(h, status, data, headers=hdrs)

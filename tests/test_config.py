@@ -100,7 +100,7 @@ def test_password_keys_are_refused_without_echoing_them(text, words):
         ('[servers.a]\nthumbprints = { "h" = "AB:CD" }\n', ["[servers.a] thumbprints", "64 hex"]),
         ("[servers.a]\nesx_hosts = [1]\n", ["[servers.a] esx_hosts"]),
         ("[servers.a]\nuser = 5\n", ["[servers.a] user", "string"]),
-        ('[servers.a]\napi = "new"\n', ["[servers.a] api", "auto, released, preview"]),
+        ('[servers.a]\napi = "new"\n', ["[servers.a] api", "auto, rest, preview, vi-json, soap"]),
         ('[servers.a]\nserver = "ftp://x"\n', ["[servers.a] server"]),
         (
             '[servers.a]\n[profiles.status]\nserver = "a"\nvm = "v"\n',

@@ -51,6 +51,7 @@ user = "{sim.user}"
 password_file = "secrets/vc"
 ca_file = "{sim.ca_file}"
 esx_ca_file = "{esx_ca}"
+esx_hosts = ["127.0.0.1:{sim.esx_port}"]
 
 [profiles.web]
 server = "sim"

@@ -48,12 +48,15 @@ def test_audit_log_records_each_transfer_with_its_hash(sim, source, tmp_path):
         with open(m.path("etc/hosts"), "rb") as f:  # cached: no second transfer
             f.read()
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert lines[0]["type"] == "header" and lines[-1]["type"] == "end"
+    lines = [rec for rec in lines if rec["type"] == "transfer"]
     by_path = {rec["path"]: rec for rec in lines}
     assert len(lines) == 3 and set(by_path) == {"/etc/hosts", "/data/one-mib.bin", "/data/nested/a.txt"}
     for path, rec in by_path.items():
         src = os.path.join(source, path.lstrip("/"))
         assert rec["result"] == "ok"
         assert rec["sha256"] == _sha(src)
+        assert rec["md5"] == hashlib.md5(open(src, "rb").read()).hexdigest()
         assert rec["size"] == rec["bytes"] == os.path.getsize(src)
         assert rec["vm"] == sim.vms[0]["vm"] and rec["vm_name"] == sim.vms[0]["name"]
         assert rec["time"].endswith("Z") and rec["mtime"].endswith("Z")
@@ -69,6 +72,7 @@ def test_audit_log_records_failures(sim, tmp_path):
             f.read()
         sim.reset_faults()
     recs = [json.loads(line) for line in audit.read_text().splitlines()]
+    recs = [rec for rec in recs if rec["type"] == "transfer"]
     assert recs[0]["result"] == "error" and recs[0]["sha256"] is None and "error" in recs[0]
 
 

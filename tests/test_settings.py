@@ -55,3 +55,14 @@ def test_client_gives_up_inside_the_fuse_deadline(env, timeout):
     assert client.call_timeout < timeout and client.retry_budget < timeout
     assert client.transfer_stall_timeout < timeout
     assert client.password == "vc-secret"  # the rest is kept
+
+
+def test_bad_esx_host_port_is_a_usage_error() -> None:
+    from guestfs_mount.errors import ConfigError
+    from guestfs_mount.model import CredentialType, GuestCredentials
+    from guestfs_mount.vcenter import ClientConfig
+
+    guest = GuestCredentials(CredentialType.USERNAME_PASSWORD, "root", "pw")
+    with pytest.raises(ConfigError, match="--esx-host 'esx1:99999' has an invalid port"):
+        ClientConfig(server="vc", user="u", password="p", guest=guest, esx_hosts=("esx1:99999",))
+    ClientConfig(server="vc", user="u", password="p", guest=guest, esx_hosts=("esx*:8443",))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -24,7 +22,6 @@ from guestfs_mount.errors import (
     RemoteTimeout,
     ResourceBusy,
     ServiceUnavailable,
-    TransferError,
     TransportError,
     Unauthenticated,
     UnsafeTransferUrl,
@@ -199,7 +196,9 @@ async def test_list_paging() -> None:
         got = await c.list_dir("vm-42", "/etc")
     assert [e.name for e in got] == [f"f{i}" for i in range(7)]
     assert got[3].size == 3 and got[0].type is FileType.FILE
-    idx = [json.loads(r.content)["iteration"]["index"] for r in fake.requests if "list" in str(r.url)]
+    idx = [
+        json.loads(r.content)["iteration"]["index"] for r in fake.requests if "list" in str(r.url)
+    ]
     assert idx == [0, 3, 6]
 
 
@@ -228,7 +227,9 @@ async def test_list_hostile_entries(caplog: pytest.LogCaptureFixture) -> None:
     assert [(e.name, e.size) for e in got] == [("ok", 1), ("bad\udcff", 3)]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "skipped 13" in warnings[0].getMessage()
+    # . and .. are normal (every guest lists them first): left out without a word
+    assert "skipped 11" in warnings[0].getMessage()
+    assert "'.'" not in warnings[0].getMessage()
 
 
 async def test_list_never_ending_ready() -> None:
@@ -239,7 +240,7 @@ async def test_list_never_ending_ready() -> None:
 
     fake.hooks["files.list"] = stuck
     async with make_client(fake) as c:
-        with pytest.raises(ProtocolError, match="READY without entries"):
+        with pytest.raises(ProtocolError, match="pages without entries"):
             await c.list_dir("vm-42", "/d")
     assert sum("list" in str(r.url) for r in fake.requests) == 4
 
@@ -307,10 +308,37 @@ async def test_create_transfer_star_substitution() -> None:
     async with make_client(fake, server="vc.example.com:8443") as c:
         url = await c.create_transfer("vm-42", "/f")
         assert url.startswith("https://vc.example.com:8443/guestFile?")
+        assert c.transfer_api == "released"
+        # Another port of the vCenter host: only when named with --esx-host HOST:PORT.
         fake.transfer_host = "*:9443"
+        with pytest.raises(UnsafeTransferUrl, match="--esx-host vc.example.com:9443"):
+            await c.create_transfer("vm-42", "/f")
+    async with make_client(fake, esx_hosts=("vc.example.com:9443",)) as c:
         url = await c.create_transfer("vm-42", "/f")
         assert url.startswith("https://vc.example.com:9443/guestFile?")
-        assert c.transfer_api == "released"
+
+
+@pytest.mark.parametrize(
+    ("host", "esx_hosts", "ok"),
+    [
+        ("esx1.example.com", ("esx*.example.com",), True),
+        ("esx1.example.com:443", ("esx*.example.com",), True),
+        ("esx1.example.com:22", ("esx*.example.com",), False),
+        ("esx1.example.com:8443", ("esx*.example.com:8443",), True),
+        ("esx1.example.com:8444", ("esx*.example.com:8443",), False),
+        ("vc.example.com:5432", (), False),
+        ("*:80", (), False),
+    ],
+)
+async def test_transfer_port_rule(host: str, esx_hosts: tuple[str, ...], ok: bool) -> None:
+    fake = FakeVCenter(transfer_host=host)
+    fake.contents["/f"] = b"x"
+    async with make_client(fake, esx_hosts=esx_hosts) as c:
+        if ok:
+            await c.create_transfer("vm-42", "/f")
+        else:
+            with pytest.raises(UnsafeTransferUrl, match="--esx-host"):
+                await c.create_transfer("vm-42", "/f")
 
 
 async def test_transfer_preview_fallback_remembered() -> None:
@@ -406,93 +434,6 @@ async def test_transfer_http_refused_unless_allowed() -> None:
                 await c.create_transfer("vm-42", "/f")
 
 
-async def _collect(c: Any, path: str, size: int) -> tuple[list[bytes], Any]:
-    chunks: list[bytes] = []
-
-    async def sink(b: bytes) -> None:
-        chunks.append(b)
-
-    res = await c.download("vm-42", path, size, sink)
-    return chunks, res
-
-
-async def test_download_ok_rechunked() -> None:
-    fake = FakeVCenter()
-    data = bytes(range(256)) * (4096 * 3 + 7)  # ~3 MiB, not a multiple of 1 MiB
-    fake.contents["/big"] = data
-    fake.content_length = False
-    async with make_client(fake) as c:
-        chunks, res = await _collect(c, "/big", len(data))
-        assert b"".join(chunks) == data
-        assert all(len(ch) >= 1 << 20 for ch in chunks[:-1])
-        assert res.nbytes == len(data)
-        assert res.sha256 == hashlib.sha256(data).hexdigest()
-        assert c.stats.bytes_downloaded == len(data)
-    get = next(r for r in fake.requests if fake.op(r) == "esx.get")
-    assert get.headers["accept-encoding"] == "identity"
-    assert "vmware-api-session-id" not in get.headers
-
-
-@pytest.mark.parametrize("actual", [5, 15])
-async def test_download_size_mismatch(actual: int) -> None:
-    fake = FakeVCenter()
-    fake.contents["/f"] = b"z" * actual
-    fake.content_length = False
-    async with make_client(fake) as c:
-        with pytest.raises(TransferError, match="bytes") as ei:
-            await _collect(c, "/f", 10)
-    assert_no_secrets(str(ei.value))
-
-
-async def test_download_content_length_mismatch() -> None:
-    fake = FakeVCenter()
-    fake.contents["/f"] = b"z" * 5
-    async with make_client(fake) as c:
-        with pytest.raises(TransferError, match="Content-Length"):
-            await _collect(c, "/f", 10)
-
-
-async def test_download_long_body_stops_early() -> None:
-    fake = FakeVCenter()
-    fake.contents["/f"] = b""
-    yielded = [0]
-
-    async def infinite(req: httpx.Request) -> httpx.Response:
-        async def body() -> AsyncIterator[bytes]:
-            while True:
-                yielded[0] += 1
-                yield b"a" * 65536
-
-        return httpx.Response(200, content=body())
-
-    fake.hooks["esx.get"] = infinite
-    async with make_client(fake) as c:
-        with pytest.raises(TransferError, match="more than"):
-            await _collect(c, "/f", 100_000)
-    assert yielded[0] <= 3
-
-
-async def test_download_status_and_redirect() -> None:
-    fake = FakeVCenter()
-    fake.contents["/f"] = b"z"
-
-    async def redirect(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(302, headers={"location": "https://evil.com/x"})
-
-    fake.hooks["esx.get"] = redirect
-    async with make_client(fake) as c:
-        with pytest.raises(UnsafeTransferUrl, match="redirect"):
-            await _collect(c, "/f", 1)
-
-    async def gone(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(404, text="gone")
-
-    fake.hooks["esx.get"] = gone
-    async with make_client(fake) as c:
-        with pytest.raises(TransferError, match="HTTP 404"):
-            await _collect(c, "/f", 1)
-
-
 async def test_api_redirect_refused() -> None:
     fake = FakeVCenter()
 
@@ -504,69 +445,6 @@ async def test_api_redirect_refused() -> None:
         with pytest.raises(ProtocolError, match="redirect"):
             await c.find_vm("web")
     assert not any("evil" in str(r.url) for r in fake.requests)
-
-
-async def test_download_stall(autojump_clock: trio.testing.MockClock) -> None:
-    fake = FakeVCenter()
-    fake.contents["/f"] = b""
-
-    async def stall(req: httpx.Request) -> httpx.Response:
-        async def body() -> AsyncIterator[bytes]:
-            yield b"a" * 10
-            await trio.sleep(1000)
-            yield b"b"
-
-        return httpx.Response(200, content=body())
-
-    fake.hooks["esx.get"] = stall
-    async with make_client(fake, transfer_stall_timeout=7) as c:
-        t0 = trio.current_time()
-        with pytest.raises(TransferError, match="no data for 7s"):
-            await _collect(c, "/f", 20)
-        assert 7 <= trio.current_time() - t0 < 8
-
-
-async def test_download_broken_connection_not_retried_after_first_byte() -> None:
-    fake = FakeVCenter()
-    fake.contents["/f"] = b""
-
-    async def broken(req: httpx.Request) -> httpx.Response:
-        async def body() -> AsyncIterator[bytes]:
-            yield b"a" * (2 << 20)
-            raise httpx.ReadError("connection reset")
-
-        return httpx.Response(200, content=body())
-
-    fake.hooks["esx.get"] = broken
-    async with make_client(fake) as c:
-        with pytest.raises(TransferError, match="connection broke"):
-            await _collect(c, "/f", 3 << 20)
-    assert sum(fake.op(r) == "esx.get" for r in fake.requests) == 1
-
-
-async def test_download_retried_before_first_byte(autojump_clock: trio.testing.MockClock) -> None:
-    fake = FakeVCenter()
-    fake.contents["/f"] = b"hello"
-    n = [0]
-
-    async def busy(req: httpx.Request) -> httpx.Response | None:
-        n[0] += 1
-        if n[0] <= 2:
-            return err(500, "RESOURCE_BUSY", "busy")
-        return None
-
-    async def refuse_once(req: httpx.Request) -> httpx.Response | None:
-        if n[0] == 3:
-            n[0] += 1
-            raise httpx.ConnectError("")
-        return None
-
-    fake.hooks["transfer.create"] = busy
-    fake.hooks["esx.get"] = refuse_once
-    async with make_client(fake) as c:
-        chunks, _ = await _collect(c, "/f", 5)
-        assert b"".join(chunks) == b"hello"
-        assert c.stats.retries == 3
 
 
 # --- retries / breaker / timeouts -----------------------------------------------------------------
@@ -621,9 +499,7 @@ async def test_transport_error_message_and_breaker(
         return None
 
     fake.hooks["vm.list"] = refused
-    async with make_client(
-        fake, retry_budget=0, breaker_threshold=3, breaker_cooldown=5.0
-    ) as c:
+    async with make_client(fake, retry_budget=0, breaker_threshold=3, breaker_cooldown=5.0) as c:
         await c.login()
         for _ in range(3):
             with pytest.raises(TransportError, match="Connection refused"):
@@ -676,13 +552,13 @@ async def test_no_secrets_in_logs_or_errors(
     async with make_client(fake, debug=True, retry_budget=1.0) as c:
         await c.find_vm("web")
         await c.stat("vm-42", "/f")
-        await _collect(c, "/f", 4)
+        await c.create_transfer("vm-42", "/f")
         await trio.sleep(1800)
         fake.expire_sessions()
         await c.list_dir("vm-42", "/") if "/" in fake.files else None
         for coro in (
             lambda: c.stat("vm-42", "/nope"),
-            lambda: _collect(c, "/f", 5),
+            lambda: c.create_transfer("vm-42", "/missing"),
             lambda: c.create_transfer("vm-43", "/nope"),
         ):
             try:
@@ -705,6 +581,29 @@ async def test_no_secrets_in_logs_or_errors(
         assert_no_secrets(str(exc) + repr(exc) + repr(exc.args))
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "POST /api/vcenter/vm/vm-42/guest/filesystem/files/%2Ff?action=get 200" in text
-    assert "GET https://vc.example.com/guestFile?<redacted> 200" in text
     assert_no_secrets(text)
     assert_no_secrets(repr(c.config))
+
+
+def test_plain_http_message_names_the_real_way() -> None:
+    from guestfs_mount.vcenter.urls import parse_server
+
+    for s in ("http://vc.example.com", "HTTP://vc.example.com"):
+        with pytest.raises(ConfigError, match=r"give the server as http://HOST") as ei:
+            parse_server(s, allow_http=False)
+        assert "--allow-http" not in str(ei.value)
+    assert parse_server("HTTP://vc.example.com:8080", allow_http=True).port == 8080
+
+
+async def test_api_choice_names() -> None:
+    fake = FakeVCenter()
+    fake.contents["/f"] = b"x"
+    for api, name in (("rest", "rest"), ("released", "rest"), ("preview", "preview")):
+        async with make_client(fake, api=api) as c:
+            assert c.transport_name is None  # chosen at the first call
+            await c.create_transfer("vm-42", "/f")
+            assert c.transport_name == name
+            assert c.transport_reason == f"chosen with --api {name}"
+    assert not any(r.url.path.startswith("/sdk") for r in fake.requests)  # no probe
+    with pytest.raises(ConfigError, match="unknown API"):
+        make_client(fake, api="grpc")

@@ -77,6 +77,7 @@ class TransferEvent:
     sha256: str | None
     error: BaseException | None
     prefetch: bool = False  # started by prefetch() and never opened
+    md5: str | None = None
 
 
 class DownloadCancelled(CacheError):
@@ -594,6 +595,7 @@ class ContentCache:
                 sha256=entry.sha256 if error is None else None,
                 error=error,
                 prefetch=was_prefetch,
+                md5=result.md5 if error is None and result is not None else None,
             )
             try:
                 self._on_transfer_end(event)

@@ -13,8 +13,8 @@ import xml.etree.ElementTree as ET
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
-from defusedxml import DefusedXmlException  # type: ignore[import-untyped]
-from defusedxml.ElementTree import fromstring  # type: ignore[import-untyped]
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring
 from starlette.requests import Request
 from starlette.responses import Response
 

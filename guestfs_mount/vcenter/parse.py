@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,13 +20,14 @@ from guestfs_mount.model import (
     FilesystemFamily,
     FileType,
     GuestStat,
-    ListPage,
     PowerState,
     VmInfo,
 )
+from guestfs_mount.paths import NAME_MAX, is_safe_name
+
+from .transport import Page
 
 INT64_MAX = 2**63 - 1
-MAX_NAME_BYTES = 255
 MAX_TEXT = 64 * 1024  # longest string accepted from the server in any field
 _FILE_TYPES = {t.value: t for t in FileType}
 _POWER = {p.value: p for p in PowerState}
@@ -35,8 +35,8 @@ _FAMILY = {f.value: f for f in FilesystemFamily}
 
 __all__ = [
     "INT64_MAX",
-    "ParsedList",
     "decode_json",
+    "name_problem",
     "parse_error",
     "parse_guest_operations",
     "parse_list_page",
@@ -205,31 +205,32 @@ def parse_tools_running(data: Any) -> bool:
 # --- files ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedList:
-    """One list page after validation. ``raw_count`` counts every entry the server sent
-    (the next ``iteration.index`` advances by it); ``skipped`` names the refused ones."""
+DOT_NAMES = (".", "..")  # every real guest lists them first: normal, skipped silently
 
-    page: ListPage
-    raw_count: int
-    skipped: tuple[str, ...]
+
+def name_problem(name: str) -> str | None:
+    """Why a listed guest name cannot be a directory entry, or None if it can."""
+    short = repr(name[:60])
+    try:
+        if is_safe_name(name):
+            return None
+    except (UnicodeError, ValueError):
+        return f"name {short} cannot be encoded"
+    if "/" in name or "\x00" in name:
+        return f"name {short} contains '/' or NUL"
+    if name == "":
+        return "empty name"
+    return f"name {short}... is longer than {NAME_MAX} bytes"
 
 
 def _entry_problem(d: dict[str, Any]) -> tuple[DirEntry | None, str | None]:
     name = d.get("filename")
     if not isinstance(name, str):
         return None, "filename missing or not a string"
+    problem = name_problem(name)
+    if problem is not None:
+        return None, problem
     short = repr(name[:60])
-    if name in ("", ".", ".."):
-        return None, f"name {short} not allowed"
-    if "/" in name or "\x00" in name:
-        return None, f"name {short} contains '/' or NUL"
-    try:
-        nbytes = len(os.fsencode(name))
-    except (UnicodeError, ValueError):
-        return None, f"name {short} cannot be encoded"
-    if nbytes > MAX_NAME_BYTES:
-        return None, f"name {short}... is {nbytes} bytes long"
     t = d.get("type")
     if not isinstance(t, str) or t not in _FILE_TYPES:
         return None, f"{short} has unknown type"
@@ -239,41 +240,36 @@ def _entry_problem(d: dict[str, Any]) -> tuple[DirEntry | None, str | None]:
     return DirEntry(name=name, type=_FILE_TYPES[t], size=size), None
 
 
-def parse_list_page(data: Any) -> ParsedList:
+def parse_list_page(data: Any) -> Page:
     """``files?action=list`` result. Structure errors raise; hostile entries are skipped."""
     w = "file list"
     d = _obj(unwrap_value(data), w)
     files = _req(d, "files", w)
     if not isinstance(files, list):
         raise ProtocolError(f"{w}: 'files' is not an array")
-    total = _int(_req(d, "total", w), w + " total")
+    _int(_req(d, "total", w), w + " total")  # required by the API; the paging ignores it
     status = _str(_req(d, "status", w), w + " status", max_len=64)
     if status not in ("READY", "END_OF_DATA"):
         raise ProtocolError(f"{w}: unknown status {status!r}")
-    start = end = None
-    if d.get("start_index") is not None:
-        start = _int(d["start_index"], w + " start_index")
-    if d.get("end_index") is not None:
-        end = _int(d["end_index"], w + " end_index")
     entries: list[DirEntry] = []
     skipped: list[str] = []
     for item in files:
         if not isinstance(item, dict):
             skipped.append(f"entry is a {type(item).__name__}, not an object")
             continue
+        if item.get("filename") in DOT_NAMES:
+            continue
         entry, problem = _entry_problem(item)
         if entry is None:
             skipped.append(problem or "invalid")
         else:
             entries.append(entry)
-    page = ListPage(
+    return Page(
         entries=tuple(entries),
-        total=total,
-        end_of_data=status == "END_OF_DATA",
-        start_index=start,
-        end_index=end,
+        raw_count=len(files),
+        skipped=tuple(skipped),
+        end=status == "END_OF_DATA",
     )
-    return ParsedList(page=page, raw_count=len(files), skipped=tuple(skipped))
 
 
 def _permissions(v: Any) -> int:
@@ -343,9 +339,7 @@ class VapiError:
     messages: tuple[str, ...]
     data: dict[str, Any] | None
 
-    def exception(
-        self, message: str, *, status: int | None, path: str | None = None
-    ) -> ApiError:
+    def exception(self, message: str, *, status: int | None, path: str | None = None) -> ApiError:
         cls = api_error_class(self.error_type)
         return cls(
             message,

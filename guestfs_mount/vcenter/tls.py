@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 from guestfs_mount.errors import ConfigError, iter_chain
 
+from .urls import split_host_port
+
 __all__ = [
     "PinMismatch",
     "ca_context",
@@ -39,21 +41,7 @@ def normalize_thumbprint(value: str) -> str:
 
 def split_pin_key(key: str) -> tuple[str, int | None]:
     """``host``, ``host:port``, ``[v6]:port`` -> (lower-case host, port or None)."""
-    k = key.strip().lower()
-    if k.startswith("["):
-        host, _, rest = k[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif k.count(":") == 1:
-        host, port = k.split(":")
-    else:
-        host, port = k, ""
-    if not host:
-        raise ConfigError(f"thumbprint host {key!r} is empty")
-    if port:
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"thumbprint host {key!r} has an invalid port")
-        return host, int(port)
-    return host, None
+    return split_host_port(key, "thumbprint host")
 
 
 def ca_context(cafile: str | None) -> ssl.SSLContext:
@@ -84,7 +72,7 @@ def pinned_context(sha256_hex: str) -> ssl.SSLContext:
             _check_pin(self.getpeercert(binary_form=True), expected)
 
     class _PinnedSocket(ssl.SSLSocket):
-        # The blocking-socket twin, for the transfer GET read in a thread (bodyget.py).
+        # The blocking-socket twin, for the transfer GET read in a thread (transfer.py).
         def do_handshake(self, block: bool = False) -> None:
             super().do_handshake(block)
             _check_pin(self.getpeercert(binary_form=True), expected)

@@ -72,12 +72,11 @@ def parse_server(server: str, *, allow_http: bool) -> Server:
         raise ConfigError(f"vCenter server address {server!r}: scheme must be https")
     if scheme == "http" and not allow_http:
         raise ConfigError(
-            f"vCenter server address {server!r} uses plain http (allowed only with --allow-http)"
+            f"vCenter server address {server!r} uses plain http; give the server as"
+            " http://HOST[:PORT] to allow it (test servers only)"
         )
     if p.username or p.password or (p.path not in ("", "/")) or p.query or p.fragment:
-        raise ConfigError(
-            f"vCenter server address {redact_url(server)!r}: give only host[:port]"
-        )
+        raise ConfigError(f"vCenter server address {redact_url(server)!r}: give only host[:port]")
     host = (p.hostname or "").lower()
     if not host:
         raise ConfigError(f"vCenter server address {server!r} has no host")
@@ -128,18 +127,53 @@ def check_transfer_url(
         return final
     if scheme == "http" and not allow_http:
         raise UnsafeTransferUrl(
-            f"transfer URL {redact_url(final)} uses plain http (allowed only with --allow-http)"
+            f"transfer URL {redact_url(final)} uses plain http, allowed only when the"
+            " server is given as http://HOST"
         )
-    trusted = (
+    default = 443 if scheme == "https" else 80
+    patterns = [split_host_port(pat, "--esx-host") for pat in esx_hosts]
+    named_ports = {p for pat, p in patterns if p is not None and fnmatch.fnmatchcase(host, pat)}
+    host_trusted = (
         host == vcenter.host
-        or any(fnmatch.fnmatchcase(host, pat.lower()) for pat in esx_hosts)
+        or any(fnmatch.fnmatchcase(host, pat) for pat, _ in patterns)
         or (host, port) in pinned_hosts
         or (host, None) in pinned_hosts
     )
-    if not trusted:
+    if not host_trusted:
         raise UnsafeTransferUrl(
             f"transfer URL points to untrusted host {host}:{port}"
             f" (not the vCenter host); trust it with --esx-host {host}"
             f" or pin it with --thumbprint {host}:{port}=SHA256"
         )
+    # A trusted host is trusted at its HTTPS port, not at any port it listens on: a
+    # hostile vCenter could else aim our GETs at any local service of its host.
+    own = {vcenter.port} if host == vcenter.host else set()
+    port_trusted = (
+        port == default or port in own or port in named_ports or (host, port) in pinned_hosts
+    )
+    if not port_trusted:
+        raise UnsafeTransferUrl(
+            f"transfer URL points to {host}:{port}, not a transfer port of that host;"
+            f" trust the port with --esx-host {_fmt_host(host)}:{port}"
+        )
     return final
+
+
+def split_host_port(text: str, what: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]:port`` (or a glob in place of the host) ->
+    (lower-case host, port or None). The one parser of host[:port] options."""
+    k = text.strip().lower()
+    if k.startswith("["):
+        host, _, rest = k[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif k.count(":") == 1:
+        host, port = k.split(":")
+    else:
+        host, port = k, ""
+    if not host:
+        raise ConfigError(f"{what} {text!r} has no host")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{what} {text!r} has an invalid port")
+        return host, int(port)
+    return host, None
