@@ -18,6 +18,7 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
+from .control import lock_mountpoint
 from .errors import ConfigError, GuestfsError, iter_chain
 from .logsetup import SYSLOG_ADDRESS, one_line, setup_logging, syslog_available
 from .mount import MountConfig, serve
@@ -50,6 +51,8 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
             os.close(ready_fd)
 
     try:
+        # Taken here, in the process that serves (the forked child, not its parent).
+        lock_mountpoint(cfg.mountpoint)
         trio.run(serve, cfg, ready)
     except Exception as exc:
         reason = _reason(exc)

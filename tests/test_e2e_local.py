@@ -179,3 +179,32 @@ def test_log_file_planted_by_another_user_is_refused(sim: Any, tmp_path: Any, ki
     _assert_refused(_start(sim, mnt, "--log-file", log), mnt, "log file", "refused")
     with open(victim) as f:
         assert f.read() == "precious\n"
+
+
+# -- item 12: one mount per mount point ----------------------------------------------------
+
+
+def test_two_mounts_at_once_on_one_mountpoint_do_not_stack(sim: Any, tmp_path: Any) -> None:
+    """Both pass the 'already a mount point' check together; the lock lets only one mount."""
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    procs = [
+        subprocess.Popen(
+            mount_argv(sim, mnt), env=mount_env(sim), stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=90), p.stderr.read()) for p in procs if p.stderr]
+    try:
+        with open("/proc/self/mountinfo") as f:
+            stacked = sum(1 for line in f if f" {mnt} " in line)
+        assert stacked == 1, results
+        codes = sorted(code for code, _ in results)
+        assert codes == [0, 1], results
+        err = next(e for code, e in results if code == 1)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "already mounted" in lines[0], err
+        assert os.listdir(mnt)
+    finally:
+        while os.path.ismount(mnt):
+            unmount(mnt)
