@@ -9,6 +9,7 @@ ledger entry (``guestfs-mount evidence``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -37,6 +38,27 @@ def socket_path(mountpoint: str) -> str:
     # syscall on it from the serving thread would deadlock. Callers pass real paths.
     digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
     return os.path.join(runtime_dir(), f"{digest}.sock")
+
+
+def lock_mountpoint(mountpoint: str) -> int:
+    """Take the mount point's lock for this process's life (the fd, never closed by us).
+
+    Two mounts on one mount point would stack and the second would replace the first's
+    control socket; flock is released by the kernel when the holder dies, so no stale lock.
+    """
+    path = socket_path(mountpoint)[: -len(".sock")] + ".lock"
+    _private_dir(os.path.dirname(path))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f" by pid {holder}" if holder.isdigit() else ""
+        raise RuntimeError(f"{mountpoint} is already mounted{who}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _private_dir(path: str) -> None:

@@ -8,6 +8,7 @@ and read only here, so that they can be removed from the environment once read.
 
 from __future__ import annotations
 
+import ctypes
 import getpass
 import logging
 import os
@@ -75,3 +76,33 @@ def guest_credentials(
         password_file, GUEST_PASSWORD_ENV, "guest password", f"Password of guest user {user}: "
     )
     return GuestCredentials(CredentialType.USERNAME_PASSWORD, user_name=user, password=pw)
+
+
+def forget_secret_environment() -> None:
+    """Remove the secret variables from the environment once read, before the fork: the
+    daemon lives for days and same-uid processes can read its /proc/PID/environ.
+
+    ``unsetenv`` alone is not enough: /proc/PID/environ shows the block the kernel
+    copied at exec, which libc never changes, so those bytes are overwritten too."""
+    for name in SECRET_ENV:
+        os.environ.pop(name, None)
+    try:
+        _wipe_exec_environment(tuple(os.fsencode(n) + b"=" for n in SECRET_ENV))
+    except (OSError, ValueError, IndexError) as exc:
+        log.warning("could not clear the secrets from /proc/%d/environ: %s", os.getpid(), exc)
+
+
+def _wipe_exec_environment(prefixes: tuple[bytes, ...]) -> None:
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # env_start and env_end are fields 50 and 51 of stat(5); the split starts at field 3.
+    start, end = int(fields[47]), int(fields[48])
+    with open("/proc/self/environ", "rb") as f:
+        block = f.read()
+    if start <= 0 or len(block) > end - start:
+        raise ValueError("unexpected environment block")
+    offset = 0
+    for entry in block.split(b"\0"):
+        if entry.startswith(prefixes):
+            ctypes.memset(start + offset, 0, len(entry))
+        offset += len(entry) + 1

@@ -15,8 +15,9 @@ import sys
 
 import trio
 
+from .control import lock_mountpoint
 from .errors import ConfigError, GuestfsError, first_error
-from .logsetup import one_line, setup_logging
+from .logsetup import SYSLOG_ADDRESS, one_line, setup_logging, syslog_available
 from .mount import MountConfig, serve
 
 log = logging.getLogger("guestfs_mount")
@@ -37,6 +38,8 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
             os.close(ready_fd)
 
     try:
+        # Taken here, in the process that serves (the forked child, not its parent).
+        lock_mountpoint(cfg.mountpoint)
         trio.run(serve, cfg, ready)
     except Exception as exc:
         reason = first_error(exc)
@@ -57,6 +60,7 @@ def run(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
 def daemonize(cfg: MountConfig, args: argparse.Namespace) -> int:
     """Fork; the parent's exit status once the child mounted (0) or failed."""
+    no_syslog = not args.log_file and not syslog_available()
     r, w = os.pipe()
     pid = os.fork()
     if pid:
@@ -67,6 +71,11 @@ def daemonize(cfg: MountConfig, args: argparse.Namespace) -> int:
         os.close(r)
         answer = b"".join(chunks).decode(errors="replace").strip()
         if answer == "ok":
+            if no_syslog:  # detached, its stderr is /dev/null: say it where someone reads
+                log.warning(
+                    "no syslog at %s: the daemon's log is lost; use --log-file FILE",
+                    SYSLOG_ADDRESS,
+                )
             return EXIT_OK
         # The child exits right after its answer: its status says what kind of error.
         _, status = os.waitpid(pid, 0)
@@ -88,6 +97,10 @@ def daemonize(cfg: MountConfig, args: argparse.Namespace) -> int:
         os.dup2(devnull, fd)
     os.close(devnull)
     os.chdir("/")
-    setup_logging(args, daemon=True)
+    try:
+        setup_logging(args, daemon=True)
+    except ConfigError as exc:  # the log file was replaced since the parent checked it
+        os.write(w, ("error " + one_line(str(exc)) + "\n").encode(errors="replace"))
+        os._exit(EXIT_USAGE)
     code = run(cfg, w)
     os._exit(code)

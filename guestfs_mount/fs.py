@@ -32,6 +32,7 @@ from .meta import MetadataCache
 from .model import EMPTY_SHA256, DirEntry, FilesystemFamily, FileType, GuestStat
 from .paths import (
     NAME_MAX,
+    PATH_MAX,
     PosixPaths,
     contained_form,
     dotdot_after_name,
@@ -361,7 +362,11 @@ class Operations(pyfuse3.Operations):
             if len(self._resolved_links) > 100_000:
                 self._resolved_links.clear()
             self._resolved_links[(path, target)] = resolved
-        return os.fsencode(self._symlink_text(path, st))
+        text = os.fsencode(self._symlink_text(path, st))
+        if len(text) >= PATH_MAX:
+            # The kernel refuses a longer reply (EIO and a pyfuse3 error line); say why.
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        return text
 
     @_handler
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:

@@ -33,7 +33,7 @@ from .evidence.ledger import Ledger, RecordingBackend, transfer_hook
 from .fs import FsOptions, Operations
 from .meta import MetadataCache
 from .model import DirEntry, FilesystemFamily, FileType, GuestStat, TransferResult
-from .paths import flavor_for
+from .paths import PosixPaths, flavor_for
 from .vcenter.client import ClientConfig, VCenterClient
 
 log = logging.getLogger(__name__)
@@ -67,14 +67,26 @@ class MountConfig:
 class _Guest:
     """The metadata backend: the client's calls bound to one VM."""
 
-    def __init__(self, client: VCenterClient, vm: str) -> None:
+    def __init__(self, client: VCenterClient, vm: str, paths: PosixPaths) -> None:
         self.client = client
         self.vm = vm
+        self.paths = paths
         # Told the attributes a transfer came with (vim25), so the stat cache has them.
         self.on_stat: Callable[[str, GuestStat], None] | None = None
 
     async def list_dir(self, path: str) -> list[DirEntry]:
-        return await self.client.list_dir(self.vm, path)
+        entries = await self.client.list_dir(self.vm, path)
+        # The client checks what is hostile on any guest; what only this guest's path
+        # flavour makes hostile (a "\\" or ":" on Windows) is skipped here, as it does.
+        kept = [e for e in entries if self.paths.is_safe_name(e.name)]
+        if len(kept) < len(entries):
+            first = next(e.name for e in entries if not self.paths.is_safe_name(e.name))
+            log.warning(
+                "list %s on VM %s: skipped %d invalid entries (first: %r %s)",
+                path, self.vm, len(entries) - len(kept), first[:60],
+                self.paths.name_problem(first),
+            )  # fmt: skip
+        return kept
 
     async def stat(self, path: str) -> GuestStat:
         return await self.client.stat(self.vm, path)
@@ -207,7 +219,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
         if root.type is not FileType.DIRECTORY:
             raise ConfigError(f"guest path {cfg.guest_root!r} is not a directory")
         paths = flavor_for(cfg.guest_root, root.family is FilesystemFamily.WINDOWS)
-        guest = _Guest(client, vm.vm)
+        guest = _Guest(client, vm.vm, paths)
 
         audit = None
         if cfg.audit_log:

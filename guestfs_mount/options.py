@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Callable
 
 from . import __version__
 from .config import SYSTEM_CONFIG, default_path
@@ -19,12 +20,66 @@ from .vcenter.tls import normalize_thumbprint
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
 
+MAX_SIZE = 1 << 60
+MAX_ID = (1 << 32) - 2  # uid_t/gid_t; (uid_t)-1 means "unchanged" to chown(2)
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
 def parse_size(text: str) -> int:
     m = _SIZE.match(text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G)")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+    value = int(float(m.group(1)) * scale)
+    if not 0 < value <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size {text!r} out of range (1 byte to 1 EiB)")
+    return value
+
+
+def _id(text: str) -> int:
+    """A uid or gid: a whole number from 0 to 4294967294."""
+    try:
+        value = int(text.strip(), 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a uid/gid: {text!r}") from None
+    if not 0 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"uid/gid {text!r} out of range (0 to {MAX_ID})")
+    return value
+
+
+def _seconds(minimum: float, *, inclusive: bool) -> Callable[[str], float]:
+    """A finite duration in seconds, above ``minimum`` (or equal, if ``inclusive``)."""
+    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a valid float (seconds): {text!r}") from None
+        low_ok = value >= minimum if inclusive else value > minimum
+        # NaN fails every comparison, so it lands here too.
+        if not (low_ok and value <= MAX_SECONDS):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} seconds out of range ({bound} and at most {MAX_SECONDS:.0f})"
+            )
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
+
+
+def _text(text: str) -> str:
+    """A name (user, host pattern): not empty, no control characters."""
+    if not text or any(ord(c) < 0x20 or c == "\x7f" for c in text):
+        raise argparse.ArgumentTypeError("must be non-empty, without control characters")
+    return text
+
+
+def _path(text: str) -> str:
+    """A local or guest path: not empty, no NUL (the OS could not take it)."""
+    if not text or "\0" in text:
+        raise argparse.ArgumentTypeError("must be a non-empty path without NUL")
+    return text
 
 
 def _thumbprint(text: str) -> tuple[str, str]:
@@ -104,9 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--config",
         metavar="FILE",
+        type=_path,
         help="config file with servers and profiles (default: see 'config file' below)",
     )
-    g.add_argument("--profile", metavar="NAME", help="mount the VM of this [profiles] entry")
+    g.add_argument(
+        "--profile", metavar="NAME", type=_text, help="mount the VM of this [profiles] entry"
+    )
     g.add_argument(
         "-o",
         dest="mount_options",
@@ -117,33 +175,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     a = p.add_argument_group("vCenter and guest accounts")
-    a.add_argument("--user", help="vCenter user (default: the server's, else $GUESTFS_USER)")
+    a.add_argument(
+        "--user", type=_text, help="vCenter user (default: the server's, else $GUESTFS_USER)"
+    )
     a.add_argument(
         "--password-file",
         metavar="FILE",
+        type=_path,
         help="file holding the vCenter password (default: $GUESTFS_PASSWORD, or prompt)",
     )
     a.add_argument(
         "--guest-user",
         metavar="USER",
+        type=_text,
         help="guest account (default: the profile's, else $GUESTFS_GUEST_USER)",
     )
     a.add_argument(
         "--guest-password-file",
         metavar="FILE",
+        type=_path,
         help="file holding the guest password (default: $GUESTFS_GUEST_PASSWORD, or prompt)",
     )
     a.add_argument(
         "--saml-token-file",
         metavar="FILE",
+        type=_path,
         help="authenticate in the guest with this SAML bearer token instead",
     )
 
     t = p.add_argument_group("TLS and trust")
-    t.add_argument("--ca-file", metavar="PEM", help="CA bundle for vCenter (default: system)")
+    t.add_argument(
+        "--ca-file", metavar="PEM", type=_path, help="CA bundle for vCenter (default: system)"
+    )
     t.add_argument(
         "--esx-ca-file",
         metavar="PEM",
+        type=_path,
         help="CA bundle for ESXi transfer hosts (default: --ca-file)",
     )
     t.add_argument(
@@ -156,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--esx-host",
         metavar="PATTERN[:PORT]",
+        type=_text,
         action="append",
         help="trust transfer URLs on hosts matching this glob, at port 443 or PORT (repeatable)",
     )
@@ -175,10 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--guest-root",
         metavar="PATH",
+        type=_path,
         help="guest directory shown at the mount point (default: /; Windows: 'C:\\')",
     )
-    v.add_argument("--uid", type=int, help="show every file as owned by this uid")
-    v.add_argument("--gid", type=int, help="show every file as owned by this gid")
+    v.add_argument("--uid", type=_id, help="show every file as owned by this uid")
+    v.add_argument("--gid", type=_id, help="show every file as owned by this gid")
     v.add_argument(
         "--raw-symlinks",
         action="store_true",
@@ -191,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument(
         "--metadata-ttl",
-        type=float,
+        type=_seconds(0.0, inclusive=True),
         metavar="SECONDS",
         help="how long listings and attributes are reused (default: 60)",
     )
@@ -205,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--cache-dir",
         metavar="DIR",
+        type=_path,
         help="where file contents are cached (default: a private temporary directory)",
     )
     c.add_argument(
@@ -228,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds(0.0, inclusive=False),
         metavar="SECONDS",
         help="longest any file operation may block (default: 60)",
     )
@@ -241,10 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stay in the foreground (for systemd and debugging)",
     )
     o.add_argument("--debug", action="store_true", help="log every API call and FUSE request")
-    o.add_argument("--log-file", metavar="FILE", help="log here (daemon default: syslog)")
+    o.add_argument(
+        "--log-file", metavar="FILE", type=_path, help="log here (daemon default: syslog)"
+    )
     o.add_argument(
         "--audit-log",
         metavar="FILE",
+        type=_path,
         help="append a JSON line per file transfer (time, path, SHA-256, ...)",
     )
     o.add_argument(

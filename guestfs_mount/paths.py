@@ -19,6 +19,7 @@ from .model import FileType, GuestStat
 
 NAME_MAX = 255  # bytes in one name, as Linux's NAME_MAX
 MAX_SYMLINK_HOPS = 40  # as Linux's MAXSYMLINKS
+PATH_MAX = 4096  # bytes in a path or symlink target with its NUL, as Linux's PATH_MAX
 
 
 def name_problem(name: str) -> str | None:
@@ -180,8 +181,12 @@ class PosixPaths:
     def parent(self, path: str) -> str:
         return parent_of(path)
 
+    def name_problem(self, name: str) -> str | None:
+        """Why ``name`` cannot be one entry of a directory of this guest, or None."""
+        return name_problem(name)
+
     def is_safe_name(self, name: str) -> bool:
-        return is_safe_name(name)
+        return self.name_problem(name) is None
 
     def basename(self, path: str) -> str:
         return path.rsplit("/", 1)[-1]
@@ -205,8 +210,12 @@ class WindowsPaths(PosixPaths):
         head = trimmed[:cut]
         return head + "\\" if head.endswith(":") else head
 
-    def is_safe_name(self, name: str) -> bool:
-        return is_safe_name(name) and not any(c in name for c in "\\:")
+    def name_problem(self, name: str) -> str | None:
+        # Joined with "\\", a listed "..\\Secret\\sam.txt" would name another file
+        # (under a false name) and "D:evil" another drive: neither is one entry.
+        if "\\" in name or ":" in name:
+            return "contains '\\' or ':'"
+        return name_problem(name)
 
     def basename(self, path: str) -> str:
         trimmed = path.rstrip("\\/")

@@ -7,7 +7,6 @@ Short transfers (under a second, or under 4 MiB) are not shown: they would only 
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,9 @@ from rich.console import Console, JustifyMethod
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
+from .logsetup import one_line, use_handler
 from .units import size
 
 MIN_BYTES = 4 << 20
@@ -36,14 +37,17 @@ def _table(rows: list[dict[str, Any]]) -> Table:
         total = int(r.get("total") or 0)
         done = int(r.get("done") or 0)
         eta = r.get("eta_seconds")
-        t.add_row(
-            repr(r.get("path"))[1:-1],
+        cells = (
+            one_line(str(r.get("path"))),
             f"{size(done)} / {size(total)}",
             f"{100 * done / total:.0f}" if total else "-",
             f"{size(float(r.get('bytes_per_second') or 0))}/s",
             f"{eta:.0f}s" if isinstance(eta, (int, float)) else "?",
             str(r.get("readers", "")),
         )
+        # Guest strings are data: a str cell would be parsed as rich markup, and a
+        # path such as "[/]x" would raise MarkupError and stop the daemon.
+        t.add_row(*(Text(c) for c in cells))
     return t
 
 
@@ -55,11 +59,8 @@ def _worth_showing(r: dict[str, Any], now: float) -> bool:
 
 def rich_logging(console: Console, level: int) -> None:
     """Route log records through rich so they scroll above the live display."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(RichHandler(console=console, show_path=False, markup=False))
-    root.setLevel(level)
+    handler = RichHandler(console=console, show_path=False, markup=False)
+    use_handler(handler, "%(message)s", level)
 
 
 async def show_progress(in_flight: Callable[[], list[dict[str, Any]]], console: Console) -> None:

@@ -26,7 +26,7 @@ from .config import (
     load_config,
     resolve_path,
 )
-from .credentials import guest_credentials, vcenter_password
+from .credentials import forget_secret_environment, guest_credentials, vcenter_password
 from .errors import ConfigError
 from .evidence.command import CASE_DEFAULTS, case_metadata
 from .fs import FsOptions
@@ -337,6 +337,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         raise ConfigError("no vCenter user: use --user, a server's user or $GUESTFS_USER")
     password = vcenter_password(args.user, args.password_file)
     guest = guest_credentials(args.guest_user, args.guest_password_file, args.saml_token_file)
+    forget_secret_environment()
     if args.insecure:
         log.warning("--insecure: TLS certificates and transfer hosts are NOT verified")
     client = ClientConfig(

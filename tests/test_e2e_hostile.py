@@ -154,3 +154,64 @@ def test_redirect_from_transfer_host_refused(hostile: HostileVCenter, tmp_path: 
             f.read()
         assert ei.value.errno in (errno.EACCES, errno.EIO)
         assert "redirect" in m.stderr_text()
+
+
+def _windows_stat(ftype: str, size: int) -> dict[str, Any]:
+    b = stat_body(ftype, size)
+    b["attributes"]["filesystem_family"] = "WINDOWS"
+    del b["attributes"]["posix_attributes"]
+    b["attributes"]["win_attributes"] = {
+        "hidden": False, "read_only": False, "created": "2024-01-02T03:04:05Z",
+    }  # fmt: skip
+    return b
+
+
+def test_windows_names_with_backslash_or_colon_are_filtered(tmp_path: Any) -> None:
+    """Issue 10 item 15: joined with "\\", a listed "..\\Secret\\sam.txt" in C:\\Users named
+    C:\\Secret\\sam.txt under a false name; "D:evil" listed, then gave ENOENT."""
+    with HostileVCenter() as h:
+        f = h.fake
+        f.stats["C:\\"] = _windows_stat("DIRECTORY", 0)
+        f.files["C:\\"] = [{"filename": "Users", "type": "DIRECTORY", "size": 0}]
+        f.stats["C:\\Users"] = _windows_stat("DIRECTORY", 0)
+        f.files["C:\\Users"] = [
+            {"filename": "ok.txt", "type": "FILE", "size": 6},
+            {"filename": "..\\Secret\\sam.txt", "type": "FILE", "size": 7},
+            {"filename": "D:evil", "type": "FILE", "size": 7},
+        ]
+        f.stats["C:\\Users\\ok.txt"] = _windows_stat("FILE", 6)
+        f.contents["C:\\Users\\ok.txt"] = b"hello\n"
+        f.stats["C:\\Secret\\sam.txt"] = _windows_stat("FILE", 7)
+        f.contents["C:\\Secret\\sam.txt"] = b"secret\n"
+        mnt = str(tmp_path / "m")
+        with _mount(h, mnt, "--guest-root", "C:\\") as m:
+            assert sorted(os.listdir(m.path("Users"))) == ["ok.txt"]
+            with open(m.path("Users", "ok.txt"), "rb") as fh:
+                assert fh.read() == b"hello\n"
+            for bad in ("..\\Secret\\sam.txt", "D:evil"):
+                assert not os.path.lexists(m.path("Users", bad)), bad
+            text = m.stderr_text()
+        assert text.count("skipped") == 1, text
+
+
+def test_symlink_target_beyond_path_max_is_enametoolong(tmp_path: Any) -> None:
+    """Issue 10 item 17: a target that is longer than PATH_MAX once rewritten gave EIO and
+    a pyfuse3 error line."""
+    long_target = "/" + "/".join(["d" * 203] * 20) + "/" + "e" * 13  # 4094 bytes
+    # Rewritten relative to /a/b: "../../" + 4093 bytes, beyond PATH_MAX (4096 with NUL).
+    with HostileVCenter() as h:
+        f = h.fake
+        f.stats["/"] = stat_body("DIRECTORY", 4096)
+        f.files["/"] = [{"filename": "a", "type": "DIRECTORY", "size": 4096}]
+        f.stats["/a"] = stat_body("DIRECTORY", 4096)
+        f.files["/a"] = [{"filename": "b", "type": "DIRECTORY", "size": 4096}]
+        f.stats["/a/b"] = stat_body("DIRECTORY", 4096)
+        f.files["/a/b"] = [{"filename": "long", "type": "SYMLINK", "size": 1}]
+        f.stats["/a/b/long"] = symlink_stat(long_target)
+        mnt = str(tmp_path / "m")
+        with _mount(h, mnt) as m:
+            with pytest.raises(OSError) as ei:
+                os.readlink(m.path("a", "b", "long"))
+            assert ei.value.errno == errno.ENAMETOOLONG
+            text = m.stderr_text()
+        assert "ERROR" not in text and "error" not in text.lower(), text
