@@ -140,15 +140,21 @@ def test_guest_ops_option_reaches_the_client(tmp_path, monkeypatch) -> None:
     from guestfs_mount.settings import build_config, resolve_args
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    for k, v in {
-        "USER": "admin",
-        "PASSWORD": "p",
-        "GUEST_USER": "root",
-        "GUEST_PASSWORD": "g",
-    }.items():
-        monkeypatch.setenv(f"GUESTFS_{k}", v)
+
+    def secrets_in_env() -> None:
+        # build_config removes them from the environment once read (issue 10 item 7).
+        for k, v in {
+            "USER": "admin",
+            "PASSWORD": "p",
+            "GUEST_USER": "root",
+            "GUEST_PASSWORD": "g",
+        }.items():
+            monkeypatch.setenv(f"GUESTFS_{k}", v)
+
     (tmp_path / "mnt").mkdir()
     mnt = str(tmp_path / "mnt")
+    secrets_in_env()
     assert build_config(resolve_args(["vc", "vm", mnt])[0]).client.guest_ops == 8
+    secrets_in_env()
     args, _ = resolve_args(["--guest-ops", "2", "vc", "vm", mnt])
     assert build_config(args).client.guest_ops == 2
