@@ -30,6 +30,7 @@ try:
     from .costopts import add_cost_arguments, cost_from
     from .demo import build_demo_tree
     from .faults import FaultError, Faults
+    from .fleet import Fleet, build_fleet
     from .server import ServerSettings, run_server
     from .state import POWER_STATES, GuestAccount, SimOptions, SimState, Vm
     from .vim_app import VimOptions
@@ -88,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a demo guest tree in a temporary directory and serve it",
     )
     src.add_argument("--demo-big-mib", type=int, default=4, help=argparse.SUPPRESS)
+    src.add_argument(
+        "--fleet",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N generated Linux and Windows VMs in folders (docs/simulator.md, Fleet)",
+    )
+    src.add_argument(
+        "--fleet-seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of the --fleet inventory (default %(default)s): same N and S, same fleet",
+    )
     src.add_argument(
         "--config", metavar="FILE", help="JSON or TOML file: accounts, SAML tokens, subtrees, VMs"
     )
@@ -158,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="send transfer bodies without Content-Length (chunked)",
     )
     beh.add_argument("--chunk-size", type=int, default=1024 * 1024, help=argparse.SUPPRESS)
+    # test knob: lower GET /api/vcenter/vm's 4000-result limit without 4000 VMs
+    beh.add_argument("--vm-list-limit", type=int, default=4000, help=argparse.SUPPRESS)
     beh.add_argument(
         "--faults",
         metavar="JSON",
@@ -308,10 +325,23 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
         elif "drives" in entry:
             raise UsageError("vms: 'drives' needs family = \"WINDOWS\"")
         add_vm(str(entry["name"]), _root(str(entry["root"])), entry.get("vm"), **kw)
+    fleet: Fleet | None = None
+    if args.fleet < 0:
+        raise UsageError("--fleet must be >= 0")
+    if args.fleet:
+        tmp = tempfile.mkdtemp(prefix="guestfs-sim-fleet-")
+        cleanup.append(tmp)
+        fleet = build_fleet(
+            args.fleet, args.fleet_seed, tmp, {a.user: a for a in accounts}[args.guest_user]
+        )
+        taken = {v.vm for v in vms} & {v.vm for v in fleet.vms}
+        if taken:
+            raise UsageError(f"--fleet ids clash with configured VMs: {sorted(taken)}")
+        vms.extend(fleet.vms)
     if not vms:
         raise UsageError(
-            "nothing to serve: give --root DIR, --vm NAME=DIR, --windows-vm NAME=DIR, --demo "
-            "or vms in --config"
+            "nothing to serve: give --root DIR, --vm NAME=DIR, --windows-vm NAME=DIR, --demo, "
+            "--fleet N or vms in --config"
         )
 
     faults = Faults()
@@ -332,12 +362,15 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
         preview_api=not args.no_preview_api,
         esx_url_host=args.esx_url_host,
         chunk_size=max(4096, args.chunk_size),
+        max_vm_list=args.vm_list_limit,
     )
     try:
         cost = cost_from(args, config)
     except CostError as exc:
         raise UsageError(f"cost: {exc}") from exc
-    state = SimState(options, users, accounts, vms, faults, cost=cost)
+    state = SimState(
+        options, users, accounts, vms, faults, cost=cost, folders=fleet.folders if fleet else ()
+    )
     cert_dir = args.cert_dir
     if cert_dir is None:
         cert_dir = tempfile.mkdtemp(prefix="guestfs-sim-tls-")
@@ -362,6 +395,7 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
             "password": password,
             "guest_user": args.guest_user,
             "guest_password": guest_password,
+            **({"fleet": fleet.ready_json()} if fleet else {}),
         },
     )
     return state, settings, cleanup

@@ -124,6 +124,11 @@ async def run_server(state: SimState, settings: ServerSettings) -> dict[str, Any
                         "root": os.fsdecode(vm.root),
                         "family": vm.family,
                         "guest_root": vm.guest_root,
+                        "folder": vm.folder,
+                        "folder_path": state.folder_path(vm.folder),
+                        "power_state": vm.power_state,
+                        "tools_running": vm.tools_running,
+                        "instance_uuid": vm.instance_uuid,
                         **(
                             {"drives": {k: os.fsdecode(v) for k, v in vm.drives.items()}}
                             if vm.drives

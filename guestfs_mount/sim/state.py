@@ -12,6 +12,7 @@ import os
 import secrets
 import stat
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,7 +41,12 @@ CALL_NAMES = (
     "files.get",
     "transfer.create",
     "transfer.preview",
+    "vm.get",
+    "vm.identity",
+    "folder.list",
 )
+ROOT_VM_FOLDER = "group-v3"  # the datacenter's "vm" folder (vim25 vmFolder)
+_UUID_NS = uuid.UUID("7d5c3f0e-8a41-4c1b-9d2e-3f6a5b4c2e10")
 
 
 @dataclass
@@ -62,11 +68,25 @@ class Vm:
     memory_size_MiB: int = 4096
     family: str = "POSIX"  # POSIX | WINDOWS
     drives: dict[str, bytes] = field(default_factory=dict)  # WINDOWS: letter -> host dir
+    folder: str = ROOT_VM_FOLDER  # parent folder id
+    # vSphere's config.instanceUuid; "" derives a stable one from the VM id
+    instance_uuid: str = ""
+    guest_os: str = ""  # REST guest_OS / vim config.guestId ("" -> from family)
+    # guest accounts of this VM alone; None: the simulator-wide accounts
+    accounts: dict[str, GuestAccount] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if not self.instance_uuid:
+            self.instance_uuid = str(uuid.uuid5(_UUID_NS, "instance:" + self.vm))
+        if not self.guest_os:
+            self.guest_os = "WINDOWS_9_SERVER_64" if self.family == "WINDOWS" else "OTHER_LINUX_64"
         if self.family == "WINDOWS":
             extra = {k.upper(): v for k, v in self.drives.items() if k.upper() != "C"}
             self.drives = {"C": self.root, **extra}
+
+    @property
+    def bios_uuid(self) -> str:
+        return str(uuid.uuid5(_UUID_NS, "bios:" + self.vm))
 
     @property
     def guest_root(self) -> str:
@@ -86,6 +106,15 @@ class Vm:
             "cpu_count": self.cpu_count,
             "memory_size_MiB": self.memory_size_MiB,
         }
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A VM folder of the inventory (REST ``Folder.Summary``, vim25 ``Folder``)."""
+
+    folder: str  # "group-v101"
+    name: str
+    parent: str | None  # parent folder id; None for the datacenter's root VM folder
 
 
 @dataclass
@@ -139,6 +168,8 @@ class SimOptions:
     esx_port: int = 0
     esx_scheme: str = "https"
     chunk_size: int = 1024 * 1024
+    max_vm_list: int = 4000  # GET /api/vcenter/vm refuses more matches (spec)
+    max_folder_list: int = 1000  # GET /api/vcenter/folder likewise (API reference)
 
 
 def iso_now(t: float) -> str:
@@ -156,11 +187,17 @@ class SimState:
         faults: Faults | None = None,
         clock: Clock = time.monotonic,
         cost: GuestCost | None = None,
+        folders: Iterable[Folder] = (),
     ) -> None:
         self.options = options
         self.vcenter_users = dict(vcenter_users)
         self.guest_accounts = {a.user: a for a in guest_accounts}
         self.vms = {v.vm: v for v in vms}
+        self.folders = {ROOT_VM_FOLDER: Folder(ROOT_VM_FOLDER, "vm", None)}
+        self.folders.update((f.folder, f) for f in folders)
+        for v in self.vms.values():
+            if v.folder not in self.folders:
+                raise ValueError(f"{v.vm}: unknown folder {v.folder!r}")
         self.faults = faults or Faults()
         self.clock = clock
         self.sessions: dict[str, Session] = {}
@@ -237,6 +274,73 @@ class SimState:
             )
         return vm
 
+    def folder_path(self, folder_id: str) -> str:
+        """``prod/web`` for a folder (names joined below the root VM folder, ``""``)."""
+        names: list[str] = []
+        f = self.folders[folder_id]
+        while f.parent is not None:
+            names.append(f.name)
+            f = self.folders[f.parent]
+        return "/".join(reversed(names))
+
+    def folder_tree(self, folder_id: str) -> set[str]:
+        """``folder_id`` and every folder below it."""
+        out = {folder_id}
+        grew = True
+        while grew:
+            more = {f.folder for f in self.folders.values() if f.parent in out} - out
+            out |= more
+            grew = bool(more)
+        return out
+
+    def list_vms(
+        self,
+        names: set[str],
+        ids: set[str],
+        powers: set[str],
+        folders: set[str],
+        unmatched: bool = False,
+    ) -> list[Vm]:
+        """``GET /api/vcenter/vm``'s matches: each non-empty filter must match; ``folders``
+        matches a VM's parent folder only [assumption: the API reference does not say
+        whether subfolders count]. More than ``max_vm_list`` matches is an error, as on
+        a real vCenter."""
+        bad = powers - set(POWER_STATES)
+        if bad:
+            raise invalid_argument("power_states", f"Invalid power state(s): {sorted(bad)}.")
+        out = [
+            vm
+            for vm in self.vms.values()
+            if not unmatched
+            and (not names or vm.name in names)
+            and (not ids or vm.vm in ids)
+            and (not powers or vm.power_state in powers)
+            and (not folders or vm.folder in folders)
+        ]
+        if len(out) > self.options.max_vm_list:
+            raise too_many("virtual machines", self.options.max_vm_list, len(out))
+        return out
+
+    def list_folders(
+        self, ids: set[str], names: set[str], parents: set[str], ftype: str | None
+    ) -> list[Folder]:
+        """``GET /api/vcenter/folder``'s matches (VM folders are the only ones served;
+        ``parent_folders`` matches the direct parent)."""
+        types = ("DATACENTER", "DATASTORE", "HOST", "NETWORK", "VIRTUAL_MACHINE")
+        if ftype is not None and ftype not in types:
+            raise invalid_argument("type", f"Invalid folder type {ftype!r}.")
+        out = [
+            f
+            for f in self.folders.values()
+            if ftype in (None, "VIRTUAL_MACHINE")
+            and (not ids or f.folder in ids)
+            and (not names or f.name in names)
+            and (not parents or f.parent in parents)
+        ]
+        if len(out) > self.options.max_folder_list:
+            raise too_many("folders", self.options.max_folder_list, len(out))
+        return out
+
     def set_power(self, vm: Vm, state: str) -> None:
         if state not in POWER_STATES:
             raise ValueError(f"state must be one of {POWER_STATES}")
@@ -278,8 +382,9 @@ class SimState:
                 args=[vm.vm],
             )
 
-    def guest_login(self, creds: Any) -> GuestAccount:
-        """Validate a ``Vcenter.Vm.Guest.Credentials`` object."""
+    def guest_login(self, creds: Any, vm: Vm | None = None) -> GuestAccount:
+        """Validate a ``Vcenter.Vm.Guest.Credentials`` object (against ``vm``'s own
+        accounts if it has some)."""
         if not isinstance(creds, dict):
             raise invalid_argument("credentials", "Missing or malformed 'credentials'.")
         inter = creds.get("interactive_session")
@@ -301,9 +406,9 @@ class SimState:
                 )
         user = creds.get("user_name")
         if ctype == "USERNAME_PASSWORD":
-            account = self.check_password(user, creds.get("password"))
+            account = self.check_password(user, creds.get("password"), vm)
         else:
-            account = self.check_saml(creds.get("saml_token"), user)
+            account = self.check_saml(creds.get("saml_token"), user, vm)
         if inter:
             raise VapiError(
                 "NOT_ALLOWED_IN_CURRENT_STATE",
@@ -312,9 +417,14 @@ class SimState:
             )
         return account
 
-    def check_password(self, user: Any, password: Any) -> GuestAccount:
+    def accounts_of(self, vm: Vm | None) -> dict[str, GuestAccount]:
+        if vm is not None and vm.accounts is not None:
+            return vm.accounts
+        return self.guest_accounts
+
+    def check_password(self, user: Any, password: Any, vm: Vm | None = None) -> GuestAccount:
         """The guest account for a user name and password, or GuestAuthError (401)."""
-        acc = self.guest_accounts.get(user) if isinstance(user, str) else None
+        acc = self.accounts_of(vm).get(user) if isinstance(user, str) else None
         if (
             acc is not None
             and acc.password is not None
@@ -324,11 +434,11 @@ class SimState:
             return acc
         raise guest_auth_error()
 
-    def check_saml(self, token: Any, user: Any = None) -> GuestAccount:
+    def check_saml(self, token: Any, user: Any = None, vm: Vm | None = None) -> GuestAccount:
         """The guest account a SAML bearer token maps to (``user``, if given, must be
         its user), or GuestAuthError (401)."""
         if isinstance(token, str):
-            for acc in self.guest_accounts.values():
+            for acc in self.accounts_of(vm).values():
                 if any(
                     secrets.compare_digest(t.encode(), token.encode()) for t in acc.saml_tokens
                 ) and user in (None, acc.user):
@@ -547,6 +657,15 @@ def unauthenticated(message: str, msg_id: str | None = None) -> VapiError:
         "UNAUTHENTICATED",
         message,
         msg_id=msg_id or "com.vmware.vapi.endpoint.method.authentication.required",
+    )
+
+
+def too_many(what: str, limit: int, found: int) -> VapiError:
+    return VapiError(
+        "UNABLE_TO_ALLOCATE_RESOURCE",
+        f"Too many {what} match the filter: {found} (the limit is {limit}).",
+        msg_id="com.vmware.api.vcenter.max_entities_exceeded",
+        args=[str(limit), str(found)],
     )
 
 

@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from . import admin
-from .state import POWER_STATES, SimState, Vm, invalid_argument, unauthenticated
+from .state import SimState, Vm, invalid_argument, unauthenticated
 from .vapi import JsonResponse, VapiError, error_response, operation_not_found
 
 log = logging.getLogger("guestfs_mount.sim.vcenter")
@@ -73,6 +73,8 @@ class ApiRouter:
             if method == "DELETE":
                 return await self.session_delete(request)
             raise operation_not_found()
+        if head == ["vcenter", "folder"] and method == "GET":
+            return await self.folder_list(request)
         if head[:2] != ["vcenter", "vm"]:
             raise operation_not_found()
         if n == 2:
@@ -81,6 +83,10 @@ class ApiRouter:
             raise operation_not_found()
         vm_id = unquote_to_bytes(segs[2]).decode("utf-8", "replace")
         rest = head[3:]
+        if method == "GET" and n == 3:
+            return await self.vm_get(request, vm_id)
+        if method == "GET" and rest == ["guest", "identity"]:
+            return await self.vm_identity(request, vm_id)
         if method == "GET" and rest == ["power"]:
             return await self.vm_power(request, vm_id)
         if method == "GET" and rest == ["tools"]:
@@ -192,25 +198,90 @@ class ApiRouter:
         self.state.count("vm.list")
         self.session(request)
         q = request.query_params
-        names = set(q.getlist("names"))
-        ids = set(q.getlist("vms"))
-        powers = set(q.getlist("power_states"))
-        bad = powers - set(POWER_STATES)
-        if bad:
-            raise invalid_argument("power_states", f"Invalid power state(s): {sorted(bad)}.")
-        # The simulator has no folders/hosts/clusters...: such a filter matches nothing.
-        unmatched = any(
-            q.getlist(k) for k in ("folders", "datacenters", "hosts", "clusters", "resource_pools")
+        # The simulator has no hosts/clusters/resource pools and one datacenter: such a
+        # filter matches nothing (a datacenter filter naming it matches everything).
+        unmatched = any(q.getlist(k) for k in ("hosts", "clusters", "resource_pools")) or any(
+            d != self.dc_id for d in q.getlist("datacenters")
         )
-        out = [
-            vm.summary()
-            for vm in self.state.vms.values()
-            if not unmatched
-            and (not names or vm.name in names)
-            and (not ids or vm.vm in ids)
-            and (not powers or vm.power_state in powers)
-        ]
-        return JsonResponse(out)
+        vms = self.state.list_vms(
+            set(q.getlist("names")),
+            set(q.getlist("vms")),
+            set(q.getlist("power_states")),
+            set(q.getlist("folders")),
+            unmatched,
+        )
+        return JsonResponse([vm.summary() for vm in vms])
+
+    dc_id = "datacenter-1"  # vim_ops.VCENTER_MOIDS["datacenter"]
+
+    async def folder_list(self, request: Request) -> Response:
+        self.state.count("folder.list")
+        self.session(request)
+        q = request.query_params
+        if any(d != self.dc_id for d in q.getlist("datacenters")):
+            return JsonResponse([])
+        folders = self.state.list_folders(
+            set(q.getlist("folders")),
+            set(q.getlist("names")),
+            set(q.getlist("parent_folders")),
+            q.get("type"),
+        )
+        return JsonResponse(
+            [{"folder": f.folder, "name": f.name, "type": "VIRTUAL_MACHINE"} for f in folders]
+        )
+
+    async def vm_get(self, request: Request, vm_id: str) -> Response:
+        """``Vcenter.VM.Info``, the fields a fleet mount uses (the real one has many more)."""
+        self.state.count("vm.get")
+        self.session(request)
+        vm = self.state.vm(vm_id)
+        return JsonResponse(
+            {
+                "name": vm.name,
+                "guest_OS": vm.guest_os,
+                "power_state": vm.power_state,
+                "cpu": {
+                    "count": vm.cpu_count,
+                    "cores_per_socket": 1,
+                    "hot_add_enabled": False,
+                    "hot_remove_enabled": False,
+                },
+                "memory": {"size_MiB": vm.memory_size_MiB, "hot_add_enabled": False},
+                "identity": {
+                    "name": vm.name,
+                    "instance_uuid": vm.instance_uuid,
+                    "bios_uuid": vm.bios_uuid,
+                },
+            }
+        )
+
+    async def vm_identity(self, request: Request, vm_id: str) -> Response:
+        """``Vcenter.Vm.Guest.Identity.Info``: what Tools reports, so only while it runs."""
+        self.state.count("vm.identity")
+        self.session(request)
+        vm = self.state.vm(vm_id)
+        if vm.power_state != "POWERED_ON" or not vm.tools_running:
+            raise VapiError(
+                "SERVICE_UNAVAILABLE",
+                f"VMware Tools is not running in virtual machine '{vm.vm}'.",
+                msg_id="com.vmware.api.vcenter.vm.guest.tools_not_running",
+                args=[vm.vm],
+            )
+        windows = vm.family == "WINDOWS"
+        full = "Microsoft Windows Server 2019 (64-bit)" if windows else "Other Linux (64-bit)"
+        return JsonResponse(
+            {
+                "name": vm.guest_os,
+                "family": "WINDOWS" if windows else "LINUX",
+                "full_name": {
+                    "id": "vmsg.guestos." + vm.guest_os.lower(),
+                    "default_message": full,
+                    "args": [],
+                },
+                "host_name": vm.vm,
+                "ip_address": "192.0.2." + str(sum(vm.vm.encode()) % 250 + 1),
+            }
+        )
 
     async def vm_power(self, request: Request, vm_id: str) -> Response:
         self.state.count("vm.power")
@@ -252,7 +323,7 @@ class ApiRouter:
     async def files_list(self, request: Request, vm_id: str) -> Response:
         vm, body = await self.guest_call(request, vm_id, "files.list")
         async with self.state.cost.guest_op(vm, "files.list", "rest") as op:
-            account = self.state.guest_login(body["credentials"])
+            account = self.state.guest_login(body["credentials"], vm)
             if "path" not in body:
                 raise invalid_argument("path", "Field 'path' is required.")
             result, scanned = await trio.to_thread.run_sync(
@@ -264,7 +335,7 @@ class ApiRouter:
     async def files_get(self, request: Request, vm_id: str, guest_path: str) -> Response:
         vm, body = await self.guest_call(request, vm_id, "files.get")
         async with self.state.cost.guest_op(vm, "files.get", "rest"):
-            account = self.state.guest_login(body["credentials"])
+            account = self.state.guest_login(body["credentials"], vm)
             result = self.state.get_file(vm, account, guest_path)
         return JsonResponse(result)
 
@@ -282,7 +353,7 @@ class ApiRouter:
                 args=["spec.attributes"],
             )
         async with self.state.cost.guest_op(vm, "transfer.create", "rest"):
-            account = self.state.guest_login(body["credentials"])
+            account = self.state.guest_login(body["credentials"], vm)
             url = self.state.create_transfer(vm, account, spec["path"])
         return JsonResponse(url, status_code=201)
 
@@ -291,7 +362,7 @@ class ApiRouter:
         if "path" not in body:
             raise invalid_argument("path", "Field 'path' is required.")
         async with self.state.cost.guest_op(vm, "transfer.preview", "rest"):
-            account = self.state.guest_login(body["credentials"])
+            account = self.state.guest_login(body["credentials"], vm)
             url = self.state.create_transfer(vm, account, body["path"])
         return JsonResponse(url, status_code=200)
 

@@ -83,6 +83,8 @@ PARAMS: dict[str, tuple[tuple[str, str, bool], ...]] = {
     "DestroyView": (),
     "RetrieveProperties": (("specSet", "specSet", True),),
     "RetrievePropertiesEx": (("specSet", "specSet", True), ("options", "options", True)),
+    "ContinueRetrievePropertiesEx": (("token", "string", True),),
+    "CancelRetrievePropertiesEx": (("token", "string", True),),
     "Fetch": (("prop", "string", True),),
 }
 

@@ -9,7 +9,9 @@ counters) is the same :class:`~.state.SimState` the ``/api`` endpoints use.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from typing import Any
 import trio
 
 from . import guestfs
-from .state import SimState, Vm
+from .state import ROOT_VM_FOLDER, SimState, Vm
 from .vapi import VapiError
 from .vim_data import (
     API_VERSION,
@@ -86,6 +88,41 @@ ESXI_MOIDS = {
     "vmFolder": "ha-folder-vm",
 }
 
+# REST guest_OS -> vim25 config.guestId (VirtualMachineGuestOsIdentifier)
+GUEST_IDS = {
+    "UBUNTU_64": "ubuntu64Guest",
+    "RHEL_8_64": "rhel8_64Guest",
+    "DEBIAN_12_64": "debian12_64Guest",
+    "OTHER_LINUX_64": "otherLinux64Guest",
+    "WINDOWS_9_SERVER_64": "windows9Server64Guest",
+    "WINDOWS_2019SRV_64": "windows2019srv_64Guest",
+}
+MAX_VIEWS = 1000  # container views kept (oldest dropped): the simulator does not tie them
+MAX_RESULTS = 1000  # objects per RetrievePropertiesEx page when maxObjects is unset
+MAX_PENDING = 100  # unfinished RetrievePropertiesEx results kept for Continue
+
+
+@dataclass(frozen=True)
+class View:
+    container: str  # folder id (ROOT_VM_FOLDER for the root folder / datacenter)
+    types: tuple[str, ...]
+    recursive: bool
+    root: bool  # made on the root folder: non-recursive, it holds no VM or VM folder
+
+
+def vim_name(name: str) -> str:
+    """A name as vim25's ManagedEntity.name carries it: ``%``, ``/`` and ``\\`` escaped
+    as %25, %2f and %5c (the real vCenter's escaping); control characters, which XML 1.0
+    cannot carry, as %XX too [simulator choice]."""
+    out = []
+    for c in name:
+        if c in "%/\\" or ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"%{ord(c):02x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
 # Methods that need no session (System.Anonymous).
 ANONYMOUS = frozenset({"RetrieveServiceContent", "Login", "CurrentTime"})
 
@@ -110,6 +147,45 @@ class VimService:
         self.state = state
         self.flavor = Flavor(esxi)
         self.mo = {role: self.flavor.moid(role) for role in VCENTER_MOIDS}
+        self.views: collections.OrderedDict[str, View] = collections.OrderedDict()
+        self.pending: collections.OrderedDict[str, tuple[int, list[Data]]] = (
+            collections.OrderedDict()
+        )
+        self._ids = itertools.count(1)
+
+    # ---- folders -----------------------------------------------------------------
+    def folder_ref(self, folder_id: str) -> MoRef:
+        if folder_id == ROOT_VM_FOLDER:
+            return self.ref("vmFolder")
+        return MoRef("Folder", folder_id)
+
+    def folder_of(self, ref: MoRef) -> str | None:
+        """The state's folder id of a Folder moref (None: the root folder)."""
+        if ref == self.ref("rootFolder") or ref == self.ref("datacenter"):
+            return None
+        if ref == self.ref("vmFolder"):
+            return ROOT_VM_FOLDER
+        if ref.type == "Folder" and ref.value in self.state.folders:
+            return ref.value
+        raise object_not_found(ref)
+
+    def under(self, folder_id: str | None, recursive: bool) -> tuple[list[str], list[Vm]]:
+        """Folder ids and VMs in a folder (None: the root folder), or below it."""
+        if folder_id is None:
+            if not recursive:
+                return [], []
+            folder_id, inside = ROOT_VM_FOLDER, True
+        else:
+            inside = False
+        state = self.state
+        tree = state.folder_tree(folder_id) if recursive else {folder_id}
+        folders = [
+            f.folder
+            for f in state.folders.values()
+            if (f.parent in tree) or (inside and f.folder == folder_id)
+        ]
+        vms = [vm for vm in state.vms.values() if vm.folder in tree]
+        return folders, vms
 
     # ---- inventory ---------------------------------------------------------------
     def ref(self, role: str) -> MoRef:
@@ -241,6 +317,12 @@ class VimService:
             ("PropertyCollector", mo["propertyCollector"], "RetrievePropertiesEx"): (
                 self._retrieve_ex
             ),
+            ("PropertyCollector", mo["propertyCollector"], "ContinueRetrievePropertiesEx"): (
+                self._continue_ex
+            ),
+            ("PropertyCollector", mo["propertyCollector"], "CancelRetrievePropertiesEx"): (
+                self._cancel_ex
+            ),
             ("GuestFileManager", mo["fileManager"], "ListFilesInGuest"): self._list_files,
             ("GuestFileManager", mo["fileManager"], "InitiateFileTransferFromGuest"): (
                 self._initiate
@@ -284,24 +366,65 @@ class VimService:
         return None
 
     async def _find_by_path(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
-        """``{datacenter}/vm/{name}``: the one inventory path form the simulator has."""
+        """``{datacenter}/vm/{folder/...}/{name}`` (names escaped as vim25 carries them),
+        ``{datacenter}/vm`` and ``{datacenter}``."""
         parts = str(p["inventoryPath"]).split("/")
-        if len(parts) == 3 and parts[0] == self.mo["datacenterName"] and parts[1] == "vm":
-            for vm in self.state.vms.values():
-                if vm.name == parts[2]:
-                    return MoRef("VirtualMachine", vm.vm)
         if parts == [self.mo["datacenterName"]]:
             return self.ref("datacenter")
-        return None
+        if len(parts) < 2 or parts[0] != self.mo["datacenterName"] or parts[1] != "vm":
+            return None
+        folder = ROOT_VM_FOLDER
+        for i, part in enumerate(parts[2:], start=2):
+            last = i == len(parts) - 1
+            if last:
+                for vm in self.state.vms.values():
+                    if vm.folder == folder and vim_name(vm.name) == part:
+                        return MoRef("VirtualMachine", vm.vm)
+            sub = [
+                f.folder
+                for f in self.state.folders.values()
+                if f.parent == folder and vim_name(f.name) == part
+            ]
+            if not sub:
+                return None
+            folder = sub[0]
+        return self.folder_ref(folder)
 
     async def _create_view(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
-        types = p.get("type") or []
-        if any(t != "VirtualMachine" for t in types) or not isinstance(p["container"], MoRef):
-            raise invalid_argument("type", "The simulator's views hold VirtualMachine only.")
-        return MoRef("ContainerView", "session[guestfs-sim]vm-view")
+        types = tuple(p.get("type") or ())
+        container = p["container"]
+        if any(t not in ("VirtualMachine", "Folder", "ManagedEntity") for t in types):
+            raise invalid_argument("type", "The simulator's views hold VirtualMachine and Folder.")
+        if not isinstance(container, MoRef):
+            raise invalid_argument("container")
+        folder = self.folder_of(container)
+        view = View(folder or ROOT_VM_FOLDER, types, bool(p["recursive"]), folder is None)
+        view_id = f"session[guestfs-sim]view-{next(self._ids)}"
+        self.views[view_id] = view
+        while len(self.views) > MAX_VIEWS:
+            self.views.popitem(last=False)
+        return MoRef("ContainerView", view_id)
 
     async def _destroy_view(self, ctx: CallContext, this: MoRef, p: Any) -> Value:
+        self.view(this)
+        del self.views[this.value]
         return None
+
+    def view(self, ref: MoRef) -> View:
+        view = self.views.get(ref.value)
+        if view is None:
+            raise object_not_found(ref)
+        return view
+
+    def view_contents(self, ref: MoRef) -> list[MoRef]:
+        view = self.view(ref)
+        folders, vms = self.under(None if view.root else view.container, view.recursive)
+        out: list[MoRef] = []
+        if not view.types or {"Folder", "ManagedEntity"} & set(view.types):
+            out.extend(self.folder_ref(f) for f in folders)
+        if not view.types or {"VirtualMachine", "ManagedEntity"} & set(view.types):
+            out.extend(MoRef("VirtualMachine", vm.vm) for vm in vms)
+        return out
 
     # ---- properties --------------------------------------------------------------
     def get_property(self, ref: MoRef, path: str) -> Value:
@@ -317,21 +440,50 @@ class VimService:
                 return self.service_content()
         elif ref.type == "ContainerView":
             if path == "view":
-                return [MoRef("VirtualMachine", vm.vm) for vm in self.state.vms.values()]
+                return self.view_contents(ref)
+            self.view(ref)
         elif ref.type == "VirtualMachine":
             vm = self.vm_of(ref)
+            if path == "parent":
+                return self.folder_ref(vm.folder)
             value = _vm_property(vm, path)
             if value is not None:
                 return value
-        elif ref == self.ref("datacenter") and path == "name":
-            return mo["datacenterName"]
-        elif ref == self.ref("datacenter") and path == "vmFolder":
-            return self.ref("vmFolder")
+        elif ref == self.ref("datacenter"):
+            if path == "name":
+                return mo["datacenterName"]
+            if path == "vmFolder":
+                return self.ref("vmFolder")
+            if path == "parent":
+                return self.ref("rootFolder")
+        elif ref.type == "Folder":
+            value = self._folder_property(ref, path)
+            if value is not None:
+                return value
         else:
             raise object_not_found(ref)
         raise VimFault(
             "InvalidProperty", f"Property {path} of {ref.type} is not served.", (("name", path),)
         )
+
+    def _folder_property(self, ref: MoRef, path: str) -> Value:
+        folder_id = self.folder_of(ref)
+        if folder_id is None:  # the root folder
+            return {
+                "name": "Datacenters",
+                "childEntity": [self.ref("datacenter")],
+            }.get(path)
+        f = self.state.folders[folder_id]
+        if path == "name":
+            return vim_name(f.name)
+        if path == "parent":
+            return self.ref("datacenter") if f.parent is None else self.folder_ref(f.parent)
+        if path == "childEntity":
+            folders, vms = self.under(folder_id, recursive=False)
+            return [self.folder_ref(x) for x in folders] + [
+                MoRef("VirtualMachine", vm.vm) for vm in vms
+            ]
+        return None
 
     async def _fetch(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
         return self.get_property(this, str(p["prop"]))
@@ -341,22 +493,63 @@ class VimService:
 
     async def _retrieve_ex(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
         objects = self._collect(p["specSet"])
+        options = p.get("options") or {}
+        size = options.get("maxObjects") if isinstance(options, dict) else None
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise invalid_argument("options.maxObjects")
+        return self._page(objects, size or MAX_RESULTS)
+
+    def _page(self, objects: list[Data], size: int) -> Value:
+        """A RetrieveResult of the first ``size`` objects, with a token for the rest."""
         if not objects:
             return None
-        return Data("RetrieveResult", [("objects", objects)])
+        fields: list[tuple[str, Any]] = []
+        if len(objects) > size:
+            token = str(next(self._ids))
+            self.pending[token] = (size, objects[size:])
+            while len(self.pending) > MAX_PENDING:
+                self.pending.popitem(last=False)
+            fields.append(("token", token))
+        fields.append(("objects", objects[:size]))
+        return Data("RetrieveResult", fields)
+
+    async def _continue_ex(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
+        held = self.pending.pop(str(p["token"]), None)
+        if held is None:
+            raise invalid_argument("token", "Unknown or finished RetrievePropertiesEx token.")
+        size, rest = held
+        return self._page(rest, size)
+
+    async def _cancel_ex(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
+        if self.pending.pop(str(p["token"]), None) is None:
+            raise invalid_argument("token", "Unknown or finished RetrievePropertiesEx token.")
+        return None
+
+    def _reach(self, obj: MoRef) -> list[MoRef]:
+        """What a selectSet traversal from ``obj`` reaches (the simulator does not read
+        the TraversalSpecs: a ContainerView reaches its view, a Folder or the Datacenter
+        every folder and VM below it)."""
+        if obj.type == "ContainerView":
+            return self.view_contents(obj)
+        if obj.type == "Folder" or obj == self.ref("datacenter"):
+            folder = self.folder_of(obj)
+            folders, vms = self.under(folder, recursive=True)
+            return [self.folder_ref(f) for f in folders] + [
+                MoRef("VirtualMachine", vm.vm) for vm in vms
+            ]
+        return []
 
     def _collect(self, specs: Sequence[PropertySpec]) -> list[Data]:
-        """ObjectContent for each object of each spec. A spec whose object is a
-        ContainerView or a Folder with a selectSet reaches every VM (the simulator's
-        inventory is flat); other objects are read as given."""
+        """ObjectContent for each object of each spec (see :meth:`_reach`) that has
+        properties asked for its type."""
         out: list[Data] = []
         for spec in specs:
             targets: list[MoRef] = []
             for obj, skip, traverse in spec.objects:
                 if not skip:
                     targets.append(obj)
-                if traverse and obj.type in ("ContainerView", "Folder"):
-                    targets.extend(MoRef("VirtualMachine", v.vm) for v in self.state.vms.values())
+                if traverse:
+                    targets.extend(self._reach(obj))
             for target in targets:
                 paths = [ps for t, ps in spec.props if t == target.type]
                 if not paths:
@@ -382,7 +575,7 @@ class VimService:
         vm, creds = self._ready(p)
         try:
             async with self.state.cost.guest_op(vm, "credentials.validate", ctx.transport):
-                self.state.guest_login(creds)
+                self.state.guest_login(creds, vm)
         except VapiError as err:
             raise from_vapi(err, vm.vm) from err
         return None
@@ -402,7 +595,7 @@ class VimService:
         try:
             regex = guestfs.compile_pattern(p.get("matchPattern"))
             async with self.state.cost.guest_op(vm, "files.list", ctx.transport) as op:
-                account = self.state.guest_login(creds)
+                account = self.state.guest_login(creds, vm)
                 entries = await trio.to_thread.run_sync(
                     self.state.scan_dir, vm, account, p["filePath"]
                 )
@@ -425,7 +618,7 @@ class VimService:
         vm, creds = self._ready(p)
         try:
             async with self.state.cost.guest_op(vm, "transfer.create", ctx.transport):
-                account = self.state.guest_login(creds)
+                account = self.state.guest_login(creds, vm)
                 url, e = self.state.create_transfer_info(vm, account, p["guestFilePath"])
         except VapiError as err:
             raise from_vapi(err, vm.vm, "guestFilePath") from err
@@ -440,8 +633,13 @@ def _vm_property(vm: Vm, path: str) -> Value:
     power = AnyValue("VirtualMachinePowerState", POWER_STATE[vm.power_state])
     tools = "guestToolsRunning" if running else "guestToolsNotRunning"
     family = "windowsGuest" if vm.family == "WINDOWS" else "linuxGuest"
+    guest_id = GUEST_IDS.get(vm.guest_os, "otherGuest64")
     simple: dict[str, Value] = {
-        "name": vm.name,
+        "name": vim_name(vm.name),
+        "config.name": vim_name(vm.name),
+        "config.instanceUuid": vm.instance_uuid,
+        "config.uuid": vm.bios_uuid,
+        "config.guestId": guest_id,
         "runtime.powerState": power,
         "runtime.connectionState": AnyValue("VirtualMachineConnectionState", "connected"),
         "guest.toolsRunningStatus": tools,

@@ -229,6 +229,18 @@ def _spec(el: ET.Element) -> PropertySpec:
     return PropertySpec(props, objs)
 
 
+def _options(el: ET.Element) -> dict[str, Any]:
+    """A RetrieveOptions: ``maxObjects`` is the one field the simulator reads."""
+    out: dict[str, Any] = {}
+    for name, child in _children(el):
+        if name == "maxObjects":
+            try:
+                out["maxObjects"] = int((child.text or "").strip())
+            except ValueError:
+                raise invalid_argument("options.maxObjects") from None
+    return out
+
+
 def parse_request(raw: bytes) -> tuple[str, MoRef, dict[str, Any]]:
     """(method, _this, params) of a SOAP request body; VimFault InvalidRequest if malformed."""
     try:
@@ -279,6 +291,8 @@ def parse_request(raw: bytes) -> tuple[str, MoRef, dict[str, Any]]:
             params.setdefault(name, []).append((child.text or "").strip())
         elif kind == "specSet":
             params.setdefault(name, []).append(_spec(child))
+        elif kind == "options":
+            params[name] = _options(child)
         else:
             params[name] = None
     if this is None:
