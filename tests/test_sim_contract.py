@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,109 @@ def test_guest_filesystem_contract(spec: dict[str, Any], sim: Sim) -> None:
             check_response(spec, CREATE, "post", api.create_transfer("/d/f.txt"))
         finally:
             sim.power(sim.vm_id(), "POWERED_ON")
+
+
+# ---- the fleet inventory ------------------------------------------------------------------
+FLEET = 40
+
+
+@pytest.fixture(scope="module")
+def fleet_sim() -> Iterator[Sim]:
+    with run_simulator("--fleet", str(FLEET), "--vm-list-limit", "30") as s:
+        yield s
+
+
+def test_fleet_inventory_contract(spec: dict[str, Any], fleet_sim: Sim) -> None:
+    with ApiClient(fleet_sim) as api:
+        api.login()
+        too_many = api.get("/api/vcenter/vm")
+        check_response(spec, "/api/vcenter/vm", "get", too_many)
+        assert too_many.json()["error_type"] == "UNABLE_TO_ALLOCATE_RESOURCE"
+        for params in ({"folders": "group-v102"}, {"names": "dup"}, {"folders": "group-v3"}):
+            r = api.get("/api/vcenter/vm", params=params)
+            check_response(spec, "/api/vcenter/vm", "get", r)
+            assert r.json()
+
+
+def test_pyvmomi_walks_the_fleet_through_a_container_view(fleet_sim: Sim) -> None:
+    """pyvmomi, VMware's SOAP client, pages the whole inventory: container view on the
+    root folder, RetrievePropertiesEx with maxObjects, ContinueRetrievePropertiesEx."""
+    pyvim_connect = pytest.importorskip("pyVim.connect")
+    vim = pytest.importorskip("pyVmomi").vim
+    ssl_ctx = ssl.create_default_context(cafile=fleet_sim.ca_file)
+    si = pyvim_connect.SmartConnect(
+        host="127.0.0.1",
+        port=int(httpx.URL(fleet_sim.vcenter_url).port or 443),
+        user=fleet_sim.user,
+        pwd=fleet_sim.password,
+        sslContext=ssl_ctx,
+    )
+    try:
+        content = si.RetrieveContent()
+        view = content.viewManager.CreateContainerView(
+            content.rootFolder, [vim.VirtualMachine], True
+        )
+        props = [
+            "name",
+            "runtime.powerState",
+            "guest.toolsRunningStatus",
+            "guest.guestFamily",
+            "config.instanceUuid",
+            "parent",
+        ]
+        pc = content.propertyCollector
+        fspec = vim.PropertyCollector.FilterSpec(
+            objectSet=[
+                vim.PropertyCollector.ObjectSpec(
+                    obj=view,
+                    skip=True,
+                    selectSet=[
+                        vim.PropertyCollector.TraversalSpec(
+                            name="v", type=vim.view.ContainerView, path="view", skip=False
+                        )
+                    ],
+                )
+            ],
+            propSet=[vim.PropertyCollector.PropertySpec(type=vim.VirtualMachine, pathSet=props)],
+        )
+        result = pc.RetrievePropertiesEx(
+            [fspec], vim.PropertyCollector.RetrieveOptions(maxObjects=15)
+        )
+        pages = [result]
+        while result.token:
+            result = pc.ContinueRetrievePropertiesEx(result.token)
+            pages.append(result)
+        assert [len(p.objects) for p in pages] == [15, 15, 10]
+        seen = {
+            o.obj._moId: {p.name: p.val for p in o.propSet} for page in pages for o in page.objects
+        }
+        expected = {v["vm"]: v for v in fleet_sim.vms}
+        assert set(seen) == set(expected)
+        for vm_id, got in seen.items():
+            info = expected[vm_id]
+            assert got["config.instanceUuid"] == info["instance_uuid"]
+            assert got["parent"]._moId == info["folder"]
+            assert isinstance(got["parent"], vim.Folder)
+            assert (
+                got["runtime.powerState"]
+                == {
+                    "POWERED_ON": "poweredOn",
+                    "POWERED_OFF": "poweredOff",
+                    "SUSPENDED": "suspended",
+                }[info["power_state"]]
+            )
+            family = "windowsGuest" if info["family"] == "WINDOWS" else "linuxGuest"
+            assert got["guest.guestFamily"] == family
+        # names travel escaped, as vim25 carries ManagedEntity.name
+        assert seen["vm-1010"]["name"] == "a%2fb"
+        assert seen["vm-1015"]["name"] == "esc%1b[31mred"
+        assert seen["vm-1005"]["guest.toolsRunningStatus"] == "guestToolsNotRunning"
+        # the folder tree through the same client
+        sandbox = si.content.searchIndex.FindByInventoryPath("Datacenter/vm/dev/web/sandbox")
+        assert sandbox.name == "sandbox" and sandbox.parent.parent.name == "dev"
+        assert [e._moId for e in sandbox.childEntity if isinstance(e, vim.VirtualMachine)] == [
+            v["vm"] for v in fleet_sim.vms if v["folder_path"] == "dev/web/sandbox"
+        ]
+        view.DestroyView()
+    finally:
+        pyvim_connect.Disconnect(si)
