@@ -16,7 +16,7 @@ import pytest
 
 from guestfs_mount.sim import fleet
 from guestfs_mount.sim.state import GuestAccount, SimOptions, SimState, Vm
-from guestfs_mount.sim.testing import ApiClient, Sim, run_simulator
+from guestfs_mount.sim.testing import ApiClient, Sim, SimulatorError, run_simulator
 from guestfs_mount.sim.vapi import VapiError
 
 N = 60
@@ -130,6 +130,14 @@ def test_more_than_4000_vms_is_refused() -> None:
     assert [v.vm for v in state.list_vms({"n7"}, set(), set(), set())] == ["vm-7"]
     del state.vms["vm-0"]
     assert len(state.list_vms(set(), set(), set(), set())) == 4000
+
+
+def test_bad_fleet_size_is_a_usage_error() -> None:
+    with (
+        pytest.raises(SimulatorError, match="--fleet must be >= 0"),
+        run_simulator("--no-tls", "--fleet", "-1"),
+    ):
+        pass
 
 
 # ---- REST inventory ---------------------------------------------------------------------
@@ -367,6 +375,19 @@ def test_vi_json_container_view_pages(sim: Sim) -> None:
         {"token": pages[0]["token"]},
     )  # fmt: skip
     assert gone.status_code == 500 and gone.json()["_typeName"] == "InvalidArgument"
+    # Cancel drops the rest of a result
+    first = vj.ok(
+        "PropertyCollector", "propertyCollector", "RetrievePropertiesEx",
+        {**spec, "options": {"maxObjects": 5}},
+    )  # fmt: skip
+    assert len(first["objects"]) == 5
+    vj.ok("PropertyCollector", "propertyCollector", "CancelRetrievePropertiesEx",
+          {"token": first["token"]})  # fmt: skip
+    again = vj.call(
+        "PropertyCollector", "propertyCollector", "ContinueRetrievePropertiesEx",
+        {"token": first["token"]},
+    )  # fmt: skip
+    assert again.status_code == 500 and again.json()["_typeName"] == "InvalidArgument"
     # a view of one folder, not recursive, holds that folder's VMs only
     sub = vj.ok(
         "ViewManager", "ViewManager", "CreateContainerView",
