@@ -286,6 +286,31 @@ def test_untouched_vms_are_not_in_the_stats(api: ApiClient, sim: Sim) -> None:
     assert list(sim.stats()["vms"]) == ["vm-1003"]
 
 
+def test_inventory_changes_at_run_time(sim: Sim, api: ApiClient) -> None:
+    """What an inventory-refresh test needs: VMs appear, are renamed, vanish."""
+    added = sim.add_vm("vm-1000", "late-web", folder="group-v104")
+    new = added["vm"]
+    assert new == f"vm-{1000 + N}" and added["folder"] == "group-v104"
+    try:
+        in_dev = api.get("/api/vcenter/vm", params={"folders": "group-v104"})
+        assert "late-web" in names(in_dev)
+        # it serves web-01's tree with web-01's accounts
+        assert api.download("/etc/hostname", vm=new) == b"vm-1000\n"
+        sim.rename_vm(new, "late-web-renamed")
+        assert names(api.get("/api/vcenter/vm", params={"vms": new})) == ["late-web-renamed"]
+        url = api.transfer_url("/etc/passwd", vm=new)
+    finally:
+        sim.remove_vm(new)
+    assert names(api.get("/api/vcenter/vm", params={"vms": new})) == []
+    assert api.list("/etc", vm=new).status_code == 404
+    with httpx.Client(timeout=30) as c:
+        assert c.get(url).status_code == 404  # its transfer URLs died with it
+    with pytest.raises(SimulatorError):
+        sim.add_vm("vm-9999", "x")
+    with pytest.raises(SimulatorError):
+        sim.add_vm("vm-1000", "x", folder="group-v999")
+
+
 # ---- vim25 inventory over VI/JSON ------------------------------------------------------
 class ViJson:
     def __init__(self, sim: Sim) -> None:

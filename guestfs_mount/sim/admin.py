@@ -8,6 +8,9 @@
 ``POST /_sim/faults/reset`` clear every fault
 ``POST /_sim/vms/{vm}/power``  ``{"state": "POWERED_ON"|"POWERED_OFF"|"SUSPENDED"}``
 ``POST /_sim/vms/{vm}/tools``  ``{"running": bool}``
+``POST /_sim/vms``          ``{"like": vm, "name": str, "folder"?: id, "vm"?: id}``: add a VM
+``DELETE /_sim/vms/{vm}``   remove a VM from the inventory
+``POST /_sim/vms/{vm}/rename``  ``{"name": str}``
 ``POST /_sim/sessions/expire``  drop every vCenter session
 ``POST /_sim/restart``      drop sessions and transfer URLs, cut in-flight bodies
 ``GET  /_sim/info``         VMs and options (no secrets)
@@ -115,6 +118,53 @@ def routes(state: SimState) -> list[BaseRoute]:
         log.info("%s tools running -> %s", vm.vm, running)
         return JsonResponse({"vm": vm.vm, "tools_running": running})
 
+    async def vm_add(request: Request) -> Response:
+        try:
+            body = await _json(request)
+        except ValueError as exc:
+            return _bad(str(exc))
+        if not isinstance(body, dict):
+            return _bad("body must be a JSON object")
+        like_id = body.get("like")
+        like = state.vms.get(like_id) if isinstance(like_id, str) else None
+        name, folder, vm_id = body.get("name"), body.get("folder"), body.get("vm")
+        if like is None:
+            return _bad("'like' must name an existing vm")
+        if not isinstance(name, str) or not name:
+            return _bad("'name' must be a non-empty string")
+        if not all(x is None or isinstance(x, str) for x in (folder, vm_id)):
+            return _bad("'folder' and 'vm' must be strings")
+        try:
+            vm = state.add_vm_like(like, name, folder, vm_id)
+        except ValueError as exc:
+            return _bad(str(exc))
+        log.info("%s added (like %s)", vm.vm, like.vm)
+        return JsonResponse(
+            {**vm.summary(), "folder": vm.folder, "instance_uuid": vm.instance_uuid}
+        )
+
+    async def vm_remove(request: Request) -> Response:
+        vm = state.vms.get(request.path_params["vm"])
+        if vm is None:
+            return _bad("unknown vm", 404)
+        state.remove_vm(vm)
+        log.info("%s removed", vm.vm)
+        return JsonResponse({"removed": vm.vm})
+
+    async def vm_rename(request: Request) -> Response:
+        vm = state.vms.get(request.path_params["vm"])
+        if vm is None:
+            return _bad("unknown vm", 404)
+        try:
+            body = await _json(request)
+        except ValueError as exc:
+            return _bad(str(exc))
+        name = body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            return _bad("'name' must be a non-empty string")
+        vm.name = name
+        return JsonResponse(vm.summary())
+
     async def sessions_expire(request: Request) -> Response:
         n = len(state.sessions)
         state.drop_sessions()
@@ -158,6 +208,9 @@ def routes(state: SimState) -> list[BaseRoute]:
         Route("/faults/reset", faults_reset, methods=["POST"]),
         Route("/vms/{vm}/power", vm_power, methods=["POST"]),
         Route("/vms/{vm}/tools", vm_tools, methods=["POST"]),
+        Route("/vms/{vm}/rename", vm_rename, methods=["POST"]),
+        Route("/vms", vm_add, methods=["POST"]),
+        Route("/vms/{vm}", vm_remove, methods=["DELETE"]),
         Route("/sessions/expire", sessions_expire, methods=["POST"]),
         Route("/restart", restart, methods=["POST"]),
         Route("/info", info, methods=["GET"]),

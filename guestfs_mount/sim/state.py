@@ -341,6 +341,38 @@ class SimState:
             raise too_many("folders", self.options.max_folder_list, len(out))
         return out
 
+    def add_vm_like(
+        self, like: Vm, name: str, folder: str | None = None, vm_id: str | None = None
+    ) -> Vm:
+        """A new VM serving ``like``'s tree with its family and accounts (the admin
+        API's way to grow the inventory at run time); powered on, Tools running."""
+        if folder is not None and folder not in self.folders:
+            raise ValueError(f"unknown folder {folder!r}")
+        if vm_id is None:
+            numbers = [int(v[3:]) for v in self.vms if v.startswith("vm-") and v[3:].isdigit()]
+            vm_id = f"vm-{max(numbers, default=41) + 1}"
+        if vm_id in self.vms:
+            raise ValueError(f"{vm_id} exists")
+        vm = Vm(
+            vm_id,
+            name,
+            like.root,
+            cpu_count=like.cpu_count,
+            memory_size_MiB=like.memory_size_MiB,
+            family=like.family,
+            drives={k: v for k, v in like.drives.items() if k != "C"},
+            folder=like.folder if folder is None else folder,
+            guest_os=like.guest_os,
+            accounts=like.accounts,
+        )
+        self.vms[vm_id] = vm
+        return vm
+
+    def remove_vm(self, vm: Vm) -> None:
+        """Unregister ``vm``: it leaves the inventory, its transfer URLs die."""
+        del self.vms[vm.vm]
+        self.kill_transfers(lambda t: t.vm is vm, "virtual machine removed")
+
     def set_power(self, vm: Vm, state: str) -> None:
         if state not in POWER_STATES:
             raise ValueError(f"state must be one of {POWER_STATES}")

@@ -148,6 +148,16 @@ class Sim:
     def tools(self, vm: str, running: bool) -> None:
         self.admin("POST", f"vms/{vm}/tools", {"running": running})
 
+    def add_vm(self, like: str, name: str, **kw: str) -> dict[str, Any]:
+        """Add a VM serving VM ``like``'s tree (``folder=``, ``vm=`` optional); its summary."""
+        return dict(self.admin("POST", "vms", {"like": like, "name": name, **kw}))
+
+    def remove_vm(self, vm: str) -> None:
+        self.admin("DELETE", f"vms/{vm}")
+
+    def rename_vm(self, vm: str, name: str) -> None:
+        self.admin("POST", f"vms/{vm}/rename", {"name": name})
+
     def expire_sessions(self) -> None:
         self.admin("POST", "sessions/expire")
 
@@ -241,9 +251,7 @@ class ApiClient:
     def __init__(self, sim: Sim, *, verify: ssl.SSLContext | bool | None = None) -> None:
         self.sim = sim
         self.base = sim.vcenter_url
-        self.http = httpx.Client(
-            verify=sim.verify() if verify is None else verify, timeout=30
-        )
+        self.http = httpx.Client(verify=sim.verify() if verify is None else verify, timeout=30)
         self.token: str | None = None
 
     def __enter__(self) -> ApiClient:
