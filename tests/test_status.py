@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 import pytest
 
@@ -111,7 +112,7 @@ OTHER = 12345
 def test_hostile_document_is_escaped_everywhere():
     """Every field a socket controls, of any type: no control character reaches the
     terminal, and nothing makes status crash."""
-    hostile = {k: ESC for k in DOC}
+    hostile: dict[str, Any] = {k: ESC for k in DOC}
     hostile.update(
         pid=ESC,
         started=ESC,
