@@ -33,6 +33,7 @@ from .evidence.ledger import Ledger, RecordingBackend, transfer_hook
 from .fs import FsOptions, Operations
 from .meta import MetadataCache
 from .model import DirEntry, FilesystemFamily, FileType, GuestStat, TransferResult
+from .mountpoint import MountPoint, check_mounted, mount_target
 from .paths import PosixPaths, flavor_for
 from .vcenter.client import ClientConfig, VCenterClient
 
@@ -48,6 +49,8 @@ class MountConfig:
     vm: str
     mountpoint: str
     guest_root: str = "/"
+    # The directory checked, pinned (settings.check_mountpoint): mounted through it.
+    pinned: MountPoint | None = None
     fs: FsOptions = field(default_factory=FsOptions)
     metadata_ttl: float = 60.0  # how long listings and attributes are reused
     case: dict[str, str] = field(default_factory=dict)  # --case, --examiner, ... (evidence)
@@ -308,8 +311,11 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
             }
 
         control_path = socket_path(cfg.mountpoint)  # cfg.mountpoint is a real path
-        pyfuse3.init(ops, cfg.mountpoint, _mount_options(cfg))
+        target = mount_target(cfg.pinned) if cfg.pinned is not None else cfg.mountpoint
+        pyfuse3.init(ops, target, _mount_options(cfg))
         stack.callback(_unmount, cfg.mountpoint)
+        if cfg.pinned is not None:
+            check_mounted(cfg.pinned)  # the path logged and shown by status is the one mounted
         nursery.start_soon(_raise_read_ahead_after_init, ops, cfg.mountpoint, cfg.read_ahead_kb)
         log.info(
             "mounted %s (%s) %s on %s; vCenter API: %s (%s)",

@@ -259,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="let other local users in (the guest's mode bits then apply)",
     )
     v.add_argument(
+        "--allow-unsafe-mountpoint",
+        action="store_true",
+        help="mount on a symlink, or in a directory another user can change (refused by default: "
+        "they could swap the mount point before it is mounted)",
+    )
+    v.add_argument(
         "--metadata-ttl",
         type=_seconds(0.0, inclusive=True),
         metavar="SECONDS",

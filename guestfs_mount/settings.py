@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "gid": None,
     "raw_symlinks": False,
     "allow_other": False,
+    "allow_unsafe_mountpoint": False,
     "metadata_ttl": 60.0,
     "frozen": False,
     "cache_dir": None,
@@ -364,10 +365,12 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         prefetch=not args.no_prefetch,
         debug=args.debug,
     )
+    mountpoint = check_mountpoint(args.mountpoint, args.allow_unsafe_mountpoint)
     return MountConfig(
         client=client,
         vm=args.vm,
-        mountpoint=check_mountpoint(args.mountpoint),
+        mountpoint=mountpoint.path,
+        pinned=mountpoint,
         guest_root=args.guest_root,
         fs=fs,
         metadata_ttl=args.metadata_ttl,

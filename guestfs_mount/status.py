@@ -2,21 +2,25 @@
 
 Each mount answers on its control socket with a JSON document (see :mod:`.control`);
 ``--json`` prints those documents whole, otherwise they are rendered for a person:
-aligned, in human units, only what matters. Names from the guest and the vCenter are
-shown with their control characters escaped.
+aligned, in human units, only what matters. Every string printed, the error message
+too, has its control characters escaped (names come from the guest and the vCenter, and
+a document from a hostile socket may hold anything); a value of the wrong type shows as
+``?`` or 0, never as a crash. The runtime directory and the process behind each socket
+must be ours (see :mod:`.control`), or status refuses them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .control import ask, socket_path, sockets
+from .control import UntrustedRuntime, ask, socket_path, sockets, trusted_runtime_dir
 from .logsetup import one_line
 from .units import duration, size
 
@@ -25,9 +29,21 @@ def _plural(n: int, word: str, words: str | None = None) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
 
 
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int):  # JSON integers are unbounded; floats would overflow
+        return value if abs(value) < 1 << 63 else None
+    return value if math.isfinite(value) else None
+
+
 def _int(doc: Mapping[str, Any], key: str) -> int:
-    value = doc.get(key)
-    return int(value) if isinstance(value, (int, float)) else 0
+    value = _number(doc.get(key))
+    return int(value) if value is not None else 0
+
+
+def _text(value: Any) -> str:
+    return one_line(str(value))
 
 
 def _dict(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -57,7 +73,7 @@ def _api_line(api: Mapping[str, Any]) -> str:
     parts = [_plural(sum(v for v in calls.values() if isinstance(v, int)), "call")]
     if n_errors:
         worst = sorted(errors.items(), key=lambda kv: -kv[1] if isinstance(kv[1], int) else 0)
-        shown = ", ".join(f"{one_line(str(k))} {v}" for k, v in worst[:3])
+        shown = ", ".join(f"{_text(k)} {_text(v)}" for k, v in worst[:3])
         parts.append(f"{_plural(n_errors, 'error')} ({shown})")
     else:
         parts.append("no errors")
@@ -92,15 +108,15 @@ def _transfer_rows(transfers: Sequence[Any]) -> list[str]:
         if not isinstance(t, Mapping):
             continue
         total, done = _int(t, "total"), _int(t, "done")
-        eta = t.get("eta_seconds")
+        eta = _number(t.get("eta_seconds"))
         readers = _plural(_int(t, "readers"), "reader")
         rows.append(
             (
                 one_line(str(t.get("path", "?"))),
                 f"{size(done)} / {size(total)}",
                 f"{100 * done / total:.0f}%" if total else "-",
-                f"{size(float(t.get('bytes_per_second') or 0))}/s",
-                f"eta {duration(eta)}" if isinstance(eta, (int, float)) else "eta ?",
+                f"{size(_int(t, 'bytes_per_second'))}/s",
+                f"eta {duration(eta)}" if eta is not None else "eta ?",
                 readers + (" (prefetch)" if t.get("prefetch") else ""),
             )
         )
@@ -118,9 +134,9 @@ def _transfer_rows(transfers: Sequence[Any]) -> list[str]:
 def render(doc: Mapping[str, Any], now: float | None = None) -> str:
     """One mount's status document, for a person."""
     now = time.time() if now is None else now
-    started = doc.get("started")
-    daemon = f"pid {doc.get('pid', '?')}"
-    if isinstance(started, (int, float)):
+    started = _number(doc.get("started"))
+    daemon = f"pid {_text(doc.get('pid', '?'))}"
+    if started is not None:
         daemon += f", up {duration(now - started)}"
     if doc.get("frozen"):
         daemon += ", frozen (evidence view)"
@@ -151,15 +167,26 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("mountpoint", nargs="?")
     p.add_argument("--json", action="store_true", help="print the whole status documents as JSON")
     args = p.parse_args(argv)
-    paths = [socket_path(os.path.realpath(args.mountpoint))] if args.mountpoint else list(sockets())
+    try:
+        trusted_runtime_dir()
+        paths = (
+            [socket_path(os.path.realpath(args.mountpoint))] if args.mountpoint else list(sockets())
+        )
+    except (UntrustedRuntime, OSError) as exc:
+        print(f"guestfs-mount: error: refused: {_text(exc)}", file=sys.stderr)
+        return 1
     docs = []
     for path in paths:
         try:
             docs.append(ask(path))
+        except UntrustedRuntime as exc:
+            print(f"guestfs-mount: error: refused: {_text(exc)}", file=sys.stderr)
+            if args.mountpoint:
+                return 1
         except (OSError, ValueError) as exc:
             if args.mountpoint:
                 print(
-                    f"guestfs-mount: no running mount at {args.mountpoint} ({exc})",
+                    f"guestfs-mount: no running mount at {_text(args.mountpoint)} ({_text(exc)})",
                     file=sys.stderr,
                 )
                 return 1

@@ -243,3 +243,62 @@ def test_bad_guest_root_is_a_usage_error(sim, tmp_path, foreground):
     _assert_refused(res, "guest root '/no/such/dir'")
     assert res.returncode == 2
     assert not os.path.ismount(str(tmp_path))
+
+
+def _cache_copies(tmp, content):
+    """Directories in ``tmp`` holding a file with ``content`` (a cached guest file)."""
+    found = []
+    for name in os.listdir(tmp):
+        d = os.path.join(tmp, name)
+        if os.path.isdir(d) and not os.path.islink(d):
+            for f in os.listdir(d):
+                with open(os.path.join(d, f), "rb") as fh:
+                    if fh.read() == content:
+                        found.append(d)
+    return found
+
+
+def test_cache_of_a_killed_daemon_is_removed_by_the_next_mount(sim, source, tmp_path):
+    """Issue 10 item 14: SIGKILL (or the OOM killer) leaves the cache, with a copy of the
+    guest's /etc/shadow, in $TMPDIR; the next mount removes it, and nothing else."""
+    other = 12345
+    tmp = str(tmp_path / "tmp")
+    os.mkdir(tmp)
+    os.chmod(tmp, 0o1777)
+    theirs = os.path.join(tmp, f"guestfs-mount-cache-{other}-1-abcdefgh")
+    os.mkdir(theirs)
+    with open(os.path.join(theirs, "1"), "w") as f:
+        f.write("theirs")
+    os.chown(theirs, other, other)
+    env = mount_env(sim, TMPDIR=tmp)
+    shadow = open(os.path.join(source, "etc/shadow"), "rb").read()
+    mnt = str(tmp_path / "m")
+    os.mkdir(mnt)
+    with open(os.devnull, "wb") as devnull:
+        proc = subprocess.Popen(
+            mount_argv(sim, mnt, "--foreground"), env=env, stdout=devnull, stderr=devnull
+        )
+    try:
+        wait_for_mount(mnt, proc, 30)
+        assert open(os.path.join(mnt, "etc/shadow"), "rb").read() == shadow
+        [dead] = _cache_copies(tmp, shadow)
+        proc.kill()
+        proc.wait()
+        unmount(mnt, lazy=True)
+        assert _cache_copies(tmp, shadow) == [dead]  # what SIGKILL leaves behind
+        with open(os.devnull, "wb") as devnull:
+            proc = subprocess.Popen(
+                mount_argv(sim, mnt, "--foreground"), env=env, stdout=devnull, stderr=devnull
+            )
+        wait_for_mount(mnt, proc, 30)
+        assert not os.path.exists(dead)
+        assert open(os.path.join(theirs, "1")).read() == "theirs"  # another user's: kept
+        unmount(mnt)
+        assert proc.wait(timeout=30) == 0
+        assert os.listdir(tmp) == [os.path.basename(theirs)]  # a clean exit removes its own
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        unmount(mnt)
+        unmount(mnt, lazy=True)

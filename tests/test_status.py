@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import pytest
 
 from guestfs_mount import status
 from guestfs_mount.units import duration, size
@@ -91,3 +101,174 @@ def test_units():
         "0 B", "1023 B", "1.0 KiB", "1.5 GiB", "5.0 TiB"]  # fmt: skip
     assert [duration(s) for s in (0, 59.9, 61, 3725, 90000)] == [
         "0s", "59s", "1m 01s", "1h 02m", "1d 01h"]  # fmt: skip
+
+
+# -- issue 10 item 11: status trusts neither the runtime directory nor the socket ----------
+
+ESC = "\x1b]0;owned\x07\x1b[2J\x9b31m"
+OTHER = 12345
+
+
+def test_hostile_document_is_escaped_everywhere():
+    """Every field a socket controls, of any type: no control character reaches the
+    terminal, and nothing makes status crash."""
+    hostile: dict[str, Any] = {k: ESC for k in DOC}
+    hostile.update(
+        pid=ESC,
+        started=ESC,
+        transfers=[{"path": ESC, "total": ESC, "done": 1e308, "eta_seconds": ESC,
+                    "bytes_per_second": ESC, "readers": 10**400}],
+        cache={"usage": 10**400, "max_bytes": -1, "stats": {ESC: ESC, "downloads": ESC}},
+        api={"calls": {ESC: 1}, "errors": {ESC: ESC, "x": 2}, "retries": ESC},
+        metadata={"stat_calls": ESC},
+    )  # fmt: skip
+    text = status.render(hostile, now=NOW)
+    assert not [c for c in text if (ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F]
+    assert "pid \\x1b]0;owned\\x07" in text
+    assert "\\x9b31m" in text
+
+
+def _serve_fake(path: str, doc: bytes, uid: int | None, mkdir_mode: int | None = None) -> int:
+    """A fake mount's control socket at ``path``, in a child: created as ``uid`` (None:
+    as us, but serving as uid OTHER after bind, so only SO_PEERCRED tells it apart).
+    Answers every connection with ``doc``. Returns its pid once it listens."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            if uid is not None:
+                os.setgid(uid)
+                os.setuid(uid)
+            if mkdir_mode is not None:
+                os.mkdir(os.path.dirname(path), mkdir_mode)
+                os.chmod(os.path.dirname(path), mkdir_mode)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(path)
+            if uid is None:
+                os.setgid(OTHER)
+                os.setuid(OTHER)
+            s.listen(4)
+            os.write(w, b"ok")
+            os.close(w)
+            while True:
+                c, _ = s.accept()
+                c.recv(256)
+                c.sendall(doc)
+                c.close()
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 2) == b"ok"
+    os.close(r)
+    return pid
+
+
+def _status(xdg: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, XDG_RUNTIME_DIR=xdg)
+    return subprocess.run(
+        [sys.executable, "-m", "guestfs_mount.cli", "status", *args],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+FAKE = json.dumps(dict(DOC, mountpoint="/mnt/fake" + ESC, transfers=[]), ensure_ascii=False)
+
+
+@pytest.fixture
+def xdg():
+    """An XDG_RUNTIME_DIR the other user can write in (as /tmp is, for /tmp/guestfs-mount-UID)."""
+    d = tempfile.mkdtemp(prefix="gm-status-")
+    os.chmod(d, 0o1777)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o755], ids=["0700", "0755"])
+def test_runtime_directory_of_another_user_is_refused(xdg, mode):
+    """The finding: another user pre-created the runtime directory with a fake socket;
+    status showed her fake mount and printed her escape sequences raw."""
+    sock = os.path.join(xdg, "guestfs-mount", "0123456789abcdef.sock")
+    pid = _serve_fake(sock, FAKE.encode(), OTHER, mkdir_mode=mode)
+    try:
+        for args in ((), ("--json",), ("/mnt/fake",)):
+            res = _status(xdg, *args)
+            assert res.returncode == 1, res
+            assert "/mnt/fake" not in res.stdout and "\x1b" not in res.stdout + res.stderr
+            assert res.stderr.strip().splitlines() == [
+                f"guestfs-mount: error: refused: {xdg}/guestfs-mount is owned by uid {OTHER}: "
+                f"it must be a private directory owned by uid {os.geteuid()}"
+            ]
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "open"])
+def test_runtime_directory_symlink_or_open_to_others_is_refused(xdg, kind):
+    rt = os.path.join(xdg, "guestfs-mount")
+    if kind == "symlink":
+        real = os.path.join(xdg, "real")
+        os.mkdir(real, 0o700)
+        os.symlink(real, rt)
+        why = "is a symlink"
+    else:
+        os.mkdir(rt)
+        os.chmod(rt, 0o733)
+        why = "is open to others (mode 0733)"
+    res = _status(xdg)
+    assert res.returncode == 1 and why in res.stderr, res
+
+
+def test_socket_served_by_another_user_is_refused(xdg):
+    """Our own private directory, but the process listening runs as another uid."""
+    rt = os.path.join(xdg, "guestfs-mount")
+    os.mkdir(rt, 0o700)
+    pid = _serve_fake(os.path.join(rt, "0123456789abcdef.sock"), FAKE.encode(), None)
+    try:
+        res = _status(xdg)
+        assert "/mnt/fake" not in res.stdout and "\x1b" not in res.stdout + res.stderr
+        assert f"is served by uid {OTHER} (pid {pid}), not by us or root" in res.stderr
+        assert res.stdout.strip() == "no guestfs-mount mounts running"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_our_socket_is_shown_escaped_and_nan_refused(xdg):
+    rt = os.path.join(xdg, "guestfs-mount")
+    os.mkdir(rt, 0o700)
+    sock = os.path.join(rt, "0123456789abcdef.sock")
+    # served as root (us): trusted, but what it says is escaped
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(sock)
+            s.listen(4)
+            os.write(w, b"ok")
+            for answer in (FAKE.encode(), FAKE.encode(), b'{"started": NaN}'):
+                c, _ = s.accept()
+                c.recv(256)
+                c.sendall(answer)
+                c.close()
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 2) == b"ok"
+    try:
+        res = _status(xdg)
+        assert res.returncode == 0, res
+        assert res.stdout.startswith("/mnt/fake\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\n")
+        assert "\x1b" not in res.stdout and "\x9b" not in res.stdout
+        res = _status(xdg, "--json")
+        assert "\x1b" not in res.stdout and "\\u001b]0;owned" in res.stdout
+        assert len(json.loads(res.stdout)) == 1
+        res = _status(xdg)  # a document with NaN is malformed: left out
+        assert res.stdout.strip() == "no guestfs-mount mounts running", res
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

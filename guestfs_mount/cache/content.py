@@ -41,7 +41,6 @@ import errno
 import itertools
 import logging
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -51,7 +50,7 @@ import trio
 
 from ..errors import CacheError, GuestfsError, RemoteError, TransferError, first_error
 from ..model import GuestStat, TransferResult
-from . import fileio
+from . import fileio, tempdir
 from .fileio import PWrite
 
 log = logging.getLogger(__name__)
@@ -202,7 +201,7 @@ class ContentCache:
         temporary = directory is None
         if directory is None:
             try:
-                directory = tempfile.mkdtemp(prefix="guestfs-mount-")
+                directory = tempdir.private_cache_dir()  # named, locked, stale ones removed
             except OSError as exc:
                 raise CacheError(
                     f"cannot create a temporary cache directory: {exc.strerror}",
