@@ -43,6 +43,7 @@ V = TypeVar("V")
 
 _PREFETCH_FILES = 32  # files downloaded ahead of one open
 _PREFETCH_MAX_FILE = 4 << 20  # larger files are left to the kernel's read-ahead
+_PREFETCH_BYTES = 16 << 20  # bytes downloaded ahead of one open (the window's budget)
 _LIST_AHEAD_DIRS = 1000  # subdirectories listed ahead of one opendir
 _MARKS = 100_000  # directories remembered as done (per trigger), for one TTL
 
@@ -151,14 +152,18 @@ class ReadAhead:
         if self._prefetched_upto.get(parent, -1) > idx + _PREFETCH_FILES // 2:
             return
         picked: list[str] = []
+        nbytes = 0
         last = idx
         for i in range(idx + 1, len(entries)):
             e = entries[i]
-            last = i
             if e.type is FileType.FILE and 0 < e.size <= _PREFETCH_MAX_FILE:
-                picked.append(self.paths.join(parent, e.name))
-                if len(picked) >= _PREFETCH_FILES:
+                if nbytes + e.size > _PREFETCH_BYTES:
                     break
+                picked.append(self.paths.join(parent, e.name))
+                nbytes += e.size
+            last = i
+            if len(picked) >= _PREFETCH_FILES:
+                break
         self._prefetched_upto[parent] = last
         if picked:
             self._stat_ahead(parent)
