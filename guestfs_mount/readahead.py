@@ -15,8 +15,13 @@ file alone.
   parent's entries were stat'ed ahead, stat theirs ahead as well, so such a walk finds
   both ready one level down.
 * ``on_open`` of a file of a listed directory: download the next ``_PREFETCH_FILES``
-  small files of the listing ("prefetch"), as ``cat *``, ``grep -r`` and ``tar`` read
-  them in listing order; the window slides on as the reader reaches its middle.
+  small files of the listing, at most ``_PREFETCH_BYTES`` in all ("prefetch"), as
+  ``cat *``, ``grep -r`` and ``tar`` read them in listing order; the window slides on as
+  the reader reaches its middle.
+
+How far stat-ahead and list-ahead may run ahead of what user requests read is the
+metadata cache's budget (``meta.Budget``); a prefetch body waits for the user's own work
+on the VM's channel (``vcenter.scheduler.Lane.body``).
 """
 
 from __future__ import annotations
