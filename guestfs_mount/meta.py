@@ -15,7 +15,17 @@ Every remote metadata call of the mount goes through here, so that:
 
 It also fetches in the background, a bounded number at a time, what it is told will be
 wanted soon (``stat_in_background``, ``list_in_background``); what and when is decided
-by the read-ahead policy (``readahead.py``), not here.
+by the read-ahead policy (``readahead.py``), not here. Background work has a budget
+(:class:`Budget`): it may run only so far ahead of what user requests read. A result
+fetched ahead holds its share (one call; a listing its entries too) until a user
+request reads it or it expires; a task that finds the budget spent waits for a read,
+and stops when none comes (nobody is waiting for its work). So what one user request
+starts is bounded, whatever the guest's tree, and a user who keeps reading keeps the
+read-ahead going.
+
+"Never a call whose answer is cached or on its way": a stat of a path whose parent
+listing is cached or being fetched waits for that listing (vim25 listings carry the
+attributes; a name the listing lacks is not found) before it asks for anything.
 """
 
 from __future__ import annotations
@@ -37,6 +47,16 @@ from .paths import PosixPaths
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How far background work may run ahead of user requests (issue 10 item 5)."""
+
+    calls: int = 64  # results fetched ahead and not read yet (or still in flight)
+    entries: int = 5_000  # entries of listings fetched ahead and not read yet
+    lists_in_flight: int = 2  # an entry count is known only once a listing is back
+    idle: float = 2.0  # a task waiting this long for a user read stops
 
 
 class GuestBackend(Protocol):
@@ -125,6 +145,7 @@ class MetadataCache:
         clock: Callable[[], float] = time.monotonic,
         paths: PosixPaths | None = None,
         stat_by_listing: bool = False,
+        budget: Budget | None = None,
     ) -> None:
         self.backend = backend
         self.stat_by_listing = stat_by_listing
@@ -153,17 +174,39 @@ class MetadataCache:
         # A semaphore, not a CapacityLimiter: it is released by the task it was taken for.
         self._limiter = trio.Semaphore(background_parallel)
         self._nursery = nursery
-        self.counters = {"stat_calls": 0, "list_calls": 0, "stat_hits": 0, "list_hits": 0}
+        self.budget = budget or Budget()
+        # ("s" | "l", path) -> entries: fetched ahead, not read by a user request yet.
+        self._ahead: cachetools.Cache[tuple[str, str], int]
+        if frozen:
+            self._ahead = cachetools.Cache(maxsize=math.inf)
+        else:
+            self._ahead = cachetools.TTLCache(max_stats, ttl, timer=clock)
+        self._ahead_in_flight = 0
+        self._ahead_lists_in_flight = 0
+        self._read_ahead = trio.Event()  # set (and replaced) when budget may have freed
+        self.counters = {
+            "stat_calls": 0,
+            "list_calls": 0,
+            "stat_hits": 0,
+            "list_hits": 0,
+            "background_calls": 0,
+            "background_stopped": 0,  # tasks that stopped with work left: nobody read
+        }
 
     # -- stat -----------------------------------------------------------------
 
     def cached_stat(self, path: str) -> GuestStat | None:
-        return self._stats.get(path)
+        """The cached stat of ``path`` for a user request (it counts as read)."""
+        st = self._stats.get(path)
+        if st is not None:
+            self._was_read("s", path)
+        return st
 
     async def stat(self, path: str) -> GuestStat:
         st = self._stats.get(path)
         if st is not None:
             self.counters["stat_hits"] += 1
+            self._was_read("s", path)
             return st
         if self._missing.get(path):
             raise NotFound(f"{path}: no such file in the guest (cached)", path=path)
@@ -171,7 +214,10 @@ class MetadataCache:
 
     async def _fetch_stat(self, path: str) -> GuestStat:
         parent = self.paths.parent(path)
-        if self.stat_by_listing and parent != path:
+        # vim25: the listing is the stat (joined if on its way); REST: a cached listing
+        # still tells a name it lacks. A REST listing on its way is not waited for: it
+        # has no attributes, and it may be a long background one.
+        if parent != path and (self.stat_by_listing or parent in self._lists):
             found = await self._stat_from_listing(parent, path)
             if found is not None:
                 return found
@@ -190,7 +236,7 @@ class MetadataCache:
         when the listing cannot tell (an error other than NotFound, an entry without
         attributes): the caller then asks for the stat itself."""
         try:
-            await self.listdir(parent)
+            await self._listdir(parent)
         except NotFound:
             self._missing[path] = True
             raise
@@ -200,7 +246,7 @@ class MetadataCache:
         st = self._stats.get(path)
         if st is not None:
             return st
-        if self.entry(parent, self.paths.basename(path)) is False:
+        if self._lookup(parent, self.paths.basename(path), casefold=False) is False:
             self._missing[path] = True
             raise NotFound(f"{path}: no such file in the guest", path=path)
         return None
@@ -231,6 +277,12 @@ class MetadataCache:
         return None if listing is None else listing.version
 
     async def listdir(self, path: str) -> tuple[DirEntry, ...]:
+        """The entries of ``path`` for a user request (the listing counts as read)."""
+        entries = await self._listdir(path)
+        self._was_read("l", path)
+        return entries
+
+    async def _listdir(self, path: str) -> tuple[DirEntry, ...]:
         listing = self._lists.get(path)
         if listing is not None:
             self.counters["list_hits"] += 1
@@ -256,11 +308,14 @@ class MetadataCache:
 
     def entry(self, parent: str, name: str) -> DirEntry | bool | None:
         """From a cached listing of ``parent``: the entry, ``False`` if the listing is
-        cached and has no such name, ``None`` if nothing is known."""
+        cached and has no such name, ``None`` if nothing is known. For a user request
+        (the listing counts as read)."""
+        self._was_read("l", parent)
         return self._lookup(parent, name, casefold=False)
 
     def entry_casefold(self, parent: str, name: str) -> DirEntry | bool | None:
         """Like ``entry`` but ignoring case, as Windows guests look names up."""
+        self._was_read("l", parent)
         return self._lookup(parent, name.casefold(), casefold=True)
 
     def position(self, parent: str, name: str) -> int | None:
@@ -290,9 +345,10 @@ class MetadataCache:
     # -- in the background ---------------------------------------------------------
 
     def stat_in_background(self, paths: Sequence[str]) -> None:
-        """Fetch the stats of ``paths`` that are neither cached nor being fetched, in the
-        background, at most ``background_parallel`` calls at a time."""
-        todo = [p for p in paths if p not in self._stats and not self._stat_flights.busy(p)]
+        """Fetch the stats of ``paths`` that are neither known (cached, cached as missing)
+        nor being fetched, in the background, at most ``background_parallel`` calls at a
+        time and within the budget."""
+        todo = [p for p in paths if not self._stat_known(p)]
         if todo:
             self._nursery.start_soon(self._stat_many, todo)
 
@@ -309,34 +365,94 @@ class MetadataCache:
         if todo:
             self._nursery.start_soon(self._list_many, todo[:at_most], then)
 
+    def _stat_known(self, path: str) -> bool:
+        return path in self._stats or bool(self._missing.get(path)) or self._stat_flights.busy(path)
+
+    # the budget: what is fetched ahead and not read yet
+
+    def _was_read(self, kind: str, path: str) -> None:
+        if self._ahead and self._ahead.pop((kind, path), None) is not None:
+            self._read_ahead.set()
+            self._read_ahead = trio.Event()
+
+    def _room(self, listing: bool) -> bool:
+        b = self.budget
+        if isinstance(self._ahead, cachetools.TTLCache):
+            self._ahead.expire()  # what expired unread frees its share
+        if len(self._ahead) + self._ahead_in_flight >= b.calls:
+            return False
+        if not listing:
+            return True
+        if self._ahead_lists_in_flight >= b.lists_in_flight:
+            return False
+        unread = sum(n for (kind, _), n in self._ahead.items() if kind == "l")
+        return unread < b.entries
+
+    async def _take(self, listing: bool) -> bool:
+        """Wait for room in the budget; False when no user read made room in time."""
+        while not self._room(listing):
+            with trio.move_on_after(self.budget.idle):
+                await self._read_ahead.wait()
+                continue
+            self.counters["background_stopped"] += 1
+            return False
+        self._ahead_in_flight += 1
+        if listing:
+            self._ahead_lists_in_flight += 1
+        self.counters["background_calls"] += 1
+        return True
+
+    def _done(self, kind: str, path: str, entries: int | None) -> None:
+        """A background fetch ended; ``entries`` is None when it fetched nothing."""
+        self._ahead_in_flight -= 1
+        if kind == "l":
+            self._ahead_lists_in_flight -= 1
+        if entries is not None:
+            self._ahead[(kind, path)] = entries  # holds its share until read
+        self._read_ahead.set()  # a task waiting for a listing slot may go on
+        self._read_ahead = trio.Event()
+
     async def _stat_many(self, paths: list[str]) -> None:
         async with trio.open_nursery() as nursery:
             for path in paths:
+                if self._stat_known(path):
+                    continue  # fetched meanwhile (by a user request, or a listing)
+                if not await self._take(listing=False):
+                    return
                 await self._limiter.acquire()
                 nursery.start_soon(self._stat_quietly, path)
 
     async def _stat_quietly(self, path: str) -> None:
+        fetched = None
         try:
-            if path not in self._stats:
+            if not self._stat_known(path):
                 await self._stat_flights.run(path, lambda: self._fetch_stat(path))
+                fetched = 1
         except Exception as exc:  # the foreground request will see and report it
             log.debug("background stat of %r failed: %s", path, exc)
         finally:
             self._limiter.release()
+            self._done("s", path, fetched)
 
     async def _list_many(self, dirs: list[str], then: Callable[[str], None] | None) -> None:
         async with trio.open_nursery() as nursery:
             for d in dirs:
+                if d in self._lists or self._list_flights.busy(d):
+                    continue
+                if not await self._take(listing=True):
+                    return
                 await self._limiter.acquire()
                 nursery.start_soon(self._list_quietly, d, then)
 
     async def _list_quietly(self, path: str, then: Callable[[str], None] | None) -> None:
+        fetched = None
         try:
             if path not in self._lists:
-                await self._list_flights.run(path, lambda: self._fetch_listing(path))
+                fetched = len(await self._list_flights.run(path, lambda: self._fetch_listing(path)))
             if then is not None:
                 then(path)
         except Exception as exc:
             log.debug("background listing of %r failed: %s", path, exc)
         finally:
             self._limiter.release()
+            self._done("l", path, fetched)

@@ -15,8 +15,13 @@ file alone.
   parent's entries were stat'ed ahead, stat theirs ahead as well, so such a walk finds
   both ready one level down.
 * ``on_open`` of a file of a listed directory: download the next ``_PREFETCH_FILES``
-  small files of the listing ("prefetch"), as ``cat *``, ``grep -r`` and ``tar`` read
-  them in listing order; the window slides on as the reader reaches its middle.
+  small files of the listing, at most ``_PREFETCH_BYTES`` in all ("prefetch"), as
+  ``cat *``, ``grep -r`` and ``tar`` read them in listing order; the window slides on as
+  the reader reaches its middle.
+
+How far stat-ahead and list-ahead may run ahead of what user requests read is the
+metadata cache's budget (``meta.Budget``); a prefetch body waits for the user's own work
+on the VM's channel (``vcenter.scheduler.Lane.body``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ V = TypeVar("V")
 
 _PREFETCH_FILES = 32  # files downloaded ahead of one open
 _PREFETCH_MAX_FILE = 4 << 20  # larger files are left to the kernel's read-ahead
+_PREFETCH_BYTES = 16 << 20  # bytes downloaded ahead of one open (the window's budget)
 _LIST_AHEAD_DIRS = 1000  # subdirectories listed ahead of one opendir
 _MARKS = 100_000  # directories remembered as done (per trigger), for one TTL
 
@@ -151,14 +157,18 @@ class ReadAhead:
         if self._prefetched_upto.get(parent, -1) > idx + _PREFETCH_FILES // 2:
             return
         picked: list[str] = []
+        nbytes = 0
         last = idx
         for i in range(idx + 1, len(entries)):
             e = entries[i]
-            last = i
             if e.type is FileType.FILE and 0 < e.size <= _PREFETCH_MAX_FILE:
-                picked.append(self.paths.join(parent, e.name))
-                if len(picked) >= _PREFETCH_FILES:
+                if nbytes + e.size > _PREFETCH_BYTES:
                     break
+                picked.append(self.paths.join(parent, e.name))
+                nbytes += e.size
+            last = i
+            if len(picked) >= _PREFETCH_FILES:
+                break
         self._prefetched_upto[parent] = last
         if picked:
             self._stat_ahead(parent)

@@ -5,7 +5,7 @@ import trio
 import trio.testing
 
 from guestfs_mount.errors import NotFound, ResourceBusy
-from guestfs_mount.meta import MetadataCache
+from guestfs_mount.meta import Budget, MetadataCache
 from guestfs_mount.model import DirEntry, FileType, GuestStat
 
 from .guests import FakeGuest, big_tree
@@ -72,7 +72,7 @@ async def test_listing_makes_no_stat_and_background_stats_are_bounded():
     g = FakeGuest(big_tree(200))
     with trio.fail_after(5):
         async with trio.open_nursery() as n:  # left once the background work is done
-            m = MetadataCache(g, nursery=n, background_parallel=16)
+            m = MetadataCache(g, nursery=n, background_parallel=16, budget=Budget(calls=500))
             entries = await m.listdir("/")
             assert len(entries) == 201 and g.stat_calls == []
             assert m.entry("/", "f5") == DirEntry("f5", FileType.FILE, 5)
@@ -189,3 +189,65 @@ async def test_frozen_seed_keeps_what_was_shown(nursery):
     await live.stat("/d/x")
     live.seed("/d/x", GuestStat(FileType.FILE, 99, 8, 8))
     assert (await live.stat("/d/x")).size == 99
+
+
+# -- the background budget (issue 10 item 5) and "no call already cached or on its way"
+
+
+async def test_background_stats_stop_at_the_budget_and_resume_as_the_user_reads():
+    g = FakeGuest(big_tree(200))
+    everything = [f"/f{i}" for i in range(200)]
+    async with trio.open_nursery() as n:  # left once the background task has stopped
+        m = MetadataCache(g, nursery=n, budget=Budget(calls=10, idle=0.5))
+        await m.listdir("/")
+        m.stat_in_background(everything)
+        await trio.sleep(0.2)
+        assert len(g.stat_calls) == 10  # nobody read them: no more
+        for p in g.stat_calls[:4]:
+            assert m.cached_stat(p) is not None  # a user request reads 4 of them
+        await trio.sleep(0.2)
+        assert len(g.stat_calls) == 14  # each read let one more call go
+    # nobody read again: the task stopped, its work left undone
+    assert len(g.stat_calls) == 14 and m.counters["background_stopped"] == 1
+
+
+async def test_background_listings_stop_at_the_entries_budget():
+    tree = {"/": [DirEntry(f"d{i}", FileType.DIRECTORY, 0) for i in range(6)]}
+    for i in range(6):
+        tree[f"/d{i}"] = [DirEntry(f"f{j}", FileType.FILE, 1) for j in range(100)]
+    g = FakeGuest(tree)
+    dirs = [f"/d{i}" for i in range(6)]
+    async with trio.open_nursery() as n:
+        m = MetadataCache(g, nursery=n, budget=Budget(entries=150, lists_in_flight=1, idle=0.5))
+        m.list_in_background(dirs, at_most=10)
+        await trio.sleep(0.2)
+        # one at a time: the second listing brought the unread entries to 200 >= 150
+        assert g.list_calls == ["/d0", "/d1"]
+        await m.listdir("/d0")  # the user opens one: its 100 entries are read
+        await trio.sleep(0.2)
+        assert g.list_calls == ["/d0", "/d1", "/d2"]
+    assert len(g.list_calls) == 3
+
+
+async def test_no_background_stat_of_a_path_known_missing(nursery):
+    g = FakeGuest(big_tree())
+    m = MetadataCache(g, nursery=nursery)
+    with pytest.raises(NotFound):
+        await m.stat("/gone")
+    m.stat_in_background(["/gone", "/f1"])
+    await trio.testing.wait_all_tasks_blocked()
+    assert g.stat_calls == ["/gone", "/f1"]
+
+
+async def test_stat_joins_the_listing_on_its_way_and_a_cached_listing_answers_absence(nursery):
+    g = FakeGuest(_vim_tree(), delay=0.5)
+    m = MetadataCache(g, nursery=nursery, stat_by_listing=True)
+    nursery.start_soon(m.listdir, "/d")  # e.g. a list-ahead
+    await trio.sleep(0.1)
+    assert (await m.stat("/d/x")).permissions == 0o600  # from that listing, not a call
+    assert g.list_calls == ["/d"] and g.stat_calls == []
+    rest = MetadataCache(FakeGuest(big_tree(), delay=0), nursery=nursery)
+    await rest.listdir("/d")
+    with pytest.raises(NotFound):
+        await rest.stat("/d/nope")  # a REST listing has no attributes but knows names
+    assert rest.backend.stat_calls == []  # type: ignore[attr-defined]

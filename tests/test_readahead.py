@@ -50,6 +50,11 @@ async def test_stat_ahead_once_per_listing_parallel_and_bounded(
     st = await m.stat("/f199")
     assert st.permissions == 0o640
     await settle()
+    # nobody read them yet: the budget (64 unread results) holds the rest back
+    assert len(g.stat_calls) <= 64 + 1
+    for e in await m.listdir("/"):
+        await m.stat(f"/{e.name}")  # ls -l reads on, in listing order: stat-ahead follows
+    await settle()
     assert len(g.stat_calls) == 201 and len(set(g.stat_calls)) == 201
     assert 1 < g.peak <= 16 + 1  # the foreground stat does not queue behind stat-ahead
 
@@ -142,4 +147,17 @@ async def test_prefetch_stops_when_the_budget_is_spent_and_can_be_off(
         ra.on_opendir("/")
         ra.on_open(first)
     await settle()
+    assert [k.path for k in content.keys] == [f"/f{i:03}" for i in range(1, 6)]
+
+
+async def test_prefetch_window_is_bounded_in_bytes(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    tree = {"/": [DirEntry(f"f{i:03}", FileType.FILE, 3 << 20) for i in range(40)]}
+    g, m, ra, content = setup(nursery, tree)
+    await m.listdir("/")
+    ra.on_opendir("/")
+    ra.on_open("/f000")
+    await settle()
+    # 16 MiB of files ahead of one open: 5 files of 3 MiB, not 32
     assert [k.path for k in content.keys] == [f"/f{i:03}" for i in range(1, 6)]

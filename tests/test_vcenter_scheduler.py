@@ -158,3 +158,125 @@ def test_guest_ops_option_reaches_the_client(tmp_path, monkeypatch) -> None:
     secrets_in_env()
     args, _ = resolve_args(["--guest-ops", "2", "vc", "vm", mnt])
     assert build_config(args).client.guest_ops == 2
+
+
+# -- transfer bodies: the VM's channel --------------------------------------------------
+
+
+def test_a_foreground_body_holds_no_slot() -> None:
+    # a user's long cat must not stop an ls -l of the same VM
+    order: list[str] = []
+
+    async def main() -> None:
+        lane = Lane(1, start=1)
+
+        async def cat() -> None:
+            async with lane.body(64 << 20):
+                await trio.sleep(100)
+                order.append("cat done")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(cat)
+            await trio.sleep(1)
+            for _ in range(3):
+                async with lane.slot():
+                    await trio.sleep(1)
+            order.append("ls done")
+
+    _run(main)
+    assert order == ["ls done", "cat done"]
+
+
+def test_background_body_waits_for_foreground_bodies_and_waiting_calls() -> None:
+    at: dict[str, float] = {}
+
+    async def main() -> None:
+        lane = Lane(1, start=1)
+
+        async def fg_body() -> None:
+            async with lane.body(1 << 20, Priority.FOREGROUND):
+                await trio.sleep(5)
+
+        async def call(tag: str) -> None:
+            async with lane.slot(Priority.FOREGROUND):
+                at[tag] = trio.current_time()
+                await trio.sleep(10)
+
+        async def prefetch() -> None:
+            async with lane.body(1 << 20, Priority.BACKGROUND):
+                at["prefetch"] = trio.current_time()
+
+        start = trio.current_time()
+        async with trio.open_nursery() as n:
+            n.start_soon(fg_body)
+            n.start_soon(call, "call 1")
+            await trio.sleep(1)
+            n.start_soon(call, "call 2")  # waits for call 1's slot until t=10
+            await trio.sleep(1)
+            n.start_soon(prefetch)
+        assert lane.stats.background_body_waits == 1
+        for k in at:
+            at[k] -= start
+
+    _run(main)
+    # the foreground body ended at t=5, but call 2 was still waiting: not before t=10
+    assert at == {"call 1": 0, "call 2": 10, "prefetch": 10}
+
+
+def test_background_bodies_are_bounded_in_bytes() -> None:
+    async def main() -> None:
+        lane = Lane(8, start=8, bg_body_bytes=4 << 20)
+        priority.set(Priority.BACKGROUND)
+
+        async def prefetch(size: int) -> None:
+            async with lane.body(size):
+                await trio.sleep(1)
+
+        async with trio.open_nursery() as n:
+            for size in (3 << 20, 3 << 20, 1 << 20, 5 << 20):
+                n.start_soon(prefetch, size)
+        # never two that exceed 4 MiB together; one alone may (the first of a queue)
+        assert lane.stats.max_background_body_bytes == 5 << 20
+        assert lane.stats.background_bodies == 4 and lane.bg_bodies == 0
+
+    async def in_order() -> None:
+        lane = Lane(8, start=8, bg_body_bytes=4 << 20)
+        peak = [0]
+
+        async def prefetch(size: int) -> None:
+            async with lane.body(size, Priority.BACKGROUND):
+                peak[0] = max(peak[0], lane.bg_body_in_flight)
+                await trio.sleep(1)
+
+        async with trio.open_nursery() as n:
+            for size in (3 << 20, 3 << 20, 1 << 20):
+                n.start_soon(prefetch, size)
+        assert peak[0] == 4 << 20  # 3 + 1 together, never 3 + 3
+
+    _run(main)
+    _run(in_order)
+
+
+def test_cancelled_background_body_gives_its_place_back() -> None:
+    async def main() -> None:
+        lane = Lane(2, start=2)
+        done: list[str] = []
+
+        async def fg() -> None:
+            async with lane.body(10, Priority.FOREGROUND):
+                await trio.sleep(5)
+
+        async def later() -> None:
+            async with lane.body(10, Priority.BACKGROUND):
+                done.append("later")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(fg)
+            await trio.sleep(0.1)
+            with trio.move_on_after(1):
+                async with lane.body(10, Priority.BACKGROUND):
+                    done.append("cancelled one ran")
+            n.start_soon(later)
+        assert done == ["later"] and lane.bg_bodies == 0 and lane.bg_body_in_flight == 0
+
+    _run(main)

@@ -316,10 +316,12 @@ class VCenterClient:
                 self.stats.retries += 1
                 log.info("download of %s: %s; retrying in %.2fs", show(path), e, delay)
 
-            body, opened = await retry_call(
-                attempt, self.http.backoff, clock=self.http.clock, retryable=retryable,
-                on_retry=on_retry,
-            )  # fmt: skip
+            # The body holds the VM's channel: a prefetch waits here for the user's work.
+            async with self.scheduler.body(vm, expected_size):
+                body, opened = await retry_call(
+                    attempt, self.http.backoff, clock=self.http.clock, retryable=retryable,
+                    on_retry=on_retry,
+                )  # fmt: skip
             self.stats.downloads += 1
             return TransferResult(
                 nbytes=body.nbytes,

@@ -11,6 +11,13 @@ Foreground calls (a syscall waits) are always served before background ones
 (stat-ahead, list-ahead, prefetch: :data:`priority` set to ``BACKGROUND`` by
 read-ahead's tasks); background calls take at most ``bg_fraction`` of the slots, so a
 foreground call waits for at most the one operation ahead of it.
+
+A transfer body occupies the VM's channel too (every ~62 KiB packet passes the guest
+lane), for far longer than a call, so bodies do not hold a slot: a user's long ``cat``
+must not stop an ``ls -l`` of the same VM. They take a *body token* instead
+(:meth:`Lane.body`): a foreground body never waits for one; a background body
+(prefetch) waits until no foreground call waits and no foreground body runs on the VM,
+and at most ``bg_body_bytes`` of background bodies (at least one) run at once.
 """
 
 from __future__ import annotations
@@ -55,6 +62,10 @@ class LaneStats:
     rejections: int = 0
     max_in_flight: int = 0
     max_waiting: int = 0
+    bodies: int = 0
+    background_bodies: int = 0
+    background_body_waits: int = 0  # background bodies that had to wait for the channel
+    max_background_body_bytes: int = 0  # bytes of background bodies running at once
 
 
 class Lane:
@@ -66,6 +77,7 @@ class Lane:
         *,
         start: float = 2.0,
         bg_fraction: float = 0.5,
+        bg_body_bytes: int = 4 << 20,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.max_limit = max(1, max_limit)
@@ -77,6 +89,11 @@ class Lane:
         self.stats = LaneStats()
         self._clock = clock
         self._waiting: dict[Priority, deque[trio.Event]] = {p: deque() for p in Priority}
+        self.bg_body_bytes = bg_body_bytes
+        self.fg_bodies = 0
+        self.bg_bodies = 0
+        self.bg_body_in_flight = 0  # bytes
+        self._body_waiting: deque[tuple[trio.Event, int]] = deque()
 
     # -- admission -------------------------------------------------------------------
 
@@ -97,8 +114,7 @@ class Lane:
                 ev = q.popleft()
                 self._take(prio)
                 ev.set()
-            if q:
-                return  # a foreground waiter blocks background ones
+        self._wake_bodies()  # after the calls: a foreground waiter blocks them
 
     def _take(self, prio: Priority) -> None:
         self.in_flight += 1
@@ -151,6 +167,67 @@ class Lane:
         finally:
             self._give(prio)
 
+    # -- transfer bodies ------------------------------------------------------------
+
+    def _body_admissible(self, size: int) -> bool:
+        if self.fg_bodies or self._waiting[Priority.FOREGROUND]:
+            return False  # the user's own work has the channel
+        return self.bg_bodies == 0 or self.bg_body_in_flight + size <= self.bg_body_bytes
+
+    def _wake_bodies(self) -> None:
+        while self._body_waiting and self._body_admissible(self._body_waiting[0][1]):
+            ev, size = self._body_waiting.popleft()
+            self._take_body(size)
+            ev.set()
+
+    def _take_body(self, size: int) -> None:
+        self.bg_bodies += 1
+        self.bg_body_in_flight += size
+        self.stats.max_background_body_bytes = max(
+            self.stats.max_background_body_bytes, self.bg_body_in_flight
+        )
+
+    @asynccontextmanager
+    async def body(self, size: int, prio: Priority | None = None) -> AsyncIterator[None]:
+        """Hold the VM's channel for a transfer body of ``size`` bytes (its transfer
+        create included). Foreground: at once. Background: after the user's work."""
+        prio = prio or priority.get()
+        self.stats.bodies += 1
+        if prio is Priority.FOREGROUND:
+            self.fg_bodies += 1
+            try:
+                yield
+            finally:
+                self.fg_bodies -= 1
+                self._wake()
+            return
+        self.stats.background_bodies += 1
+        size = max(0, size)
+        if not self._body_waiting and self._body_admissible(size):
+            self._take_body(size)
+        else:
+            self.stats.background_body_waits += 1
+            ev = trio.Event()
+            self._body_waiting.append((ev, size))
+            try:
+                await ev.wait()
+            except BaseException:
+                if not ev.is_set():
+                    self._body_waiting.remove((ev, size))
+                    self._wake_bodies()
+                else:
+                    self._give_body(size)
+                raise
+        try:
+            yield
+        finally:
+            self._give_body(size)
+
+    def _give_body(self, size: int) -> None:
+        self.bg_bodies -= 1
+        self.bg_body_in_flight -= size
+        self._wake()
+
     # -- adaptation (Vegas-like AIMD) --------------------------------------------------
 
     def observe(self, rtt: float) -> None:
@@ -178,10 +255,12 @@ class Scheduler:
         max_limit: int,
         *,
         bg_fraction: float = 0.5,
+        bg_body_bytes: int = 4 << 20,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.max_limit = max_limit
         self.bg_fraction = bg_fraction
+        self.bg_body_bytes = bg_body_bytes
         self._clock = clock
         self._lanes: dict[str, Lane] = {}
 
@@ -189,9 +268,21 @@ class Scheduler:
         lane = self._lanes.get(vm)
         if lane is None:
             lane = self._lanes[vm] = Lane(
-                self.max_limit, bg_fraction=self.bg_fraction, clock=self._clock
+                self.max_limit,
+                bg_fraction=self.bg_fraction,
+                bg_body_bytes=self.bg_body_bytes,
+                clock=self._clock,
             )
         return lane
 
     def slot(self, vm: str, prio: Priority | None = None) -> AbstractAsyncContextManager[None]:
         return self.lane(vm).slot(prio)
+
+    def body(
+        self, vm: str, size: int, prio: Priority | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        return self.lane(vm).body(size, prio)
+
+    def stats(self) -> dict[str, LaneStats]:
+        """Per VM id: what its lane admitted (for benchmarks and status)."""
+        return {vm: lane.stats for vm, lane in self._lanes.items()}
