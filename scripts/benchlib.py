@@ -45,10 +45,63 @@ class Row:
     commands: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     samples: dict[str, list[float]] = field(default_factory=dict)
+    api: str = ""  # the mount's --api ("" = the default, auto)
+    guest: GuestOps | None = None  # the guest lane during the measured command
+    base_guest: GuestOps | None = None  # ... during the sequential baseline
+    per: str = ""  # what guest.per_unit divides by ("directory", "file", "")
+    units: int = 0  # how many of those
 
     @property
     def result(self) -> str:
         return "info" if self.ok is None else ("pass" if self.ok else "MISS")
+
+
+@dataclass(kw_only=True)
+class GuestOps:
+    """One VM's guest lane over one window (a command), from /_sim/stats reset at its
+    start: guest operations by kind, transfer packets, lane busy seconds, deepest queue,
+    rejections. ``wall`` is the window's length, so ``busy_fraction`` is the share of it
+    the VM's one channel was working."""
+
+    wall: float
+    calls: dict[str, int]
+    packets: int = 0
+    packet_bytes: int = 0
+    busy_s: float = 0.0
+    max_queue: int = 0
+    rejections: int = 0
+    scale: float = 1.0  # > 1: a sampled baseline, figures extrapolated by this factor
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, Any], wall: float, scale: float = 1.0) -> GuestOps:
+        vms = stats.get("vms") or {}
+        vm: dict[str, Any] = next(iter(vms.values())) if vms else {}
+        return cls(
+            wall=wall,
+            calls={k: int(v) for k, v in (vm.get("calls") or {}).items()},
+            packets=int(vm.get("packets", 0)),
+            packet_bytes=int(vm.get("packet_bytes", 0)),
+            busy_s=float(vm.get("lane_busy_s", 0.0)),
+            max_queue=int(vm.get("max_queue", 0)),
+            rejections=int(vm.get("rejections", 0)),
+            scale=scale,
+        )
+
+    @property
+    def ops(self) -> int:
+        """Guest operations (lane uses other than body packets), extrapolated."""
+        return round(sum(self.calls.values()) * self.scale)
+
+    @property
+    def busy_fraction(self) -> float:
+        return self.busy_s / self.wall if self.wall > 0 else 0.0
+
+    def brief(self) -> str:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.calls.items()))
+        x = f" (x{self.scale:.3g} extrapolated)" if self.scale != 1.0 else ""
+        return (f"{self.ops} ops [{kinds}]{x}, {self.packets} packets, lane busy "
+                f"{self.busy_s:.2f} s of {self.wall:.2f} s ({self.busy_fraction:.2f}), "
+                f"deepest queue {self.max_queue}, rejections {self.rejections}")
 
 
 def fmt(v: float | None, unit: str) -> str:
@@ -74,6 +127,31 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.scenario} | {fmt(r.measured, r.unit)} | {base} | {ratio} | {r.target} "
             f"| {r.result} |"
+        )
+    return "\n".join(lines)
+
+
+def guest_table(rows: list[Row]) -> str:
+    """The guest-lane view of the rows that have one: wall time, guest operations (per
+    directory / file where the row says), the lane's busy fraction, the deepest queue and
+    rejections, for the command and for its sequential baseline."""
+    head = ["scenario", "api", "wall", "guest ops", "per unit", "lane busy", "deepest queue",
+            "rejections", "baseline wall", "baseline ops", "baseline busy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        g = r.guest
+        if g is None:
+            continue
+        per = f"{g.ops / r.units:.2f} per {r.per}" if r.per and r.units else ""
+        bg = r.base_guest
+        bw = bo = bb = ""
+        if bg is not None:
+            bw = fmt(bg.wall, "s") + (" (extrapolated)" if bg.scale != 1.0 else "")
+            bo = f"{bg.ops:,}"
+            bb = f"{bg.busy_fraction:.2f}"
+        lines.append(
+            f"| {r.scenario} | {r.api or 'auto'} | {fmt(g.wall, 's')} | {g.ops:,} | {per} "
+            f"| {g.busy_fraction:.2f} | {g.max_queue} | {g.rejections} | {bw} | {bo} | {bb} |"
         )
     return "\n".join(lines)
 
