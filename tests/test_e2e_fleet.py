@@ -322,3 +322,14 @@ def _wait_for(mnt, done, timeout=20.0):
         if done(names) or time.monotonic() > deadline:
             return names
         time.sleep(0.2)
+
+
+@pytest.mark.one_transport
+def test_unknown_folder_is_a_start_up_error(sim, mount_config, tmp_path):
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    argv = fleet_argv(sim, str(mp), mount_config, "--folder", "no/such/folder")
+    proc = subprocess.run(argv, env=fleet_env(sim), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "--folder 'no/such/folder'" in proc.stderr
+    assert not os.path.ismount(mp)
