@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guestfs_mount.errors import NotFound, ProtocolError, RemoteError
+from guestfs_mount.errors import ApiError, NotFound, ProtocolError, RemoteError
 from guestfs_mount.model import PowerState
 
 from . import parse
@@ -30,6 +30,7 @@ __all__ = ["InventoryVm", "family_of", "folder_subtree", "list_vms"]
 
 # The REST list refuses more matches than this (vCenter's own limit).
 MAX_REST_VMS = 4000
+_TOO_MANY = "UNABLE_TO_ALLOCATE_RESOURCE"
 _MAX_FOLDERS = 10_000
 
 
@@ -92,7 +93,32 @@ async def list_vms(
     rest: RestTransport, *, folders: Sequence[str] = (), powered_on: bool = True
 ) -> list[InventoryVm]:
     """Every VM (in ``folders`` when given, powered on when asked), as the server names
-    them (guest-controlled text: the caller makes them safe)."""
+    them (guest-controlled text: the caller makes them safe).
+
+    REST refuses a listing of more than 4000 VMs (``UNABLE_TO_ALLOCATE_RESOURCE``): the
+    listing is then split by parent folder (every VM folder, when none was given), in
+    halves until each part fits. Only a single folder holding more than 4000 VMs
+    cannot be listed this way."""
+    try:
+        return await _list_once(rest, folders, powered_on)
+    except ApiError as exc:
+        if exc.type_name != _TOO_MANY:
+            raise
+        if not folders:
+            folders = await _folders(rest, [], "list VM folders")
+        if len(folders) <= 1:
+            raise
+    half = len(folders) // 2
+    seen: dict[str, InventoryVm] = {}
+    for part in (folders[:half], folders[half:]):
+        for v in await list_vms(rest, folders=part, powered_on=powered_on):
+            seen.setdefault(v.vm, v)
+    return list(seen.values())
+
+
+async def _list_once(
+    rest: RestTransport, folders: Sequence[str], powered_on: bool
+) -> list[InventoryVm]:
     params: list[tuple[str, str]] = [("folders", f) for f in folders]
     if powered_on:
         params.append(("power_states", PowerState.POWERED_ON.value))
