@@ -26,7 +26,7 @@ import pyfuse3
 import trio
 
 from ..errors import GuestfsError, NotFound, to_errno
-from ..fs import FsOptions, Operations
+from ..fs import FsOptions, Operations, statfs_data
 from ..inodes import ROOT_INODE
 from ..paths import NAME_MAX
 from .names import BY_ID
@@ -290,12 +290,7 @@ class FleetOperations(pyfuse3.Operations):
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = s.f_bfree = s.f_bavail = 0
-        s.f_files = s.f_ffree = s.f_favail = 0
-        s.f_namemax = NAME_MAX
-        return s
+        return statfs_data()
 
     # -- directories -------------------------------------------------------------------
 
