@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 
 from . import __version__
@@ -48,7 +49,9 @@ class AuditLog:
         header = {"time": _iso(time.time()), "program": f"guestfs-mount {__version__}"}
         self._write(HEADER, {**header, **self._static, **(case or {})})
 
-    def record(self, ev: TransferEvent) -> None:
+    def record(self, ev: TransferEvent, extra: Mapping[str, object] | None = None) -> None:
+        """One transfer line; ``extra`` overrides the mount's fields (a fleet mount
+        names the VM of each transfer)."""
         line: dict[str, object] = {
             "time": _iso(ev.started + ev.seconds),
             "path": ev.key.path,
@@ -71,7 +74,7 @@ class AuditLog:
         if ev.error is not None:
             line["error"] = f"{type(ev.error).__name__}: {ev.error}"
         self._count += 1
-        self._write(TRANSFER, {**self._static, **line})
+        self._write(TRANSFER, {**self._static, **(extra or {}), **line})
 
     def _write(self, kind: str, fields: dict[str, object]) -> None:
         data = self._chain.line(kind, fields)

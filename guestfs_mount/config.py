@@ -20,6 +20,13 @@
     guest_root = "/"
     options = { frozen = true, metadata_ttl = 120 }  # any long option
 
+    [[guest_credentials]]              # --all-vms: the first rule matching a VM wins
+    vms = ["web-*", "db-*"]            # VM name globs (default: any VM)
+    folder = "prod/web"                # VM folder path, the subtree below it too
+    family = "linux"                   # linux or windows (vCenter's guest family)
+    guest_user = "root"
+    guest_password_file = "~/.secrets/linux-root"   # or saml_token_file
+
 The file holds no secret, only the names of files that do: a ``password`` key (or
 ``guest_password``, ``saml_token``) anywhere is refused. Unknown keys are errors, so
 a typo never silently loses a setting. Paths may start with ``~``; relative paths are
@@ -77,6 +84,8 @@ _PROFILE_KEYS = {
     "guest_root",
     "options",
 }
+_RULE_KEYS = {"vms", "folder", "family", "guest_user", "guest_password_file", "saml_token_file"}
+FAMILIES = ("linux", "windows")
 _APIS = ("auto", "rest", "preview", "vi-json", "soap", "released")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
 # Names the command line gives another meaning as a first argument.
@@ -115,11 +124,26 @@ class Profile:
 
 
 @dataclass(frozen=True)
+class CredentialRule:
+    """One ``[[guest_credentials]]`` entry: which VMs (all of the given tests must
+    match) log in with which guest account. ``where`` names it in messages."""
+
+    where: str
+    guest_user: str | None
+    guest_password_file: str | None = None
+    saml_token_file: str | None = None
+    vms: tuple[str, ...] = ()  # name globs; empty: any name
+    folder: str | None = None
+    family: str | None = None  # one of FAMILIES
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    guest_credentials: tuple[CredentialRule, ...] = ()
 
     def profile(self, name: str) -> Profile:
         try:
@@ -194,9 +218,10 @@ def parse_config(text: str, path: str, mode: int | None = None) -> Config:
         )
     base = os.path.dirname(os.path.abspath(path))
     for key in doc:
-        if key not in ("servers", "profiles"):
+        if key not in ("servers", "profiles", "guest_credentials"):
             raise ConfigError(
-                f"{path}: unknown key {key!r} (expected [servers.NAME] or [profiles.NAME] tables)"
+                f"{path}: unknown key {key!r} (expected [servers.NAME] or [profiles.NAME]"
+                " tables, or [[guest_credentials]])"
             )
     servers_doc = _table(doc.get("servers", {}), path, "", "servers")
     profiles_doc = _table(doc.get("profiles", {}), path, "", "profiles")
@@ -206,7 +231,52 @@ def parse_config(text: str, path: str, mode: int | None = None) -> Config:
     profiles: dict[str, Profile] = {}
     for name, body in profiles_doc.items():
         profiles[name] = _profile(name, body, path, base, servers)
-    return Config(path=path, servers=servers, profiles=profiles, warnings=tuple(warnings))
+    raw_rules = doc.get("guest_credentials", [])
+    if not isinstance(raw_rules, list):
+        raise ConfigError(f"{path}: guest_credentials must be an array of tables ([[...]])")
+    rules = tuple(_rule(i, body, path, base) for i, body in enumerate(raw_rules))
+    return Config(
+        path=path,
+        servers=servers,
+        profiles=profiles,
+        warnings=tuple(warnings),
+        guest_credentials=rules,
+    )
+
+
+def _rule(index: int, raw: Any, path: str, base: str) -> CredentialRule:
+    section = f"guest_credentials #{index + 1}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{_where(path, section)}: must be a table")
+    _refuse_secrets(raw, path, section)
+    _unknown(raw, _RULE_KEYS, path, section)
+    globs = raw.get("vms", [])
+    if isinstance(globs, str):
+        globs = [globs]
+    if not isinstance(globs, list) or not all(isinstance(g, str) and g for g in globs):
+        raise ConfigError(f"{_where(path, section, 'vms')}: must be a list of VM name globs")
+    family = _str(raw, "family", path, section)
+    if family is not None and family.lower() not in FAMILIES:
+        choices = ", ".join(FAMILIES)
+        raise ConfigError(f"{_where(path, section, 'family')}: must be one of {choices}")
+    password_file = _path(raw, "guest_password_file", path, section, base)
+    token_file = _path(raw, "saml_token_file", path, section, base)
+    if bool(password_file) == bool(token_file):
+        raise ConfigError(
+            f"{_where(path, section)}: needs one of guest_password_file or saml_token_file"
+        )
+    user = _str(raw, "guest_user", path, section)
+    if password_file and not user:
+        raise ConfigError(f"{_where(path, section, 'guest_user')}: missing (the guest account)")
+    return CredentialRule(
+        where=_where(path, section),
+        guest_user=user,
+        guest_password_file=password_file,
+        saml_token_file=token_file,
+        vms=tuple(globs),
+        folder=_str(raw, "folder", path, section),
+        family=family.lower() if family else None,
+    )
 
 
 def _refuse_secrets(node: Any, path: str, section: str) -> None:
@@ -369,6 +439,7 @@ __all__ = [
     "SECRET_KEYS",
     "SYSTEM_CONFIG",
     "Config",
+    "CredentialRule",
     "Profile",
     "ServerConfig",
     "default_path",

@@ -9,12 +9,16 @@ and read only here, so that they can be removed from the environment once read.
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import getpass
 import logging
 import os
 import stat
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from .config import CredentialRule
 from .errors import ConfigError
 from .model import CredentialType, GuestCredentials
 
@@ -76,6 +80,57 @@ def guest_credentials(
         password_file, GUEST_PASSWORD_ENV, "guest password", f"Password of guest user {user}: "
     )
     return GuestCredentials(CredentialType.USERNAME_PASSWORD, user_name=user, password=pw)
+
+
+@dataclass(frozen=True)
+class FleetCredential:
+    """A ``[[guest_credentials]]`` rule with its secret read (a fleet mount)."""
+
+    rule: CredentialRule
+    creds: GuestCredentials
+
+    def matches(self, name: str, family: str | None, in_folder: Callable[[str], bool]) -> bool:
+        """All of the rule's tests hold for a VM: a name glob (case-sensitive, as VM
+        names are), the family (unknown matches no rule that names one), the folder."""
+        r = self.rule
+        if r.vms and not any(fnmatch.fnmatchcase(name, g) for g in r.vms):
+            return False
+        if r.family is not None and r.family != family:
+            return False
+        return r.folder is None or in_folder(r.folder)
+
+
+def fleet_credentials(
+    rules: Sequence[CredentialRule],
+    user: str | None = None,
+    password_file: str | None = None,
+    saml_token_file: str | None = None,
+) -> list[FleetCredential]:
+    """The config's rules with their files read (before the fork: an unreadable file is
+    a start-up error, not an EACCES in one VM later), then the command line's account,
+    if given, as a last rule matching every VM. Never the environment or a prompt:
+    one secret typed once must not be sent to every guest of a vCenter."""
+    out = [FleetCredential(r, _rule_credentials(r)) for r in rules]
+    if saml_token_file or (user and password_file):
+        rule = CredentialRule(
+            where="the command line", guest_user=user, guest_password_file=password_file,
+            saml_token_file=saml_token_file,
+        )  # fmt: skip
+        out.append(FleetCredential(rule, _rule_credentials(rule)))
+    return out
+
+
+def _rule_credentials(rule: CredentialRule) -> GuestCredentials:
+    if rule.saml_token_file:
+        token = read_secret_file(rule.saml_token_file, "SAML token")
+        return GuestCredentials(
+            CredentialType.SAML_BEARER_TOKEN, user_name=rule.guest_user, saml_token=token
+        )
+    assert rule.guest_password_file is not None  # the config parser checked it
+    pw = read_secret_file(rule.guest_password_file, "guest password")
+    return GuestCredentials(
+        CredentialType.USERNAME_PASSWORD, user_name=rule.guest_user, password=pw
+    )
 
 
 def forget_secret_environment() -> None:

@@ -376,12 +376,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = s.f_bfree = s.f_bavail = 0
-        s.f_files = s.f_ffree = s.f_favail = 0
-        s.f_namemax = NAME_MAX
-        return s
+        return statfs_data()
 
     # -- directories --------------------------------------------------------------
 
@@ -506,6 +501,16 @@ class Operations(pyfuse3.Operations):
         return list(await self._xattrs(inode))
 
     # Writes never get here: the mount is 'ro', so the kernel answers EROFS itself.
+
+
+def statfs_data() -> pyfuse3.StatvfsData:
+    """``statfs`` of a read-only mount with no size of its own (also the fleet's)."""
+    s = pyfuse3.StatvfsData()
+    s.f_bsize = s.f_frsize = 4096
+    s.f_blocks = s.f_bfree = s.f_bavail = 0
+    s.f_files = s.f_ffree = s.f_favail = 0
+    s.f_namemax = NAME_MAX
+    return s
 
 
 def _show_args(args: Sequence[object]) -> str:

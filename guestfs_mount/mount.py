@@ -30,6 +30,7 @@ from .cache.content import ContentCache, OnStart, Sink, TransferEvent
 from .control import serve_control, socket_path
 from .errors import ConfigError, InvalidArgument, NotFound
 from .evidence.ledger import Ledger, RecordingBackend, transfer_hook
+from .fleet.options import FleetOptions
 from .fs import FsOptions, Operations
 from .meta import MetadataCache
 from .model import DirEntry, FilesystemFamily, FileType, GuestStat, TransferResult
@@ -65,6 +66,7 @@ class MountConfig:
     read_ahead_kb: int = 4096
     debug_fuse: bool = False
     progress: bool = False  # live transfer display (foreground on a terminal)
+    fleet: FleetOptions | None = None  # --all-vms: every VM of the vCenter (``vm`` unused)
 
 
 class _Guest:
@@ -208,6 +210,11 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
     usable; any error before that propagates (the caller reports it)."""
     _no_core_dumps()
     _raise_fd_limit()
+    if cfg.fleet is not None:
+        from .fleet.serve import serve_fleet  # it builds on this module
+
+        await serve_fleet(cfg, ready)
+        return
     async with contextlib.AsyncExitStack() as stack:
         client = await stack.enter_async_context(
             VCenterClient(client_deadlines(cfg.client, cfg.fs.timeout))

@@ -100,6 +100,7 @@ def _tilde(path: str) -> str:
 
 USAGE = """\
 guestfs-mount [OPTIONS] SERVER VM MOUNTPOINT
+       guestfs-mount [OPTIONS] --all-vms SERVER MOUNTPOINT
        guestfs-mount [OPTIONS] --profile NAME MOUNTPOINT
        guestfs-mount [OPTIONS] PROFILE MOUNTPOINT [-o OPT[=VAL],...]
        guestfs-mount status [--json] [MOUNTPOINT]
@@ -332,5 +333,56 @@ def build_parser() -> argparse.ArgumentParser:
         version=f"%(prog)s {__version__}",
         help="print the version and exit",
     )
+    _add_fleet_options(p)
     add_case_options(p)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r} out of range (1 to 100000)")
+    return value
+
+
+def _add_fleet_options(p: argparse.ArgumentParser) -> None:
+    f = p.add_argument_group("the whole vCenter (--all-vms)")
+    f.add_argument(
+        "--all-vms",
+        action="store_true",
+        help="mount every VM of SERVER: one directory per VM (give SERVER MOUNTPOINT only)",
+    )
+    f.add_argument(
+        "--vms",
+        metavar="GLOB",
+        type=_text,
+        action="append",
+        help="only VMs whose name matches this glob (repeatable: any of them)",
+    )
+    f.add_argument(
+        "--folder",
+        metavar="PATH",
+        type=_text,
+        help="only VMs in this VM folder (prod/web) and the folders below it",
+    )
+    f.add_argument(
+        "--vm-filter",
+        choices=("powered-on", "all"),
+        help="powered-on (default): hide VMs that cannot answer; all: show them too",
+    )
+    f.add_argument(
+        "--inventory-ttl",
+        type=_seconds(0.0, inclusive=False),
+        metavar="SECONDS",
+        help="how long one listing of the VMs is shown before vCenter is asked again"
+        " (default: 60)",
+    )
+    f.add_argument(
+        "--max-guest-ops",
+        type=_positive_int,
+        metavar="N",
+        help="most guest operations and transfers in flight over all VMs (default: 64)",
+    )

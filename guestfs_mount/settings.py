@@ -26,10 +26,17 @@ from .config import (
     load_config,
     resolve_path,
 )
-from .credentials import forget_secret_environment, guest_credentials, vcenter_password
+from .credentials import (
+    fleet_credentials,
+    forget_secret_environment,
+    guest_credentials,
+    vcenter_password,
+)
 from .errors import ConfigError
 from .evidence.command import CASE_DEFAULTS, case_metadata
+from .fleet.options import FleetOptions
 from .fs import FsOptions
+from .model import CredentialType, GuestCredentials
 from .mount import MountConfig
 from .mountpoint import check_mountpoint
 from .options import build_parser
@@ -72,6 +79,12 @@ DEFAULTS: dict[str, Any] = {
     "debug": False,
     "log_file": None,
     "audit_log": None,
+    "all_vms": False,
+    "vms": [],
+    "folder": None,
+    "vm_filter": "powered-on",
+    "inventory_ttl": 60.0,
+    "max_guest_ops": 64,
     **CASE_DEFAULTS,
 }
 # Options whose value is a local path: "~" is expanded, and relative paths are made
@@ -89,7 +102,7 @@ _PATH_OPTIONS = frozenset(
         "audit_log",
     }
 )
-_LIST_OPTIONS = frozenset({"thumbprint", "esx_host"})
+_LIST_OPTIONS = frozenset({"thumbprint", "esx_host", "vms"})
 # Long options that make no sense in a profile's options or in -o.
 _NOT_SETTINGS = frozenset({"help", "version", "profile"})
 
@@ -264,7 +277,11 @@ def resolve_args(
     _merge(cli, _absolute_paths(given))  # long options win over -o
 
     profile_name: str | None = cli.pop("profile", None)
-    if profile_name is not None:
+    if cli.get("all_vms"):
+        if profile_name is not None or len(positionals) != 2:
+            parser.error("with --all-vms give SERVER MOUNTPOINT (no VM, no profile)")
+        (server_arg, mountpoint), vm_arg = positionals, "*"
+    elif profile_name is not None:
         if len(positionals) != 1:
             parser.error("with --profile give only the MOUNTPOINT")
         server_arg, vm_arg, (mountpoint,) = None, None, positionals
@@ -337,7 +354,12 @@ def build_config(args: argparse.Namespace) -> MountConfig:
     if not args.user:
         raise ConfigError("no vCenter user: use --user, a server's user or $GUESTFS_USER")
     password = vcenter_password(args.user, args.password_file)
-    guest = guest_credentials(args.guest_user, args.guest_password_file, args.saml_token_file)
+    fleet = None
+    if args.all_vms:
+        fleet = _fleet_options(args)
+        guest = GuestCredentials(CredentialType.USERNAME_PASSWORD)  # each VM has its own
+    else:
+        guest = guest_credentials(args.guest_user, args.guest_password_file, args.saml_token_file)
     forget_secret_environment()
     if args.insecure:
         log.warning("--insecure: TLS certificates and transfer hosts are NOT verified")
@@ -355,6 +377,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         esx_hosts=tuple(args.esx_host),
         api=args.api,
         guest_ops=max(1, args.guest_ops),
+        max_guest_ops=args.max_guest_ops if fleet is not None else None,
         debug=args.debug,
     )  # its deadlines are derived from --timeout by the mount (mount.client_deadlines)
     fs = FsOptions(
@@ -383,4 +406,26 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         # live transfer display: only for a person watching a terminal
         progress=bool(args.foreground and not args.log_file and sys.stderr.isatty()),
         case=case_metadata(args),
+        fleet=fleet,
+    )
+
+
+def _fleet_options(args: argparse.Namespace) -> FleetOptions:
+    """--all-vms: the credential rules of the config file (read now, before the fork),
+    then the command line's guest account if given, as the last rule."""
+    rules = load_config(args.config).guest_credentials if args.config else ()
+    creds = fleet_credentials(
+        rules, args.guest_user, args.guest_password_file, args.saml_token_file
+    )
+    if not creds:
+        raise ConfigError(
+            "--all-vms: no guest account: add [[guest_credentials]] rules to the config file"
+            " (or give --guest-user with --guest-password-file)"
+        )
+    return FleetOptions(
+        vm_globs=tuple(args.vms),
+        folder=args.folder,
+        powered_on=args.vm_filter == "powered-on",
+        inventory_ttl=args.inventory_ttl,
+        credentials=tuple(creds),
     )

@@ -131,6 +131,33 @@ def _transfer_rows(transfers: Sequence[Any]) -> list[str]:
     return ["  ".join(row).rstrip() for row in cells]
 
 
+def _fleet_fields(fleet: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """A fleet mount (``--all-vms``): one summary line, and a row per VM that was used
+    (untouched VMs are only counted: a vCenter can hold thousands)."""
+    vms = [v for v in fleet.get("vms", []) if isinstance(v, Mapping)]
+    states: dict[str, int] = {}
+    for v in vms:
+        state = str(v.get("state", "?"))
+        states[state] = states.get(state, 0) + 1
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    line = f"{_plural(len(vms), 'VM')} ({summary or 'none'})"
+    if fleet.get("inventory_error"):
+        line += f"; last inventory listing failed: {one_line(str(fleet['inventory_error']))}"
+    rows = []
+    for v in vms:
+        if v.get("state") == "untouched":
+            continue
+        who = f"{one_line(str(v.get('dir', '?')))} ({one_line(str(v.get('vm', '?')))})"
+        if v.get("state") == "ready":
+            roots = ", ".join(one_line(str(r)) for r in v.get("roots") or [])
+            user = one_line(str(v.get("guest_user") or "?"))
+            rows.append(f"{who}: ready, {roots} as {user}")
+        else:
+            err = one_line(str(v.get("error") or "?"))
+            rows.append(f"{who}: {one_line(str(v.get('errno') or 'failed'))}: {err}")
+    return line, rows
+
+
 def render(doc: Mapping[str, Any], now: float | None = None) -> str:
     """One mount's status document, for a person."""
     now = time.time() if now is None else now
@@ -150,12 +177,20 @@ def render(doc: Mapping[str, Any], now: float | None = None) -> str:
         ("api", _api_line(_dict(doc, "api"))),
         ("metadata", _metadata_line(_dict(doc, "metadata"))),
     ]  # fmt: skip
+    fleet = doc.get("fleet")
+    vm_rows: list[str] = []
+    if isinstance(fleet, Mapping):
+        line, vm_rows = _fleet_fields(fleet)
+        fields[:2] = [("vms", f"{line} on {one_line(str(doc.get('vcenter', '?')))}")]
     transfers = doc.get("transfers")
     rows = _transfer_rows(transfers if isinstance(transfers, list) else [])
     fields.append(("transfers", f"{len(rows)} in flight" if rows else "none in flight"))
     width = max(len(name) for name, _ in fields)
     lines = [one_line(str(doc.get("mountpoint", "?")))]
-    lines += [f"  {name.ljust(width)}  {value}" for name, value in fields]
+    for name, value in fields:
+        lines.append(f"  {name.ljust(width)}  {value}")
+        if name == "vms":
+            lines += [f"    {row}" for row in vm_rows]
     lines += [f"    {row}" for row in rows]
     return "\n".join(lines)
 

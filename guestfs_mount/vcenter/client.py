@@ -10,6 +10,7 @@ operation and guest path and never contains a password, session id or URL token.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -23,9 +24,16 @@ import httpx
 import trio
 
 from guestfs_mount.errors import NotAllowedInCurrentState, ProtocolError, UnsafeTransferUrl
-from guestfs_mount.model import DirEntry, FileType, GuestStat, TransferResult, VmInfo
+from guestfs_mount.model import (
+    DirEntry,
+    FileType,
+    GuestCredentials,
+    GuestStat,
+    TransferResult,
+    VmInfo,
+)
 
-from . import probe
+from . import guestauth, probe
 from .rest import RestTransport
 from .retry import is_retryable, retry_call
 from .scheduler import Scheduler
@@ -73,6 +81,12 @@ class VCenterClient:
         self._choose_lock: trio.Lock | None = None
         # Every guest operation of a VM passes its lane (one channel per VM in the guest).
         self.scheduler = Scheduler(config.guest_ops, clock=self.http.clock)
+        # A fleet mount: each VM's own guest account, and one cap over all VMs' guest
+        # calls and transfers (a FIFO semaphore: VMs are served in turn, each bounded
+        # by its lane).
+        self._vm_guest: dict[str, GuestCredentials] = {}
+        self._cap = trio.Semaphore(config.max_guest_ops) if config.max_guest_ops else None
+        self._inventory: RestTransport | None = None
 
     # --- properties / lifecycle -------------------------------------------------------
 
@@ -121,6 +135,9 @@ class VCenterClient:
             if t is not None:
                 with trio.move_on_after(min(5.0, self.config.call_timeout)):
                     await t.logout()
+            if self._inventory is not None:
+                with trio.move_on_after(min(5.0, self.config.call_timeout)):
+                    await self._inventory.logout()
         finally:
             self._body_pool.close()
             await self.http.aclose()
@@ -132,7 +149,26 @@ class VCenterClient:
         for slot_owner in (t, getattr(t, "lookup", None)):
             slot = getattr(slot_owner, "slot", None)
             tokens.append(getattr(slot, "token", None))
-        return (self.config.password, g.password, g.saml_token, *tokens)
+        vms = [s for c in self._vm_guest.values() for s in (c.password, c.saml_token)]
+        return (self.config.password, g.password, g.saml_token, *tokens, *vms)
+
+    def set_guest_credentials(self, vm: str, creds: GuestCredentials) -> None:
+        """Use ``creds`` for the guest operations of ``vm`` (a fleet mount)."""
+        self._vm_guest[vm] = creds
+
+    def _capped(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return self._cap if self._cap is not None else contextlib.nullcontext()
+
+    async def inventory_transport(self) -> RestTransport:
+        """The REST transport for inventory calls: the client's own when it has one
+        (REST, or the look-up side of a vim25 transport), else one of its own."""
+        t = await self.transport()
+        for candidate in (t, getattr(t, "lookup", None)):
+            if isinstance(candidate, RestTransport):
+                return candidate
+        if self._inventory is None:
+            self._inventory = RestTransport(self.http)
+        return self._inventory
 
     def _counting(self) -> ErrorCounter:
         return ErrorCounter(self.stats)
@@ -156,11 +192,18 @@ class VCenterClient:
         halves the lane's limit and is retried a few times after a back-off: the same
         error also means "VM off", which must not wait out the whole retry budget."""
         lane = self.scheduler.lane(vm)
+        creds = self._vm_guest.get(vm)
         attempt = 0
         while True:
             try:
-                async with lane.slot():
-                    return await fn()
+                async with lane.slot(), self._capped():
+                    if creds is None:
+                        return await fn()
+                    token = guestauth.current.set(creds)
+                    try:
+                        return await fn()
+                    finally:
+                        guestauth.current.reset(token)
             except NotAllowedInCurrentState:
                 if attempt >= _REJECTION_RETRIES:
                     raise
@@ -376,7 +419,8 @@ class VCenterClient:
             started[0] = True
             self.stats.bytes_downloaded += n
 
-        await fetch_body(body, sink, self.http.breaker(where), on_data)
+        async with self._capped():
+            await fetch_body(body, sink, self.http.breaker(where), on_data)
         if cfg.debug:
             log.debug("GET %s 200 %.1fms", redact_url(url), (time.perf_counter() - t0) * 1e3)
         return body

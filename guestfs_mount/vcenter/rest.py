@@ -31,6 +31,7 @@ from guestfs_mount.errors import (
 from guestfs_mount.model import GuestStat, PowerState, VmInfo
 
 from . import parse
+from .guestauth import guest_credentials
 from .session import Http, NoSuchOperation, Reply, SessionSlot, show
 from .transport import OpenedTransfer, Page
 
@@ -198,7 +199,7 @@ class RestTransport:
                 # refused guest credentials. Right after a login, or while the session
                 # still answers GET /api/session, it is the guest account.
                 if guest and (relogged or await self._session_alive(gen)):
-                    user = self.http.config.guest.user_name or "(default user)"
+                    user = guest_credentials(self.http.config).user_name or "(default user)"
                     raise GuestAuthFailed(
                         f"guest login as {user} refused by {desc.split(' on ', 1)[-1]}:"
                         f" {_server_text(err)}",
@@ -264,7 +265,7 @@ class RestTransport:
     # --- files ------------------------------------------------------------------------
 
     def _creds(self) -> dict[str, object]:
-        return self.http.config.guest.to_json()
+        return guest_credentials(self.http.config).to_json()
 
     async def list_page(self, vm: str, path: str, index: int, size: int) -> Page:
         desc = f"list {show(path)} on VM {vm}"

@@ -122,6 +122,9 @@ class ClientConfig:
     # Most guest operations in flight per VM (--guest-ops): 1 + control delay / service
     # time keeps a one-at-a-time guest busy (~8 at 80 ms over ~10 ms); the lane adapts below it.
     guest_ops: int = 8
+    # Most guest operations and transfers in flight over all VMs (a fleet mount's
+    # --max-guest-ops); None: no cap beyond each VM's lane.
+    max_guest_ops: int | None = None
     debug: bool = False
     # --- tuning knobs (defaults are fine; tests shrink them) ---
     list_deadline: float = 600.0  # one list_dir may not run longer

@@ -37,6 +37,7 @@ from guestfs_mount.errors import (
 from guestfs_mount.model import GuestStat, PowerState, VmInfo
 
 from . import vim
+from .guestauth import guest_credentials
 from .rest import RestTransport
 from .session import Http, NoSuchOperation, Reply, SessionSlot, show
 from .transport import OpenedTransfer, Page
@@ -411,7 +412,7 @@ class SoapTransport:
         )
         args = [
             ("vm", _moref("VirtualMachine", vm)),
-            ("auth", vim.guest_auth(self.http.config.guest)),
+            ("auth", vim.guest_auth(guest_credentials(self.http.config))),
             *extra.items(),
         ]
         return await self.call(method, this, args, desc=desc, guest_path=guest_path, retry=retry)

@@ -30,6 +30,7 @@ from guestfs_mount.errors import (
 from guestfs_mount.model import GuestStat, VmInfo
 
 from . import vim
+from .guestauth import guest_credentials
 from .parse import decode_json
 from .rest import RestTransport
 from .session import Http, NoSuchOperation, Reply, SessionSlot, show
@@ -256,7 +257,7 @@ class ViJsonTransport:
         mo_type, moid = ("GuestFileManager", fm) if manager == "file" else ("GuestAuthManager", am)
         body = {
             "vm": _moref("VirtualMachine", vm),
-            "auth": vim.guest_auth(self.http.config.guest),
+            "auth": vim.guest_auth(guest_credentials(self.http.config)),
             **extra,
         }
         return await self.call(

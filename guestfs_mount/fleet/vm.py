@@ -1,0 +1,313 @@
+"""One VM of a fleet mount: its single-VM machinery, built on first use, or why not.
+
+Nothing here runs before a program looks inside the VM's directory: then the VM is
+*opened* once (its guest family from vCenter, the first credential rule that matches,
+power and Tools state, a stat of the guest root proving the login), and from then on
+it has what a single-VM mount has: a ``_Guest`` binding, a metadata cache, read-ahead
+and an ``fs.Operations`` per guest root (Linux ``/``; Windows one per drive letter),
+all sharing the fleet's content cache, client and nursery. A VM that cannot be opened
+keeps the reason (:class:`VmUnavailable`, with the errno the kernel is given): a
+refused login for the life of the mount, anything else for ``retry_after`` seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import string
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from ..cache.content import ContentCache, ContentKey
+from ..errors import (
+    CircuitOpen,
+    GuestAuthFailed,
+    GuestfsError,
+    InvalidArgument,
+    NotAllowedInCurrentState,
+    NotFound,
+    ServiceUnavailable,
+    Unauthenticated,
+    Unauthorized,
+)
+from ..fs import FsOptions, Operations
+from ..meta import MetadataCache
+from ..model import FilesystemFamily, FileType, GuestStat
+from ..paths import PosixPaths, WindowsPaths
+from ..vcenter.client import VCenterClient
+from ..vcenter.inventory import family_of
+from .options import FleetOptions
+from .space import InodeSpace, VmInodes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FleetVm", "VmContent", "VmUnavailable", "content_path", "split_content_path"]
+
+_SEP = "\0"  # between VM id and guest path in a shared-cache key: no guest path holds NUL
+
+
+def content_path(vm: str, path: str) -> str:
+    return f"{vm}{_SEP}{path}"
+
+
+def split_content_path(key_path: str) -> tuple[str, str]:
+    vm, sep, path = key_path.partition(_SEP)
+    if not sep:
+        raise ValueError(f"not a fleet cache key: {key_path!r}")
+    return vm, path
+
+
+class VmUnavailable(GuestfsError):
+    """A VM that cannot be read now; ``errno`` is what its directory answers."""
+
+    def __init__(self, message: str, err: int) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+@dataclass
+class _Failure:
+    error: VmUnavailable
+    until: float  # trio.current_time(); inf: for the life of the mount
+
+
+class VmContent:
+    """The shared content cache as one VM (root) sees it: the keys it is given are
+    that VM's guest paths; the cache's are prefixed with the VM id, so two VMs' equal
+    files (same path, size and mtime) never share an entry."""
+
+    def __init__(self, cache: ContentCache, vm: str) -> None:
+        self._cache = cache
+        self._vm = vm
+        self.version_listener: Callable[[ContentKey, ContentKey, GuestStat | None], None] | None = (
+            None
+        )
+
+    def _key(self, key: ContentKey) -> ContentKey:
+        return ContentKey(content_path(self._vm, key.path), key.size, key.mtime_ns)
+
+    async def open(self, key: ContentKey) -> int:
+        return await self._cache.open(self._key(key))
+
+    async def started(self, handle: int) -> None:
+        await self._cache.started(handle)
+
+    async def read(self, handle: int, offset: int, size: int) -> bytes:
+        return await self._cache.read(handle, offset, size)
+
+    def release(self, handle: int) -> None:
+        self._cache.release(handle)
+
+    def sha256(self, key: ContentKey) -> str | None:
+        return self._cache.sha256(self._key(key))
+
+    def transfer_time(self, key: ContentKey) -> float | None:
+        return self._cache.transfer_time(self._key(key))
+
+    async def prefetch(self, key: ContentKey) -> bool:
+        return await self._cache.prefetch(self._key(key))
+
+
+@dataclass
+class FleetContext:
+    """What every VM of the mount shares."""
+
+    client: VCenterClient
+    content: ContentCache
+    nursery: trio.Nursery
+    space: InodeSpace
+    fs: FsOptions
+    options: FleetOptions
+    metadata_ttl: float
+    frozen: bool
+    in_folder: Callable[[str, str], bool]  # (vm id, folder path) -> member?
+    guest_factory: Callable[[VCenterClient, str, PosixPaths], object] = field(repr=False)
+
+
+def _classify(exc: BaseException, vm: str) -> VmUnavailable:
+    text = str(exc)
+    if isinstance(exc, (GuestAuthFailed, Unauthenticated, Unauthorized)):
+        return VmUnavailable(f"guest login refused: {text}", errno.EACCES)
+    if isinstance(exc, (NotAllowedInCurrentState, ServiceUnavailable, CircuitOpen)):
+        return VmUnavailable(text, errno.EHOSTDOWN)
+    if isinstance(exc, trio.TooSlowError):
+        return VmUnavailable(f"VM {vm}: no answer while opening it", errno.EIO)
+    return VmUnavailable(text or type(exc).__name__, errno.EIO)
+
+
+class FleetVm:
+    def __init__(self, ctx: FleetContext, vm: str, name: str, dirname: str) -> None:
+        self.ctx = ctx
+        self.vm = vm
+        self.name = name  # as vCenter has it (guest-controlled: escape before showing)
+        self.dirname = dirname
+        self.dir_ino = ctx.space.inode(vm, "")
+        self.family: str | None = None
+        self.windows = False
+        self.user: str | None = None
+        self.roots: dict[str, Operations] = {}  # guest root ("/", "C:\\") -> its operations
+        self.meta: MetadataCache | None = None
+        self.guest: object | None = None
+        self.failure: _Failure | None = None
+        self.opened_at: float | None = None
+        self._lock = trio.Lock()
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.roots:
+            return "ready"
+        if self.failure is not None:
+            return "failed"
+        return "untouched"
+
+    def error(self) -> VmUnavailable | None:
+        return self.failure.error if self.failure is not None else None
+
+    def snapshot(self) -> dict[str, object]:
+        err = self.error()
+        return {
+            "dir": self.dirname,
+            "vm": self.vm,
+            "name": self.name,
+            "state": self.state,
+            "family": self.family,
+            "guest_user": self.user,
+            "roots": sorted(self.roots),
+            "error": str(err) if err is not None else None,
+            "errno": errno.errorcode.get(err.errno) if err is not None else None,
+            "metadata": dict(self.meta.counters) if self.meta is not None else None,
+        }
+
+    # -- opening ---------------------------------------------------------------------
+
+    async def ready(self) -> None:
+        """Open the VM unless it is open; raise its :class:`VmUnavailable` if it cannot
+        be (remembered, so a burst of lookups costs one attempt)."""
+        if self.roots:
+            return
+        async with self._lock:
+            if self.roots:
+                return
+            f = self.failure
+            if f is not None and trio.current_time() < f.until:
+                raise f.error
+            try:
+                with trio.fail_after(self.ctx.fs.timeout * 0.9):
+                    await self._open()
+            except VmUnavailable as exc:
+                self._fail(exc, math.inf if exc.errno == errno.EACCES else None)
+                raise
+            except (GuestfsError, trio.TooSlowError) as exc:
+                err = _classify(exc, self.vm)
+                self._fail(err, math.inf if err.errno == errno.EACCES else None)
+                raise err from exc
+            self.failure = None
+            self.opened_at = trio.current_time()
+
+    def _fail(self, err: VmUnavailable, until: float | None) -> None:
+        when = until if until is not None else trio.current_time() + self.ctx.options.retry_after
+        self.failure = _Failure(err, when)
+        log.warning("VM %s (%s): %s", self.dirname, self.vm, err)
+
+    async def _open(self) -> None:
+        ctx = self.ctx
+        client = ctx.client
+        if self.family is None:
+            self.family = await family_of(await client.inventory_transport(), self.vm)
+        match = next(
+            (
+                c
+                for c in ctx.options.credentials
+                if c.matches(self.name, self.family, lambda f: ctx.in_folder(self.vm, f))
+            ),
+            None,
+        )
+        if match is None:
+            raise VmUnavailable(
+                f"no [[guest_credentials]] rule matches VM {self.vm}"
+                f" (family {self.family or 'unknown'})",
+                errno.EACCES,
+            )
+        self.user = match.creds.user_name
+        client.set_guest_credentials(self.vm, match.creds)
+        await client.check_guest_ready(self.vm)
+        root, st = await self._stat_root()
+        self.windows = st.family is FilesystemFamily.WINDOWS or root != "/"
+        paths: PosixPaths = WindowsPaths() if self.windows else PosixPaths()
+        guest = ctx.guest_factory(client, self.vm, paths)
+        meta = MetadataCache(
+            guest,  # type: ignore[arg-type]  # mount._Guest: a GuestBackend
+            nursery=ctx.nursery,
+            ttl=ctx.metadata_ttl,
+            negative_ttl=ctx.fs.negative_ttl,
+            frozen=ctx.frozen,
+            paths=paths,
+            stat_by_listing=client.transport_name in ("vi-json", "soap"),
+        )
+        guest.on_stat = meta.seed  # type: ignore[attr-defined]
+        self.guest, self.meta = guest, meta
+        meta.seed(root, st)
+        self._add_root(root)
+
+    async def _stat_root(self) -> tuple[str, GuestStat]:
+        client = self.ctx.client
+        first = "C:\\" if self.family == "windows" else "/"
+        try:
+            st = await client.stat(self.vm, first)
+            root = first
+        except (NotFound, InvalidArgument):
+            if self.family is not None:
+                raise
+            # vCenter could not tell the family: a Windows guest has no "/".
+            root = "C:\\"
+            st = await client.stat(self.vm, root)
+        if st.type is not FileType.DIRECTORY:
+            raise VmUnavailable(
+                f"guest root {root!r} of VM {self.vm} is not a directory", errno.EIO
+            )
+        return root, st
+
+    def _add_root(self, root: str) -> Operations:
+        ctx = self.ctx
+        assert self.meta is not None
+        view = VmContent(ctx.content, self.vm)
+        ops = Operations(
+            self.meta, view, ctx.fs, root=root, paths=self.meta.paths, nursery=ctx.nursery
+        )
+        ops.inodes = VmInodes(ctx.space, self.vm)
+        if not self.windows:
+            ctx.space.alias(self.vm, root, self.dir_ino)  # the VM's directory is its "/"
+        ops.initialized.set()  # the fleet answers INIT; nothing per VM waits for it
+        self.roots[root] = ops
+        return ops
+
+    # -- Windows drives ----------------------------------------------------------------
+
+    def drive_letters(self) -> list[str]:
+        return sorted(r[0] for r in self.roots)
+
+    async def drive(self, letter: str) -> Operations:
+        """The operations of drive ``letter`` (``C``), opened once its root stats."""
+        letter = letter.upper()
+        if len(letter) != 1 or letter not in string.ascii_uppercase:
+            raise NotFound(f"{letter!r} is not a drive letter")
+        root = f"{letter}:\\"
+        ops = self.roots.get(root)
+        if ops is not None:
+            return ops
+        assert self.meta is not None
+        st = await self.meta.stat(root)
+        if st.type is not FileType.DIRECTORY:
+            raise NotFound(f"drive {root} of VM {self.vm}")
+        return self.roots.get(root) or self._add_root(root)
+
+    def ops_for(self, path: str) -> Operations | None:
+        """The operations serving guest ``path`` of this VM."""
+        if not self.windows:
+            return self.roots.get("/")
+        return self.roots.get(path[:1].upper() + ":\\")
