@@ -44,6 +44,7 @@ class Request:
     deadline: float
     size: int
     expired: bool  # joined a chain whose deadline had passed: GRACE only
+    chain: int  # which chain: one that ended while this waited no longer counts it
     seq: int  # the chain's request count when this one began
     alone: bool  # no other request of the chain was waiting when it began
 
@@ -59,21 +60,25 @@ class ReadChain:
         self._pending = 0
         self._ended = 0.0
         self._seq = 0
+        self._id = 0
 
     def begin(self, off: int, size: int, now: float) -> Request:
         follows = self._pending > 0 or now - self._ended <= GAP
         if not (self._open and follows and self._lo <= off <= self._hi):
             self._open, self._deadline = True, now + self.timeout
             self._lo, self._hi, self._pending, self._seq = off, off + size, 0, 0
+            self._id += 1
         self._hi = max(self._hi, off + size)
         alone = self._pending == 0
         self._pending += 1
         self._seq += 1
         if self._deadline > now:
-            return Request(self._deadline, size, False, self._seq, alone)
-        return Request(now + min(GRACE, self.timeout), size, True, self._seq, alone)
+            return Request(self._deadline, size, False, self._id, self._seq, alone)
+        return Request(now + min(GRACE, self.timeout), size, True, self._id, self._seq, alone)
 
     def end(self, req: Request, outcome: Outcome, now: float) -> None:
+        if req.chain != self._id:
+            return  # another reader of this open file (a fork, mmap) started a new chain
         self._pending -= 1
         self._ended = now
         if outcome is Outcome.OK:

@@ -66,3 +66,12 @@ def test_a_read_elsewhere_in_the_file_starts_a_new_chain() -> None:
     c2 = ReadChain(T)
     c2.begin(10 * PAGE, PAGE, now=0.0)
     assert c2.begin(0, PAGE, now=0.5).deadline == 0.5 + T  # before the chain: another reader
+
+
+def test_a_request_of_an_older_chain_does_not_disturb_the_new_one() -> None:
+    c = ReadChain(T)
+    old = c.begin(0, PAGE, now=0.0)
+    new = c.begin(100 * PAGE, PAGE, now=0.1)  # a second reader of the same open file
+    c.end(old, Outcome.ERROR, now=0.2)
+    joined = c.begin(101 * PAGE, PAGE, now=0.25)  # while `new` waits: same chain
+    assert joined.deadline == new.deadline == 0.1 + T
