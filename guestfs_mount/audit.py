@@ -20,7 +20,9 @@ from datetime import datetime, timezone
 
 from . import __version__
 from .cache.content import TransferEvent
-from .evidence.chain import END, HEADER, TRANSFER, ChainWriter, open_log
+from .evidence.chain import END, HEADER, TRANSFER, ChainWriter
+from .evidence.ledger import path_b64
+from .safefile import open_append
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,8 @@ class AuditLog:
     def __init__(
         self, path: str, *, vcenter: str, vm: str, vm_name: str, case: dict[str, str] | None = None
     ) -> None:
-        self._fd = open_log(path)
+        # Never through a planted symlink, nor into another user's file (ConfigError).
+        self._fd = open_append(path, "audit log")
         self._static = {"vcenter": vcenter, "vm": vm, "vm_name": vm_name}
         self._chain = ChainWriter()
         self.chain_id = self._chain.chain_id
@@ -66,6 +69,9 @@ class AuditLog:
             # Fetched ahead of a sequential directory read, not by an open (--no-prefetch).
             "prefetch": ev.prefetch,
         }
+        exact = path_b64(ev.key.path)
+        if exact is not None:
+            line["path_b64"] = exact
         if ev.seen is not None:
             # The file changed between the stat the kernel was shown and the transfer:
             # what was fetched (size/mtime above) and what had been seen.

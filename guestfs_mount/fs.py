@@ -41,6 +41,7 @@ from .paths import (
     rewrite_symlink,
 )
 from .readahead import Prefetcher, ReadAhead
+from .readdeadline import Outcome, ReadChain
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class FsOptions:
 class _OpenFile:
     key: ContentKey
     handle: int | None  # None: an empty file, nothing to download
+    # The requests of one read(2) share one --timeout (see readdeadline).
+    reads: ReadChain
 
 
 P = ParamSpec("P")
@@ -437,7 +440,7 @@ class Operations(pyfuse3.Operations):
                 key = ContentKey(path, now.size, now.mtime_ns)
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = _OpenFile(key, handle)
+        self._files[fh] = _OpenFile(key, handle, ReadChain(self.opts.timeout))
         # Pages cached by the kernel stay valid only while the version is the same.
         keep = self._last_key.get(inode) == key
         self._last_key[inode] = key
@@ -451,8 +454,23 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if f.handle is None:
             return b""
-        # The cache knows the length of the version fetched, which may not be f.key's.
-        return await self.content.read(f.handle, off, size)
+        req = f.reads.begin(off, size, trio.current_time())
+        outcome = Outcome.ERROR
+        try:
+            # TooSlowError becomes ETIMEDOUT in _handler, as for its own deadline.
+            with trio.fail_at(req.deadline):
+                # The cache knows the length of the version fetched, which may not be f.key's.
+                data = await self.content.read(f.handle, off, size)
+            outcome = Outcome.OK
+            return data
+        except BaseException:
+            # Ours or _handler's (the same instant for a fresh chain) deadline: TooSlowError
+            # or Cancelled, whichever scope caught it.
+            if trio.current_time() >= req.deadline:
+                outcome = Outcome.TIMEOUT
+            raise
+        finally:
+            f.reads.end(req, outcome, trio.current_time())
 
     @_handler
     async def release(self, fh: int) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -149,7 +148,3 @@ def report(path: str, verdict: Verdict) -> tuple[str, int]:
         out.append(f"{path}: FAILED: {len(verdict.problems)} problem(s)")
     return "\n".join(out), 0 if verdict.ok else 1
 
-
-def open_log(path: str) -> int:
-    """The audit log opened for appending: created 0600, never truncated."""
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -4,8 +4,10 @@
   absolute paths on the mount, as hashdeep prints them.
 * bodyfile (Sleuth Kit 3.x): ``mactime -b FILE`` makes the timeline; names are guest
   paths, fields the guest does not report are 0.
-* DFXML 1.1.1, written with ElementTree (no maintained DFXML writer is on PyPI).
-* jsonl: one JSON object per record, exact (guest bytes as ``\\udcXX`` escapes).
+* DFXML 1.1.1, written with ElementTree (no maintained DFXML writer is on PyPI); a name
+  that is not UTF-8 also as ``gm:filename_b64``.
+* jsonl: one JSON object per record, exact (guest bytes as ``\\udcXX`` escapes, which
+  jq shows as U+FFFD: such a name also as ``guest_path_b64``).
 
 Every writer takes a ``Context`` (case metadata, the mount, this program) and writes bytes:
 guest names need not be UTF-8, and each format keeps (or visibly escapes) their bytes.
@@ -224,6 +226,9 @@ def write_dfxml(
             _sub(fo, "hashdigest", rec["sha256"]).set("type", "SHA256")
         if rec["fetched"] is not None:
             _sub(fo, "fetched", _iso(rec["fetched"]), ns=GM_NS)
+        if rec.get("guest_path_b64"):
+            # filename shows undecodable bytes as \xNN, like a name that has those 4 chars.
+            _sub(fo, "filename_b64", rec["guest_path_b64"], ns=GM_NS)
         n += 1
     ET.indent(root)
     ET.ElementTree(root).write(out, encoding="UTF-8", xml_declaration=True)

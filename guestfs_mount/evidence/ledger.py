@@ -9,6 +9,7 @@ are counted as dropped and every export says so.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import stat as statmod
 from collections.abc import Callable, Iterator
@@ -27,6 +28,24 @@ _KIND = {
     FileType.DIRECTORY: statmod.S_IFDIR,
     FileType.SYMLINK: statmod.S_IFLNK,
 }
+
+
+def path_b64(path: str) -> str | None:
+    """The guest bytes of a path that is not valid UTF-8, in base64; None for one that is.
+
+    Such a path holds lone surrogates (``os.fsdecode``'s escapes of the raw bytes), which
+    JSON writes as ``\\udcXX`` and most tools (jq, browsers) show as U+FFFD: two paths
+    that differ only in those bytes would look alike. This form tells them apart."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        # surrogatepass: a Windows name may hold an unpaired UTF-16 half, not a raw byte.
+        try:
+            raw = path.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = path.encode("utf-8", "surrogatepass")
+        return base64.b64encode(raw).decode("ascii")
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +133,9 @@ def record(path: str, rel: str, st: GuestStat, hashes: Hashes | None) -> dict[st
         "md5": None,
         "fetched": None,
     }
+    exact = path_b64(path)
+    if exact is not None:
+        rec["guest_path_b64"] = exact
     if st.type is FileType.FILE:
         if st.size == 0:
             # Nothing to transfer: the digest of no bytes is not an invented one.
