@@ -23,7 +23,7 @@ import httpx
 import trio
 
 from guestfs_mount.errors import NotAllowedInCurrentState, ProtocolError, UnsafeTransferUrl
-from guestfs_mount.model import DirEntry, FileType, GuestStat, TransferResult, VmInfo
+from guestfs_mount.model import BodyWriter, DirEntry, FileType, GuestStat, TransferResult, VmInfo
 
 from . import probe
 from .rest import RestTransport
@@ -272,10 +272,11 @@ class VCenterClient:
         vm: str,
         path: str,
         expected_size: int,
-        sink: Callable[[bytes], Awaitable[None]],
+        writer: BodyWriter,
         on_start: Callable[[int, GuestStat | None], None] | None = None,
     ) -> TransferResult:
-        """Fetch a whole guest file into ``sink``; retried only until the first byte.
+        """Fetch a whole guest file into ``writer`` (its ``write`` runs in the transfer's
+        worker thread); retried only until the first byte.
 
         ``on_start(size, stat)`` runs on the event loop before the first byte: the body's
         real length (the stat returned with the URL, else the Content-Length; it differs
@@ -304,7 +305,7 @@ class VCenterClient:
                         on_start(n, known[0])
 
                 body = await self._fetch(
-                    opened.url, vm, path, size, sink, started, strict=exact, on_start=start,
+                    opened.url, vm, path, size, writer, started, strict=exact, on_start=start,
                     confirm_length=confirm,
                 )  # fmt: skip
                 return body, dataclasses.replace(opened, stat=known[0])
@@ -335,7 +336,7 @@ class VCenterClient:
         vm: str,
         path: str,
         expected: int,
-        sink: Callable[[bytes], Awaitable[None]],
+        writer: BodyWriter,
         started: list[bool],
         *,
         strict: bool = True,
@@ -374,7 +375,7 @@ class VCenterClient:
             started[0] = True
             self.stats.bytes_downloaded += n
 
-        await fetch_body(body, sink, self.http.breaker(where), on_data)
+        await fetch_body(body, writer, self.http.breaker(where), on_data)
         if cfg.debug:
             log.debug("GET %s 200 %.1fms", redact_url(url), (time.perf_counter() - t0) * 1e3)
         return body
