@@ -34,12 +34,11 @@ from guestfs_mount.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
-from guestfs_mount.model import GuestStat, PowerState, VmInfo
+from guestfs_mount.model import PowerState, VmInfo
 
 from . import vim
 from .rest import RestTransport
-from .session import Http, NoSuchOperation, Reply, SessionSlot, show
-from .transport import OpenedTransfer, Page
+from .session import Http, NoSuchOperation, Reply, SessionSlot
 
 log = logging.getLogger("guestfs_mount.vcenter.client")
 
@@ -203,7 +202,7 @@ def read_envelope(content: bytes, desc: str) -> tuple[str, Any]:
 # --- the transport --------------------------------------------------------------------------
 
 
-class SoapTransport:
+class SoapTransport(vim.GuestOps):
     name = "soap"
 
     def __init__(
@@ -447,34 +446,3 @@ class SoapTransport:
             )
         state = _POWER.get(str(props.get("runtime.powerState")), PowerState.POWERED_OFF)
         return VmInfo(vm=moid, name=name[:1024], power_state=state)
-
-    async def check_guest(self, vm: str) -> None:
-        await self._guest_call(
-            "ValidateCredentialsInGuest", vm, {}, desc=f"check guest login on VM {vm}",
-            guest_path=None, manager="auth",
-        )  # fmt: skip
-
-    async def list_page(self, vm: str, path: str, index: int, size: int) -> Page:
-        desc = f"list {show(path)} on VM {vm}"
-        data = await self._guest_call(
-            "ListFilesInGuest", vm, {"filePath": path, "index": index, "maxResults": size},
-            desc=desc, guest_path=path,
-        )  # fmt: skip
-        try:
-            return vim.parse_list(data, path)
-        except ProtocolError as e:
-            raise ProtocolError(f"{desc}: {e}") from e
-
-    async def stat(self, vm: str, path: str) -> GuestStat:
-        return await vim.stat_by_listing(self._guest_call, vm, path)
-
-    async def open_transfer(self, vm: str, path: str) -> OpenedTransfer:
-        desc = f"create transfer of {show(path)} on VM {vm}"
-        data = await self._guest_call(
-            "InitiateFileTransferFromGuest", vm, {"guestFilePath": path},
-            desc=desc, guest_path=path, retry=False,
-        )  # fmt: skip
-        try:
-            return vim.parse_transfer(data)
-        except ProtocolError as e:
-            raise ProtocolError(f"{desc}: {e}") from e

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 
 from guestfs_mount.errors import (
@@ -27,13 +28,12 @@ from guestfs_mount.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
-from guestfs_mount.model import GuestStat, VmInfo
+from guestfs_mount.model import VmInfo
 
 from . import vim
 from .parse import decode_json
 from .rest import RestTransport
-from .session import Http, NoSuchOperation, Reply, SessionSlot, show
-from .transport import OpenedTransfer, Page
+from .session import Http, NoSuchOperation, Reply, SessionSlot
 
 log = logging.getLogger("guestfs_mount.vcenter.client")
 
@@ -52,7 +52,7 @@ def _moref(mo_type: str, value: str) -> dict[str, str]:
     return {"_typeName": "ManagedObjectReference", "type": mo_type, "value": value}
 
 
-class ViJsonTransport:
+class ViJsonTransport(vim.GuestOps):
     name = "vi-json"
 
     def __init__(
@@ -245,7 +245,7 @@ class ViJsonTransport:
         self,
         method: str,
         vm: str,
-        extra: dict[str, Any],
+        extra: Mapping[str, Any],
         *,
         desc: str,
         guest_path: str | None,
@@ -268,34 +268,3 @@ class ViJsonTransport:
 
     async def find_vm(self, name_or_id: str) -> VmInfo:
         return await self.lookup.find_vm(name_or_id)
-
-    async def check_guest(self, vm: str) -> None:
-        await self._guest_call(
-            "ValidateCredentialsInGuest", vm, {}, desc=f"check guest login on VM {vm}",
-            guest_path=None, manager="auth",
-        )  # fmt: skip
-
-    async def list_page(self, vm: str, path: str, index: int, size: int) -> Page:
-        desc = f"list {show(path)} on VM {vm}"
-        data = await self._guest_call(
-            "ListFilesInGuest", vm, {"filePath": path, "index": index, "maxResults": size},
-            desc=desc, guest_path=path,
-        )  # fmt: skip
-        try:
-            return vim.parse_list(data, path)
-        except ProtocolError as e:
-            raise ProtocolError(f"{desc}: {e}") from e
-
-    async def stat(self, vm: str, path: str) -> GuestStat:
-        return await vim.stat_by_listing(self._guest_call, vm, path)
-
-    async def open_transfer(self, vm: str, path: str) -> OpenedTransfer:
-        desc = f"create transfer of {show(path)} on VM {vm}"
-        data = await self._guest_call(
-            "InitiateFileTransferFromGuest", vm, {"guestFilePath": path},
-            desc=desc, guest_path=path, retry=False,
-        )  # fmt: skip
-        try:
-            return vim.parse_transfer(data)
-        except ProtocolError as e:
-            raise ProtocolError(f"{desc}: {e}") from e

@@ -1,4 +1,6 @@
-"""What the two vim25 transports (VI/JSON and SOAP) share: reading their answers.
+"""What the two vim25 transports (VI/JSON and SOAP) share: reading their answers, and
+the guest operations themselves (:class:`GuestOps`), written once over each transport's
+``_guest_call``.
 
 Both carry the same data objects; :mod:`.soap` turns its XML into the JSON shape of
 VI/JSON (objects as dicts with ``_typeName``, leaf values as strings), so one set of
@@ -13,8 +15,9 @@ the REST INVALID_ARGUMENT with reason NOT_A_FILE (EISDIR), and so on.
 
 from __future__ import annotations
 
+import abc
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from guestfs_mount.errors import (
@@ -44,13 +47,13 @@ from .session import show
 from .transport import OpenedTransfer, Page
 
 __all__ = [
+    "GuestOps",
     "fault_error",
     "file_name_pattern",
     "guest_auth",
     "parse_list",
     "parse_transfer",
     "split_guest_path",
-    "stat_by_listing",
 ]
 
 _TYPES = {"file": FileType.FILE, "directory": FileType.DIRECTORY, "symlink": FileType.SYMLINK}
@@ -308,30 +311,75 @@ def moref_value(v: Any, what: str) -> str:
     return value
 
 
-GuestCall = Callable[..., Awaitable[Any]]
+class GuestOps(abc.ABC):
+    """The guest operations of a vim25 transport, written once over its ``_guest_call``
+    (one authenticated call of a GuestFileManager or GuestAuthManager method with the
+    ``vm`` and guest ``auth`` arguments); a subclass knows only its wire format."""
 
+    @abc.abstractmethod
+    async def _guest_call(
+        self,
+        method: str,
+        vm: str,
+        extra: Mapping[str, Any],
+        *,
+        desc: str,
+        guest_path: str | None,
+        retry: bool = True,
+        manager: str = "file",
+    ) -> Any:
+        """The answer of ``method`` (its ``returnval`` in VI/JSON shape), or the fault raised."""
 
-async def stat_by_listing(guest_call: GuestCall, vm: str, path: str) -> GuestStat:
-    """vim25 has no stat: list the parent with a pattern that matches only the name (the
-    root: its own ``.``), which returns the full attributes in one call."""
-    desc = f"stat {show(path)} on VM {vm}"
-    split = split_guest_path(path)
-    listed, name = (path, ".") if split is None else split
-    data = await guest_call(
-        "ListFilesInGuest", vm,
-        {"filePath": listed, "index": 0, "maxResults": 2, "matchPattern": file_name_pattern(name)},
-        desc=desc, guest_path=path,
-    )  # fmt: skip
-    try:
-        info = data if isinstance(data, dict) else {}
-        files = info.get("files") or []
-        if isinstance(files, dict):
-            files = [files]
-        for item in files if isinstance(files, list) else []:
-            if isinstance(item, dict) and entry_name(item.get("path"), listed) == name:
-                return to_stat(item.get("type"), item.get("size"), item.get("attributes"), desc)
-    except ProtocolError as e:
-        raise ProtocolError(f"{desc}: {e}") from e
-    raise NotFound(
-        f"{desc} failed: FileNotFound: no such file", error_type="FileNotFound", path=path
-    )
+    async def check_guest(self, vm: str) -> None:
+        await self._guest_call(
+            "ValidateCredentialsInGuest", vm, {}, desc=f"check guest login on VM {vm}",
+            guest_path=None, manager="auth",
+        )  # fmt: skip
+
+    async def list_page(self, vm: str, path: str, index: int, size: int) -> Page:
+        desc = f"list {show(path)} on VM {vm}"
+        data = await self._guest_call(
+            "ListFilesInGuest", vm, {"filePath": path, "index": index, "maxResults": size},
+            desc=desc, guest_path=path,
+        )  # fmt: skip
+        try:
+            return parse_list(data, path)
+        except ProtocolError as e:
+            raise ProtocolError(f"{desc}: {e}") from e
+
+    async def stat(self, vm: str, path: str) -> GuestStat:
+        """vim25 has no stat: list the parent with a pattern that matches only the name
+        (the root: its own ``.``), which returns the full attributes in one call."""
+        desc = f"stat {show(path)} on VM {vm}"
+        split = split_guest_path(path)
+        listed, name = (path, ".") if split is None else split
+        data = await self._guest_call(
+            "ListFilesInGuest", vm,
+            {"filePath": listed, "index": 0, "maxResults": 2,
+             "matchPattern": file_name_pattern(name)},
+            desc=desc, guest_path=path,
+        )  # fmt: skip
+        try:
+            info = data if isinstance(data, dict) else {}
+            files = info.get("files") or []
+            if isinstance(files, dict):
+                files = [files]
+            for item in files if isinstance(files, list) else []:
+                if isinstance(item, dict) and entry_name(item.get("path"), listed) == name:
+                    return to_stat(item.get("type"), item.get("size"), item.get("attributes"), desc)
+        except ProtocolError as e:
+            raise ProtocolError(f"{desc}: {e}") from e
+        raise NotFound(
+            f"{desc} failed: FileNotFound: no such file", error_type="FileNotFound", path=path
+        )
+
+    async def open_transfer(self, vm: str, path: str) -> OpenedTransfer:
+        desc = f"create transfer of {show(path)} on VM {vm}"
+        data = await self._guest_call(
+            "InitiateFileTransferFromGuest", vm, {"guestFilePath": path},
+            desc=desc, guest_path=path, retry=False,
+        )  # fmt: skip
+        try:
+            return parse_transfer(data)
+        except ProtocolError as e:
+            raise ProtocolError(f"{desc}: {e}") from e
