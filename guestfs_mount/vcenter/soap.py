@@ -26,7 +26,6 @@ import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from guestfs_mount.errors import (
-    ApiError,
     InvalidArgument,
     NotFound,
     ProtocolError,
@@ -332,30 +331,15 @@ class SoapTransport(vim.GuestOps):
     ) -> Any:
         body = envelope(method, this, args)
 
-        async def once() -> Any:
-            await self.slot.ensure(self._login_once)
-            relogged = False
-            while True:
-                gen = self.slot.gen
-                reply = await self._post(f"soap.{method}", body, desc=desc, cookie=self.slot.token)
-                if reply.status == 200:
-                    kind, value = read_envelope(reply.content, desc)
-                    if kind == "result":
-                        return value
-                err = self._error(reply, desc, guest_path)
-                if (
-                    isinstance(err, ApiError)
-                    and err.type_name == "NotAuthenticated"
-                    and not relogged
-                ):
-                    await self.slot.renew(gen, self._login_once, self.http.stats, "vim25")
-                    relogged = True
-                    continue
-                raise err
+        async def send(token: str | None) -> Any:
+            reply = await self._post(f"soap.{method}", body, desc=desc, cookie=token)
+            if reply.status == 200:
+                kind, value = read_envelope(reply.content, desc)
+                if kind == "result":
+                    return value
+            raise self._error(reply, desc, guest_path)
 
-        if retry:
-            return await self.http.retry(once, desc)
-        return await once()
+        return await self._session_call(send, desc, retry=retry, what="vim25")
 
     async def _properties(
         self, mo_type: str, moid: str, paths: Sequence[str], desc: str

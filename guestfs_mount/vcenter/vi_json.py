@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from guestfs_mount.errors import (
-    ApiError,
     ProtocolError,
     RemoteError,
     ServiceUnavailable,
@@ -201,31 +200,15 @@ class ViJsonTransport(vim.GuestOps):
     ) -> Any:
         """One authenticated call: the JSON answer (None for 204), or the fault raised."""
 
-        async def once() -> Any:
-            await self.slot.ensure(self._login_once)
-            relogged = False
-            while True:
-                gen = self.slot.gen
-                reply = await self._post(
-                    name, path, body, desc=desc, token=self.slot.token, method=method,
-                    guest_path=guest_path,
-                )  # fmt: skip
-                if reply.status in (200, 204):
-                    return decode_json(reply.content, desc) if reply.content else None
-                err = self._fault(reply, desc, guest_path)
-                if (
-                    isinstance(err, ApiError)
-                    and err.type_name == "NotAuthenticated"
-                    and not relogged
-                ):
-                    await self.slot.renew(gen, self._login_once, self.http.stats, "vCenter")
-                    relogged = True
-                    continue
-                raise err
+        async def send(token: str | None) -> Any:
+            reply = await self._post(
+                name, path, body, desc=desc, token=token, method=method, guest_path=guest_path
+            )
+            if reply.status in (200, 204):
+                return decode_json(reply.content, desc) if reply.content else None
+            raise self._fault(reply, desc, guest_path)
 
-        if retry:
-            return await self.http.retry(once, desc)
-        return await once()
+        return await self._session_call(send, desc, retry=retry, what="vCenter")
 
     async def _managers(self) -> tuple[str, str]:
         if self._file_manager is None or self._auth_manager is None:

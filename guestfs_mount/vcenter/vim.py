@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from guestfs_mount.errors import (
@@ -43,7 +43,7 @@ from guestfs_mount.model import (
 )
 
 from .parse import DOT_NAMES, INT64_MAX, name_problem, parse_timestamp, parse_transfer_url
-from .session import show
+from .session import Http, SessionSlot, show
 from .transport import OpenedTransfer, Page
 
 __all__ = [
@@ -314,7 +314,39 @@ def moref_value(v: Any, what: str) -> str:
 class GuestOps(abc.ABC):
     """The guest operations of a vim25 transport, written once over its ``_guest_call``
     (one authenticated call of a GuestFileManager or GuestAuthManager method with the
-    ``vm`` and guest ``auth`` arguments); a subclass knows only its wire format."""
+    ``vm`` and guest ``auth`` arguments), and the session handling of every call
+    (:meth:`_session_call`); a subclass knows only its wire format."""
+
+    http: Http
+    slot: SessionSlot
+
+    @abc.abstractmethod
+    async def _login_once(self) -> None:
+        """One login attempt; sets ``slot``'s token."""
+
+    async def _session_call(
+        self, send: Callable[[str | None], Awaitable[Any]], desc: str, *, retry: bool, what: str
+    ) -> Any:
+        """``send(token)``'s answer, or the error it raises; logged in first if need be,
+        and once more (the session expired) when the answer is ``NotAuthenticated``;
+        retried on transient errors with ``retry``. ``what`` names the session in the log."""
+
+        async def once() -> Any:
+            await self.slot.ensure(self._login_once)
+            relogged = False
+            while True:
+                gen = self.slot.gen
+                try:
+                    return await send(self.slot.token)
+                except ApiError as err:
+                    if err.type_name != "NotAuthenticated" or relogged:
+                        raise
+                await self.slot.renew(gen, self._login_once, self.http.stats, what)
+                relogged = True
+
+        if retry:
+            return await self.http.retry(once, desc)
+        return await once()
 
     @abc.abstractmethod
     async def _guest_call(
