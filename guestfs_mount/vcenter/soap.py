@@ -117,12 +117,8 @@ def envelope(method: str, this: Mapping[str, str], args: Sequence[tuple[str, Any
     return out
 
 
-def _moref(mo_type: str, value: str) -> dict[str, str]:
-    return {"_typeName": "ManagedObjectReference", "type": mo_type, "value": value}
-
-
 def service_content_request() -> bytes:
-    return envelope("RetrieveServiceContent", _moref("ServiceInstance", "ServiceInstance"))
+    return envelope("RetrieveServiceContent", vim.moref("ServiceInstance", "ServiceInstance"))
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -276,7 +272,7 @@ class SoapTransport(vim.GuestOps):
         desc = f"login as {cfg.user}"
         body = envelope(
             "Login",
-            _moref("SessionManager", self._ref("sessionManager")),
+            vim.moref("SessionManager", self._ref("sessionManager")),
             [("userName", cfg.user), ("password", cfg.password)],
         )
         reply = await self._post("soap.Login", body, desc=desc, cookie=None)
@@ -312,7 +308,7 @@ class SoapTransport(vim.GuestOps):
         token, self.slot.token = self.slot.token, None
         if token is not None:
             try:
-                body = envelope("Logout", _moref("SessionManager", self._ref("sessionManager")))
+                body = envelope("Logout", vim.moref("SessionManager", self._ref("sessionManager")))
                 await self._post("soap.Logout", body, desc="logout", cookie=token)
             except RemoteError:
                 pass
@@ -348,11 +344,11 @@ class SoapTransport(vim.GuestOps):
         await self.service_content()
         spec = {
             "propSet": {"type": mo_type, "all": False, "pathSet": list(paths)},
-            "objectSet": {"obj": _moref(mo_type, moid), "skip": False},
+            "objectSet": {"obj": vim.moref(mo_type, moid), "skip": False},
         }
         data = await self.call(
             "RetrievePropertiesEx",
-            _moref("PropertyCollector", self._ref("propertyCollector")),
+            vim.moref("PropertyCollector", self._ref("propertyCollector")),
             [("specSet", spec), ("options", {})],
             desc=desc,
         )
@@ -377,27 +373,19 @@ class SoapTransport(vim.GuestOps):
             self._auth_manager = vim.moref_value(props.get("authManager"), "authManager")
         return self._file_manager, self._auth_manager
 
-    async def _guest_call(
+    async def _invoke(
         self,
         method: str,
-        vm: str,
-        extra: Mapping[str, Any],
+        this: Mapping[str, str],
+        args: Mapping[str, Any],
         *,
         desc: str,
         guest_path: str | None,
-        retry: bool = True,
-        manager: str = "file",
+        retry: bool,
     ) -> Any:
-        fm, am = await self._managers()
-        this = (
-            _moref("GuestFileManager", fm) if manager == "file" else _moref("GuestAuthManager", am)
+        return await self.call(
+            method, this, list(args.items()), desc=desc, guest_path=guest_path, retry=retry
         )
-        args = [
-            ("vm", _moref("VirtualMachine", vm)),
-            ("auth", vim.guest_auth(self.http.config.guest)),
-            *extra.items(),
-        ]
-        return await self.call(method, this, args, desc=desc, guest_path=guest_path, retry=retry)
 
     # --- the interface ----------------------------------------------------------------
 
@@ -414,7 +402,7 @@ class SoapTransport(vim.GuestOps):
             esc = name_or_id.replace("%", "%25").replace("/", "%2f").replace("\\", "%5c")
             found = await self.call(
                 "FindByInventoryPath",
-                _moref("SearchIndex", self._ref("searchIndex")),
+                vim.moref("SearchIndex", self._ref("searchIndex")),
                 [("inventoryPath", f"ha-datacenter/vm/{esc}")],
                 desc=desc,
             )

@@ -47,10 +47,6 @@ def probe_path(release: str = RELEASE) -> str:
     return f"/sdk/vim25/{release}/ServiceInstance/ServiceInstance/RetrieveServiceContent"
 
 
-def _moref(mo_type: str, value: str) -> dict[str, str]:
-    return {"_typeName": "ManagedObjectReference", "type": mo_type, "value": value}
-
-
 class ViJsonTransport(vim.GuestOps):
     name = "vi-json"
 
@@ -224,26 +220,19 @@ class ViJsonTransport(vim.GuestOps):
             self._file_manager, self._auth_manager = found
         return self._file_manager, self._auth_manager
 
-    async def _guest_call(
+    async def _invoke(
         self,
         method: str,
-        vm: str,
-        extra: Mapping[str, Any],
+        this: Mapping[str, str],
+        args: Mapping[str, Any],
         *,
         desc: str,
         guest_path: str | None,
-        retry: bool = True,
-        manager: str = "file",
+        retry: bool,
     ) -> Any:
-        fm, am = await self._managers()
-        mo_type, moid = ("GuestFileManager", fm) if manager == "file" else ("GuestAuthManager", am)
-        body = {
-            "vm": _moref("VirtualMachine", vm),
-            "auth": vim.guest_auth(self.http.config.guest),
-            **extra,
-        }
         return await self.call(
-            f"vim.{method}", f"/{mo_type}/{urllib.parse.quote(moid, safe='')}/{method}", body,
+            f"vim.{method}",
+            f"/{this['type']}/{urllib.parse.quote(this['value'], safe='')}/{method}", dict(args),
             desc=desc, guest_path=guest_path, retry=retry,
         )  # fmt: skip
 

@@ -51,6 +51,7 @@ __all__ = [
     "fault_error",
     "file_name_pattern",
     "guest_auth",
+    "moref",
     "parse_list",
     "parse_transfer",
     "split_guest_path",
@@ -302,6 +303,11 @@ def parse_transfer(data: Any) -> OpenedTransfer:
     return OpenedTransfer(url=url, stat=st)
 
 
+def moref(mo_type: str, value: str) -> dict[str, str]:
+    """A ``ManagedObjectReference`` in VI/JSON form (:mod:`.soap` writes it as XML)."""
+    return {"_typeName": "ManagedObjectReference", "type": mo_type, "value": value}
+
+
 def moref_value(v: Any, what: str) -> str:
     """The id of a ``ManagedObjectReference``."""
     d = _obj(v, what)
@@ -312,10 +318,10 @@ def moref_value(v: Any, what: str) -> str:
 
 
 class GuestOps(abc.ABC):
-    """The guest operations of a vim25 transport, written once over its ``_guest_call``
-    (one authenticated call of a GuestFileManager or GuestAuthManager method with the
-    ``vm`` and guest ``auth`` arguments), and the session handling of every call
-    (:meth:`_session_call`); a subclass knows only its wire format."""
+    """The guest operations of a vim25 transport (each one ``_guest_call``: a method of the
+    GuestFileManager or GuestAuthManager with the ``vm`` and guest ``auth`` arguments) and
+    the session handling of every call (:meth:`_session_call`), written once; a subclass
+    knows only its wire format (``_invoke``, ``_managers``, ``_login_once``)."""
 
     http: Http
     slot: SessionSlot
@@ -349,6 +355,23 @@ class GuestOps(abc.ABC):
         return await once()
 
     @abc.abstractmethod
+    async def _managers(self) -> tuple[str, str]:
+        """The ids of the GuestFileManager and the GuestAuthManager."""
+
+    @abc.abstractmethod
+    async def _invoke(
+        self,
+        method: str,
+        this: Mapping[str, str],
+        args: Mapping[str, Any],
+        *,
+        desc: str,
+        guest_path: str | None,
+        retry: bool,
+    ) -> Any:
+        """One authenticated call of ``method`` on ``this`` with ``args`` (in this order):
+        the answer in VI/JSON shape, or the fault raised."""
+
     async def _guest_call(
         self,
         method: str,
@@ -360,7 +383,14 @@ class GuestOps(abc.ABC):
         retry: bool = True,
         manager: str = "file",
     ) -> Any:
-        """The answer of ``method`` (its ``returnval`` in VI/JSON shape), or the fault raised."""
+        fm, am = await self._managers()
+        this = moref("GuestFileManager", fm) if manager == "file" else moref("GuestAuthManager", am)
+        args = {
+            "vm": moref("VirtualMachine", vm),
+            "auth": guest_auth(self.http.config.guest),
+            **extra,
+        }
+        return await self._invoke(method, this, args, desc=desc, guest_path=guest_path, retry=retry)
 
     async def check_guest(self, vm: str) -> None:
         await self._guest_call(
