@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # The SHA-256 of zero bytes: what an empty file hashes to without any transfer.
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -112,3 +113,18 @@ class TransferResult:
     seconds: float
     md5: str = ""  # beside the SHA-256: hashdeep manifests and bodyfiles carry MD5
     stat: GuestStat | None = None
+
+
+class BodyWriter(Protocol):
+    """Where a download's body goes: the transfer's worker thread stores each piece itself
+    (one hop per piece, no thread -> event loop -> thread relay), then says on the event
+    loop how far the body is stored. Implemented by the content cache (a cache file)."""
+
+    def write(self, data: bytes, offset: int) -> None:
+        """Store ``data`` at ``offset``: called in a worker thread, in order, from 0 up
+        (blocking is fine). Raises a :class:`~guestfs_mount.errors.GuestfsError` (a full
+        disk, a body longer than announced), which ends the download."""
+
+    def stored(self, nbytes: int) -> None:
+        """On the event loop: bytes ``[0, nbytes)`` are stored. Reports are coalesced
+        (not one per ``write``) and only grow; this must not raise."""

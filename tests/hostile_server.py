@@ -13,21 +13,34 @@ import json
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import trio
 
 from tests.fake_vcenter import FakeVCenter, stat_body
 
-__all__ = ["HostileVCenter", "RawServer", "json_route", "send", "stat_body"]
+__all__ = ["FakeServer", "HostileVCenter", "RawServer", "json_route", "send", "stat_body"]
 
 
-class HostileVCenter:
-    def __init__(self, fake: FakeVCenter | None = None) -> None:
-        self.fake = fake or FakeVCenter()
+_S = TypeVar("_S", bound="FakeServer")
+
+
+class FakeServer:
+    """Serves an in-memory fake over real HTTP: ``handle`` turns an httpx request into the
+    fake's answer, in its own ``trio.run`` per request, on a ThreadingHTTPServer thread.
+    Gives what ``guestfs_mount.testing.mount_argv`` / ``mount_env`` need but the VMs,
+    which subclasses list from their fake."""
+
+    ca_file = None
+    esx_ca_file = None
+    user = "admin@vsphere.local"
+    guest_user = "root"
+    fake: Any  # the fake served: its password and guest_password are the ones to use
+
+    def __init__(self, handle: Callable[[httpx.Request], Awaitable[httpx.Response]]) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,7 +59,7 @@ class HostileVCenter:
                 )  # fmt: skip
 
                 async def run() -> tuple[httpx.Response, bytes]:
-                    resp = await outer.fake.handle(req)
+                    resp = await handle(req)
                     return resp, await resp.aread()
 
                 resp, data = trio.run(run)
@@ -63,12 +76,36 @@ class HostileVCenter:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.fake.transfer_host = f"127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-        async def http_transfer(req: httpx.Request) -> httpx.Response | None:
-            import json
+    def __enter__(self: _S) -> _S:
+        self._thread.start()
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def vcenter_url(self) -> str:
+        return self.url
+
+    @property
+    def password(self) -> str:
+        return str(self.fake.password)
+
+    @property
+    def guest_password(self) -> str:
+        return str(self.fake.guest_password)
+
+
+class HostileVCenter(FakeServer):
+    def __init__(self, fake: FakeVCenter | None = None) -> None:
+        self.fake = fake or FakeVCenter()
+        super().__init__(self.fake.handle)
+        self.fake.transfer_host = f"127.0.0.1:{self.server.server_address[1]}"
+
+        async def http_transfer(req: httpx.Request) -> httpx.Response | None:
             body = json.loads(req.content)
             path = body["spec"]["path"]
             if path not in self.fake.contents:
@@ -77,33 +114,6 @@ class HostileVCenter:
             return httpx.Response(201, json=f"http://{self.fake.transfer_host}/guestFile?{q}")
 
         self.fake.hooks.setdefault("transfer.create", http_transfer)
-
-    def __enter__(self) -> HostileVCenter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    # what guestfs_mount.testing.mount_argv / mount_env need
-    @property
-    def vcenter_url(self) -> str:
-        return self.url
-
-    ca_file = None
-    esx_ca_file = None
-    user = "admin@vsphere.local"
-
-    @property
-    def password(self) -> str:
-        return self.fake.password
-
-    guest_user = "root"
-
-    @property
-    def guest_password(self) -> str:
-        return self.fake.guest_password
 
     @property
     def vms(self) -> list[dict[str, Any]]:

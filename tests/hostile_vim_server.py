@@ -1,22 +1,20 @@
 """A hostile vim25 server over real (plain) HTTP, for end-to-end tests of the VI/JSON and
 SOAP transports: :class:`tests.vim_fake.FakeVim` (the in-memory vim25 fake of the
-transport unit tests) served by a thread, like :class:`tests.hostile_server.HostileVCenter`
-serves the REST fake. Tests script answers per guest path with ``lists`` (a function of
+transport unit tests) served by :class:`tests.hostile_server.FakeServer`, as
+:class:`~tests.hostile_server.HostileVCenter` serves the REST fake. Tests script answers per guest path with ``lists`` (a function of
 the ListFilesInGuest arguments, for endless or repeated pages) and ``raw`` (a whole HTTP
 answer for any call about that path: bombs, malformed bodies); file bodies come from
 ``fake.rest.contents`` through the ``/guestFile`` URL the transfer answer names."""
 
 from __future__ import annotations
 
-import threading
 import urllib.parse
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
-import trio
 
+from tests.hostile_server import FakeServer
 from tests.vim_fake import FakeVim, posix_file
 
 __all__ = ["HostileVim", "RawAnswer", "posix_file"]
@@ -60,7 +58,7 @@ class _ScriptedVim(FakeVim):
         return result
 
 
-class HostileVim:
+class HostileVim(FakeServer):
     def __init__(self, api: str) -> None:
         self.api = api  # what guestfs_mount.testing.mount_argv passes as --api
         self.fake = _ScriptedVim(self)
@@ -71,76 +69,18 @@ class HostileVim:
         self.transfer_url: dict[str, str] = {}
         self.calls_per_path: dict[str, int] = {}
         transport = self.fake.transport()
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        async def handle(req: httpx.Request) -> httpx.Response:
+            try:
+                return await transport.handle_async_request(req)
+            except RawAnswer as a:
+                return a.response
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _any(self) -> None:
-                n = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(n) if n else b""
-                req = httpx.Request(
-                    self.command, outer.url + self.path,
-                    headers=[(k, v) for k, v in self.headers.items() if k.lower() != "host"],
-                    content=body,
-                )  # fmt: skip
-
-                async def run() -> tuple[httpx.Response, bytes]:
-                    try:
-                        resp = await transport.handle_async_request(req)
-                    except RawAnswer as a:
-                        resp = a.response
-                    return resp, await resp.aread()
-
-                resp, data = trio.run(run)
-                self.send_response(resp.status_code)
-                for k, v in resp.headers.items():
-                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
-                        self.send_header(k, v)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = _any
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(handle)
 
     def add_file(self, path: str, data: bytes) -> None:
         self.fake.files[path] = len(data)
         self.fake.rest.contents[path] = data
-
-    def __enter__(self) -> HostileVim:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    # what guestfs_mount.testing.mount_argv / mount_env need
-    @property
-    def vcenter_url(self) -> str:
-        return self.url
-
-    ca_file = None
-    esx_ca_file = None
-    user = "admin@vsphere.local"
-
-    @property
-    def password(self) -> str:
-        return self.fake.password
-
-    guest_user = "root"
-
-    @property
-    def guest_password(self) -> str:
-        return self.fake.guest_password
 
     @property
     def vms(self) -> list[dict[str, Any]]:

@@ -15,7 +15,14 @@ import pytest
 import trio
 import trio.testing
 
-from guestfs_mount.cache import ContentCache, ContentKey, DownloadCancelled, Sink, TransferEvent
+from guestfs_mount.cache import (
+    ContentCache,
+    ContentKey,
+    DownloadCancelled,
+    Sink,
+    TransferEvent,
+    fileio,
+)
 from guestfs_mount.errors import CacheError, TransferError, to_errno
 from guestfs_mount.model import TransferResult
 
@@ -29,7 +36,9 @@ def blob(n: int, seed: int = 0) -> bytes:
 
 
 class FakeFetch:
-    """fetch(path, size, sink) over an in-memory dict, with knobs for each failure mode."""
+    """fetch(path, size, writer) over an in-memory dict, with knobs for each failure mode.
+    Like the real transfer, it writes each piece in a worker thread and then reports on
+    the loop how far the body is stored."""
 
     def __init__(self, files: dict[str, bytes], chunk: int = MiB) -> None:
         self.files = files
@@ -50,7 +59,7 @@ class FakeFetch:
         return ev
 
     async def __call__(
-        self, path: str, size: int, sink: Sink, on_start: Any = None
+        self, path: str, size: int, writer: Sink, on_start: Any = None
     ) -> TransferResult:
         self.calls.append(path)
         data = self.files[path]
@@ -65,7 +74,8 @@ class FakeFetch:
                 if path in self.fail_at and off >= self.fail_at[path][0]:
                     raise self.fail_at[path][1]
                 piece = data[off : off + self.chunk]
-                await sink(piece)
+                await trio.to_thread.run_sync(writer.write, piece, off)
+                writer.stored(off + len(piece))
                 h.update(piece)
                 if self.delay:
                     await trio.sleep(self.delay)
@@ -678,3 +688,24 @@ async def test_length_found_by_the_transfer_rekeys_the_version(make_cache: Facto
     assert events[-1].key.size == len(now)
     assert cache.sha256(ContentKey("/log", len(now), 5)) == hashlib.sha256(now).hexdigest()
     assert cache.usage == len(now)
+
+
+# -- the writer the transfer's thread uses ---------------------------------------------------
+
+
+def test_file_writer_owns_a_duplicate_fd_and_refuses_writes_after_close(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    told: list[int] = []
+    w = fileio.FileWriter(fd, 10, told.append, desc="download of '/f'")
+    os.close(fd)  # the cache may close its own fd at any time: the writer has its own
+    w.write(b"hello", 0)
+    with pytest.raises(TransferError, match="longer than 10 bytes"):
+        w.write(b"worldwide", 5)
+    w.stored(5)
+    w.close()
+    w.stored(10)  # a report after the download ended is dropped
+    with pytest.raises(CacheError) as ei:
+        w.write(b"x", 5)
+    assert to_errno(ei.value) == errno.EIO
+    assert told == [5] and (tmp_path / "f").read_bytes() == b"hello"
+    assert w._fd not in {int(n) for n in os.listdir("/proc/self/fd")}  # closed at close()

@@ -13,6 +13,7 @@ import pytest
 from guestfs_mount.errors import GuestAuthFailed, NotFound, TlsError
 from guestfs_mount.model import CredentialType, FileType, GuestCredentials
 from guestfs_mount.vcenter import ClientConfig, VCenterClient
+from tests.memory_writer import MemoryWriter
 
 testing = pytest.importorskip("guestfs_mount.sim.testing")
 
@@ -60,14 +61,10 @@ async def test_list_stat_download(sim: Any) -> None:
         st = await c.stat(vm.vm, "/n\udcffme")
         assert st.size == 1
         st = await c.stat(vm.vm, "/data.bin")
-        chunks: list[bytes] = []
-
-        async def sink(b: bytes) -> None:
-            chunks.append(b)
-
-        res = await c.download(vm.vm, "/data.bin", st.size, sink)
+        w = MemoryWriter()
+        res = await c.download(vm.vm, "/data.bin", st.size, w)
         data = (sim.root_dir / "data.bin").read_bytes()
-        assert b"".join(chunks) == data
+        assert w.data == data
         assert res.sha256 == hashlib.sha256(data).hexdigest()
         with pytest.raises(NotFound):
             await c.stat(vm.vm, "/nope")
@@ -100,16 +97,12 @@ async def test_separate_esx_ca(sim: Any) -> None:
     with testing.run_simulator("--root", str(sim.root_dir), "--separate-esx-ca") as s2:
         assert s2.esx_ca_file and s2.esx_ca_file != s2.ca_file
         async with VCenterClient(cfg(s2)) as c:
-            got: list[bytes] = []
-
-            async def sink(b: bytes) -> None:
-                got.append(b)
-
-            await c.download(s2.vm_id(), "/dir/small.txt", 6, sink)
-            assert b"".join(got) == b"hello\n"
+            w = MemoryWriter()
+            await c.download(s2.vm_id(), "/dir/small.txt", 6, w)
+            assert w.data == b"hello\n"
         async with VCenterClient(cfg(s2, esx_ca_file=None, retry_budget=0)) as c:
             with pytest.raises(TlsError, match="not trusted"):
-                await c.download(s2.vm_id(), "/dir/small.txt", 6, sink)
+                await c.download(s2.vm_id(), "/dir/small.txt", 6, MemoryWriter())
 
 
 async def test_preview_fallback(sim: Any) -> None:
@@ -117,11 +110,7 @@ async def test_preview_fallback(sim: Any) -> None:
         "--root", str(sim.root_dir), "--no-released-api", "--no-soap", "--no-vi-json"
     ) as s2:
         async with VCenterClient(cfg(s2, api="auto")) as c:
-            got: list[bytes] = []
-
-            async def sink(b: bytes) -> None:
-                got.append(b)
-
-            await c.download(s2.vm_id(), "/dir/small.txt", 6, sink)
-            assert b"".join(got) == b"hello\n"
+            w = MemoryWriter()
+            await c.download(s2.vm_id(), "/dir/small.txt", 6, w)
+            assert w.data == b"hello\n"
             assert c.transfer_api == "preview"

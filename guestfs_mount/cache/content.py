@@ -49,25 +49,21 @@ from dataclasses import dataclass, field
 import trio
 
 from ..errors import CacheError, GuestfsError, RemoteError, TransferError, first_error
-from ..model import GuestStat, TransferResult
+from ..model import BodyWriter, GuestStat, TransferResult
 from . import fileio, tempdir
 from .fileio import PWrite
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[bytes], Awaitable[None]]
+#: Where a fetch puts the body: its worker thread writes the cache file (a FileWriter).
+Sink = BodyWriter
 #: ``on_start(size, stat)``: called by the fetch on the event loop before the first byte
 #: with the body's real length and the stat returned with the URL (None over REST).
 OnStart = Callable[[int, "GuestStat | None"], None]
-#: ``fetch(path, expected_size, sink, on_start)``
+#: ``fetch(path, expected_size, writer, on_start)``
 Fetch = Callable[[str, int, Sink, OnStart], Awaitable[TransferResult]]
 VersionListener = Callable[["ContentKey", "ContentKey", "GuestStat | None"], None]
 LINGER_MAX_BYTES = 16 << 20  # an unread download keeps running after close only below this
-
-INLINE_WRITE = 128 << 10
-WRITE_CHUNK = 1 << 20  # sink chunks are joined to at least this much per pwrite
-WRITE_QUEUE = 8  # chunks queued to the disk writer before the sink waits (backpressure)
-_NOBODY = 1 << 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +108,7 @@ class _Entry:
     started_mono: float
     state: _State = _State.RUNNING
     written: int = 0  # bytes [0, written) are on disk
-    received: int = 0  # bytes handed to the sink
+    received: int = 0  # bytes the transfer stored (as written: one writer, no queue)
     error: GuestfsError | None = None
     sha256: str | None = None
     completed_at: float | None = None
@@ -125,14 +121,12 @@ class _Entry:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     linger_scope: trio.CancelScope | None = None
     progress: trio.Event = field(default_factory=trio.Event)
-    wanted: int = _NOBODY  # smallest end offset a waiting reader needs
     size: int = -1  # the body's length: key.size until the transfer reports it
     begun: trio.Event = field(default_factory=trio.Event)  # length known, or ended
     seen: ContentKey | None = None  # the key opened, when the transfer found another
 
     def wake(self) -> None:
         """Wake every reader waiting for progress or for the end of the download."""
-        self.wanted = _NOBODY
         self.progress.set()
         self.progress = trio.Event()
 
@@ -318,7 +312,6 @@ class ContentCache:
             # transfer (length check), so a failed attempt never looks like a clean EOF.
             if entry.written >= end and end < entry.size:
                 break
-            entry.wanted = min(entry.wanted, end)  # lets the sink flush early for us
             await entry.progress.wait()
         if end <= offset:
             await trio.lowlevel.checkpoint()
@@ -571,61 +564,21 @@ class ContentCache:
         self._finish(entry, result, error)
 
     async def _transfer(self, entry: _Entry) -> TransferResult:
-        """Run the fetch with a sink feeding a disk-writer task; verify the result."""
+        """Run the fetch, whose worker thread writes the cache file; verify the result."""
         key = entry.key
-        send, recv = trio.open_memory_channel[tuple[bytes, int]](WRITE_QUEUE)
-        pending: list[bytes] = []
-        pending_len = 0
-        offset = 0
+        writer = fileio.FileWriter(
+            entry.fd, entry.size, lambda n: self._stored(entry, n),
+            pwrite=self._pwrite, desc=f"download of {key.path!r}",
+        )  # fmt: skip
 
-        async def sink(chunk: bytes) -> None:
-            nonlocal pending_len, offset
-            if not chunk:
-                await trio.lowlevel.checkpoint()
-                return
-            entry.received += len(chunk)
-            self._stats["bytes_downloaded"] += len(chunk)
-            if entry.received > entry.size:
-                raise TransferError(
-                    f"download of {key.path!r} is longer than {entry.size} bytes"
-                )
-            pending.append(chunk)
-            pending_len += len(chunk)
-            # Write in >= 1 MiB pieces, or sooner when a waiting reader needs these bytes.
-            if pending_len >= WRITE_CHUNK or offset < entry.wanted <= offset + pending_len:
-                data = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
-                pending_len = 0
-                await send.send((data, offset))
-                offset += len(data)
-            else:
-                await trio.lowlevel.checkpoint()
+        def on_start(size: int, stat: GuestStat | None) -> None:
+            self._begin(entry, size, stat)
+            writer.limit = entry.size
 
-        async def writer() -> None:
-            async with recv:
-                async for data, off in recv:
-                    if len(data) <= INLINE_WRITE:
-                        # A small write lands in the page cache in microseconds; a thread
-                        # hop would cost more, and a reader (or a small file) waits for it.
-                        n = fileio.pwrite_all(self._pwrite, entry.fd, data, off)
-                    else:
-                        n = await trio.to_thread.run_sync(
-                            fileio.pwrite_all, self._pwrite, entry.fd, data, off
-                        )
-                    entry.written = off + n
-                    entry.wake()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer)
-            async with send:
-                result = await self._fetch(
-                    key.path, key.size, sink, lambda n, st: self._begin(entry, n, st)
-                )
-                if pending:
-                    data = pending[0] if len(pending) == 1 else b"".join(pending)
-                    pending.clear()
-                    await send.send((data, offset))
-                    offset += len(data)
+        try:
+            result = await self._fetch(key.path, key.size, writer, on_start)
+        finally:
+            writer.close()
         size = entry.size
         if result.nbytes != size or entry.received != size or entry.written != size:
             raise TransferError(
@@ -633,6 +586,14 @@ class ContentCache:
                 f"({entry.received} received), expected {size}"
             )
         return result
+
+    def _stored(self, entry: _Entry, nbytes: int) -> None:
+        """The transfer wrote bytes [0, nbytes) of the cache file (on the loop)."""
+        if nbytes <= entry.written:
+            return
+        self._stats["bytes_downloaded"] += nbytes - entry.written
+        entry.received = entry.written = nbytes
+        entry.wake()
 
     def _as_error(self, entry: _Entry, exc: BaseException) -> GuestfsError | None:
         """The error readers get for an exception out of a download (None: only Cancelled)."""

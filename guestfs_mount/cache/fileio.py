@@ -1,4 +1,5 @@
-"""Blocking file helpers of the content cache: the cache directory, cache files, pread/pwrite.
+"""Blocking file helpers of the content cache: the cache directory, cache files, pread/pwrite,
+and :class:`FileWriter`, through which a transfer's worker thread writes a cache file.
 
 Nothing here touches shared state of the cache; the write helpers run in worker threads.
 """
@@ -8,9 +9,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable
 
-from ..errors import CacheError
+from ..errors import CacheError, TransferError
 
 #: ``pwrite(fd, data, offset) -> bytes written`` (os.pwrite); injectable for tests (ENOSPC).
 PWrite = Callable[[int, bytes | memoryview, int], int]
@@ -95,6 +97,72 @@ def pwrite_all(pwrite: PWrite, fd: int, data: bytes, offset: int) -> int:
             raise OSError(errno.EIO, "pwrite wrote nothing")
         done += n
     return done
+
+
+class FileWriter:
+    """A :class:`~guestfs_mount.model.BodyWriter` into one cache file.
+
+    ``write`` runs in the transfer's worker threads on a duplicate of the cache file's
+    fd, so the cache may close its own fd at any time (a cancelled download's thread may
+    be abandoned mid-write): the duplicate is closed by whoever finishes last, the thread
+    in ``write`` or :meth:`close` on the event loop, and a write after :meth:`close` is
+    refused. ``limit`` (the body's length, set on the loop before the first byte) bounds
+    the writes: a longer body is a TransferError before its excess reaches the disk.
+    ``on_stored(n)`` runs on the event loop: bytes [0, n) are on disk.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        limit: int,
+        on_stored: Callable[[int], None],
+        *,
+        pwrite: PWrite = os.pwrite,
+        desc: str = "download",
+    ) -> None:
+        self.limit = limit
+        self._on_stored = on_stored
+        self._pwrite = pwrite
+        self._desc = desc
+        self._lock = threading.Lock()
+        self._fd = os.dup(fd)
+        self._users = 1  # close() and each write in progress; guarded by _lock
+        self._closed = False
+
+    def write(self, data: bytes, offset: int) -> None:
+        if offset + len(data) > self.limit:
+            raise TransferError(f"{self._desc} is longer than {self.limit} bytes")
+        with self._lock:
+            if self._closed:
+                raise CacheError(f"{self._desc}: cache file closed", errno.EIO)
+            self._users += 1
+        try:
+            pwrite_all(self._pwrite, self._fd, data, offset)
+        except OSError as exc:
+            raise CacheError(
+                f"cache write failed: {exc.strerror or exc}", exc.errno or errno.EIO
+            ) from exc
+        finally:
+            self._release()
+
+    def stored(self, nbytes: int) -> None:
+        if not self._closed:
+            self._on_stored(nbytes)
+
+    def close(self) -> None:
+        """On the event loop: no more writes; no more ``on_stored``. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            close_quietly(self._fd)
 
 
 def pread_all(fd: int, size: int, offset: int) -> bytes:

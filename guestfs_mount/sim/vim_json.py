@@ -25,13 +25,12 @@ from .vim_data import (
     PropertySpec,
     Value,
 )
+from .vim_endpoint import VimApp
 from .vim_faults import MoRef, VimFault, invalid_argument, invalid_request
-from .vim_ops import CallContext, VimService
 
 log = logging.getLogger("guestfs_mount.sim.vim_json")
 
 SESSION_HEADER = "vmware-api-session-id"
-MAX_BODY = 1024 * 1024
 PREFIX = "/sdk/vim25/"
 # Properties readable without a session (the spec's ``security: [{Session: []}, {}]``).
 ANONYMOUS_PROPERTIES = frozenset(
@@ -166,17 +165,10 @@ def params_from_json(method: str, body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class ViJsonApp:
+class ViJsonApp(VimApp):
     """ASGI app for ``/sdk/vim25/...``."""
 
-    def __init__(self, service: VimService, count: Any) -> None:
-        self.service = service
-        self.count = count
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        request = Request(scope, receive)
-        response = await self.handle(request)
-        await response(scope, receive, send)
+    transport = "vi-json"
 
     async def handle(self, request: Request) -> Response:
         parts = request.url.path[len(PREFIX) :].split("/")
@@ -184,12 +176,7 @@ class ViJsonApp:
             return JsonResponse({"error": "no such VI/JSON resource"}, status_code=404)
         _release, mo_type, mo_id, member = parts
         this = MoRef(mo_type, mo_id)
-        ctx = CallContext(
-            "vi-json",
-            request.headers.get(SESSION_HEADER),
-            client=request.client.host if request.client else "",
-            user_agent=request.headers.get("user-agent", ""),
-        )
+        ctx = self.context(request, request.headers.get(SESSION_HEADER))
         self.count(member)
         try:
             if request.method == "GET":
@@ -214,16 +201,7 @@ class ViJsonApp:
         return JsonResponse(to_json(result), headers=headers)
 
     async def _body(self, request: Request) -> dict[str, Any]:
-        raw = b""
-        too_big = False
-        async for chunk in request.stream():
-            # an oversized body is read to its end but not kept, so that the client
-            # sees the fault rather than a connection reset mid-upload
-            if not too_big:
-                raw += chunk
-                too_big = len(raw) > MAX_BODY
-        if too_big:
-            raise invalid_request("Request body too large.")
+        raw = await self.read_body(request)
         if not raw.strip():
             return {}
         try:

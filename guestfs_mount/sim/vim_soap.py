@@ -29,8 +29,9 @@ from .vim_data import (
     Value,
     as_any,
 )
+from .vim_endpoint import VimApp
 from .vim_faults import MoRef, VimFault, invalid_argument, invalid_request
-from .vim_ops import CallContext, VimService
+from .vim_ops import VimService
 
 log = logging.getLogger("guestfs_mount.sim.vim_soap")
 
@@ -40,7 +41,6 @@ XSI = "http://www.w3.org/2001/XMLSchema-instance"
 XSD = "http://www.w3.org/2001/XMLSchema"
 VIM = "urn:vim25"
 COOKIE = "vmware_soap_session"
-MAX_BODY = 1024 * 1024
 XML_TYPE = "text/xml; charset=utf-8"
 XSD_PRIMITIVES = {"string", "boolean", "int", "long", "dateTime", "short", "anyURI"}
 
@@ -315,18 +315,14 @@ def session_cookie(header: str | None) -> str | None:
     return morsel.value.strip('"') if morsel is not None else None
 
 
-class SoapApp:
+class SoapApp(VimApp):
     """ASGI app for ``/sdk`` (POST) and ``/sdk/vimServiceVersions.xml`` (GET)."""
 
-    def __init__(self, service: VimService, count: Any, secure_cookie: bool = True) -> None:
-        self.service = service
-        self.count = count
-        self.secure_cookie = secure_cookie
+    transport = "soap"
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        request = Request(scope, receive)
-        response = await self.handle(request)
-        await response(scope, receive, send)
+    def __init__(self, service: VimService, count: Any, secure_cookie: bool = True) -> None:
+        super().__init__(service, count)
+        self.secure_cookie = secure_cookie
 
     async def handle(self, request: Request) -> Response:
         path = request.url.path
@@ -334,15 +330,10 @@ class SoapApp:
             return Response(service_versions_xml(), media_type=XML_TYPE)
         if path not in ("/sdk", "/sdk/") or request.method != "POST":
             return Response("not found\n", status_code=404, media_type="text/plain")
-        ctx = CallContext(
-            "soap",
-            session_cookie(request.headers.get("cookie")),
-            client=request.client.host if request.client else "",
-            user_agent=request.headers.get("user-agent", ""),
-        )
+        ctx = self.context(request, session_cookie(request.headers.get("cookie")))
         method = "?"
         try:
-            raw = await self._body(request)
+            raw = await self.read_body(request)
             method, this, params = parse_request(raw)
             self.count(method)
             result = await self.service.invoke(ctx, method, this, params)
@@ -362,16 +353,3 @@ class SoapApp:
                 "set-cookie", f'{COOKIE}="{ctx.new_token}"; Path=/; HttpOnly{secure}'
             )
         return response
-
-    async def _body(self, request: Request) -> bytes:
-        raw = b""
-        too_big = False
-        async for chunk in request.stream():
-            # an oversized body is read to its end but not kept, so that the client
-            # sees the fault rather than a connection reset mid-upload
-            if not too_big:
-                raw += chunk
-                too_big = len(raw) > MAX_BODY
-        if too_big:
-            raise invalid_request("Request body too large.")
-        return raw

@@ -25,6 +25,7 @@ import trio
 
 from guestfs_mount.errors import NotAllowedInCurrentState, ProtocolError, UnsafeTransferUrl
 from guestfs_mount.model import (
+    BodyWriter,
     DirEntry,
     FileType,
     GuestCredentials,
@@ -315,10 +316,11 @@ class VCenterClient:
         vm: str,
         path: str,
         expected_size: int,
-        sink: Callable[[bytes], Awaitable[None]],
+        writer: BodyWriter,
         on_start: Callable[[int, GuestStat | None], None] | None = None,
     ) -> TransferResult:
-        """Fetch a whole guest file into ``sink``; retried only until the first byte.
+        """Fetch a whole guest file into ``writer`` (its ``write`` runs in the transfer's
+        worker thread); retried only until the first byte.
 
         ``on_start(size, stat)`` runs on the event loop before the first byte: the body's
         real length (the stat returned with the URL, else the Content-Length; it differs
@@ -347,7 +349,7 @@ class VCenterClient:
                         on_start(n, known[0])
 
                 body = await self._fetch(
-                    opened.url, vm, path, size, sink, started, strict=exact, on_start=start,
+                    opened.url, vm, path, size, writer, started, strict=exact, on_start=start,
                     confirm_length=confirm,
                 )  # fmt: skip
                 return body, dataclasses.replace(opened, stat=known[0])
@@ -380,7 +382,7 @@ class VCenterClient:
         vm: str,
         path: str,
         expected: int,
-        sink: Callable[[bytes], Awaitable[None]],
+        writer: BodyWriter,
         started: list[bool],
         *,
         strict: bool = True,
@@ -420,7 +422,7 @@ class VCenterClient:
             self.stats.bytes_downloaded += n
 
         async with self._capped():
-            await fetch_body(body, sink, self.http.breaker(where), on_data)
+            await fetch_body(body, writer, self.http.breaker(where), on_data)
         if cfg.debug:
             log.debug("GET %s 200 %.1fms", redact_url(url), (time.perf_counter() - t0) * 1e3)
         return body

@@ -26,7 +26,6 @@ import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from guestfs_mount.errors import (
-    ApiError,
     InvalidArgument,
     NotFound,
     ProtocolError,
@@ -34,13 +33,11 @@ from guestfs_mount.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
-from guestfs_mount.model import GuestStat, PowerState, VmInfo
+from guestfs_mount.model import PowerState, VmInfo
 
 from . import vim
-from .guestauth import guest_credentials
 from .rest import RestTransport
-from .session import Http, NoSuchOperation, Reply, SessionSlot, show
-from .transport import OpenedTransfer, Page
+from .session import Http, NoSuchOperation, Reply, SessionSlot
 
 log = logging.getLogger("guestfs_mount.vcenter.client")
 
@@ -120,12 +117,8 @@ def envelope(method: str, this: Mapping[str, str], args: Sequence[tuple[str, Any
     return out
 
 
-def _moref(mo_type: str, value: str) -> dict[str, str]:
-    return {"_typeName": "ManagedObjectReference", "type": mo_type, "value": value}
-
-
 def service_content_request() -> bytes:
-    return envelope("RetrieveServiceContent", _moref("ServiceInstance", "ServiceInstance"))
+    return envelope("RetrieveServiceContent", vim.moref("ServiceInstance", "ServiceInstance"))
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -204,7 +197,7 @@ def read_envelope(content: bytes, desc: str) -> tuple[str, Any]:
 # --- the transport --------------------------------------------------------------------------
 
 
-class SoapTransport:
+class SoapTransport(vim.GuestOps):
     name = "soap"
 
     def __init__(
@@ -279,7 +272,7 @@ class SoapTransport:
         desc = f"login as {cfg.user}"
         body = envelope(
             "Login",
-            _moref("SessionManager", self._ref("sessionManager")),
+            vim.moref("SessionManager", self._ref("sessionManager")),
             [("userName", cfg.user), ("password", cfg.password)],
         )
         reply = await self._post("soap.Login", body, desc=desc, cookie=None)
@@ -315,7 +308,7 @@ class SoapTransport:
         token, self.slot.token = self.slot.token, None
         if token is not None:
             try:
-                body = envelope("Logout", _moref("SessionManager", self._ref("sessionManager")))
+                body = envelope("Logout", vim.moref("SessionManager", self._ref("sessionManager")))
                 await self._post("soap.Logout", body, desc="logout", cookie=token)
             except RemoteError:
                 pass
@@ -334,30 +327,15 @@ class SoapTransport:
     ) -> Any:
         body = envelope(method, this, args)
 
-        async def once() -> Any:
-            await self.slot.ensure(self._login_once)
-            relogged = False
-            while True:
-                gen = self.slot.gen
-                reply = await self._post(f"soap.{method}", body, desc=desc, cookie=self.slot.token)
-                if reply.status == 200:
-                    kind, value = read_envelope(reply.content, desc)
-                    if kind == "result":
-                        return value
-                err = self._error(reply, desc, guest_path)
-                if (
-                    isinstance(err, ApiError)
-                    and err.type_name == "NotAuthenticated"
-                    and not relogged
-                ):
-                    await self.slot.renew(gen, self._login_once, self.http.stats, "vim25")
-                    relogged = True
-                    continue
-                raise err
+        async def send(token: str | None) -> Any:
+            reply = await self._post(f"soap.{method}", body, desc=desc, cookie=token)
+            if reply.status == 200:
+                kind, value = read_envelope(reply.content, desc)
+                if kind == "result":
+                    return value
+            raise self._error(reply, desc, guest_path)
 
-        if retry:
-            return await self.http.retry(once, desc)
-        return await once()
+        return await self._session_call(send, desc, retry=retry, what="vim25")
 
     async def _properties(
         self, mo_type: str, moid: str, paths: Sequence[str], desc: str
@@ -366,11 +344,11 @@ class SoapTransport:
         await self.service_content()
         spec = {
             "propSet": {"type": mo_type, "all": False, "pathSet": list(paths)},
-            "objectSet": {"obj": _moref(mo_type, moid), "skip": False},
+            "objectSet": {"obj": vim.moref(mo_type, moid), "skip": False},
         }
         data = await self.call(
             "RetrievePropertiesEx",
-            _moref("PropertyCollector", self._ref("propertyCollector")),
+            vim.moref("PropertyCollector", self._ref("propertyCollector")),
             [("specSet", spec), ("options", {})],
             desc=desc,
         )
@@ -395,27 +373,19 @@ class SoapTransport:
             self._auth_manager = vim.moref_value(props.get("authManager"), "authManager")
         return self._file_manager, self._auth_manager
 
-    async def _guest_call(
+    async def _invoke(
         self,
         method: str,
-        vm: str,
-        extra: Mapping[str, Any],
+        this: Mapping[str, str],
+        args: Mapping[str, Any],
         *,
         desc: str,
         guest_path: str | None,
-        retry: bool = True,
-        manager: str = "file",
+        retry: bool,
     ) -> Any:
-        fm, am = await self._managers()
-        this = (
-            _moref("GuestFileManager", fm) if manager == "file" else _moref("GuestAuthManager", am)
+        return await self.call(
+            method, this, list(args.items()), desc=desc, guest_path=guest_path, retry=retry
         )
-        args = [
-            ("vm", _moref("VirtualMachine", vm)),
-            ("auth", vim.guest_auth(guest_credentials(self.http.config))),
-            *extra.items(),
-        ]
-        return await self.call(method, this, args, desc=desc, guest_path=guest_path, retry=retry)
 
     # --- the interface ----------------------------------------------------------------
 
@@ -432,7 +402,7 @@ class SoapTransport:
             esc = name_or_id.replace("%", "%25").replace("/", "%2f").replace("\\", "%5c")
             found = await self.call(
                 "FindByInventoryPath",
-                _moref("SearchIndex", self._ref("searchIndex")),
+                vim.moref("SearchIndex", self._ref("searchIndex")),
                 [("inventoryPath", f"ha-datacenter/vm/{esc}")],
                 desc=desc,
             )
@@ -448,34 +418,3 @@ class SoapTransport:
             )
         state = _POWER.get(str(props.get("runtime.powerState")), PowerState.POWERED_OFF)
         return VmInfo(vm=moid, name=name[:1024], power_state=state)
-
-    async def check_guest(self, vm: str) -> None:
-        await self._guest_call(
-            "ValidateCredentialsInGuest", vm, {}, desc=f"check guest login on VM {vm}",
-            guest_path=None, manager="auth",
-        )  # fmt: skip
-
-    async def list_page(self, vm: str, path: str, index: int, size: int) -> Page:
-        desc = f"list {show(path)} on VM {vm}"
-        data = await self._guest_call(
-            "ListFilesInGuest", vm, {"filePath": path, "index": index, "maxResults": size},
-            desc=desc, guest_path=path,
-        )  # fmt: skip
-        try:
-            return vim.parse_list(data, path)
-        except ProtocolError as e:
-            raise ProtocolError(f"{desc}: {e}") from e
-
-    async def stat(self, vm: str, path: str) -> GuestStat:
-        return await vim.stat_by_listing(self._guest_call, vm, path)
-
-    async def open_transfer(self, vm: str, path: str) -> OpenedTransfer:
-        desc = f"create transfer of {show(path)} on VM {vm}"
-        data = await self._guest_call(
-            "InitiateFileTransferFromGuest", vm, {"guestFilePath": path},
-            desc=desc, guest_path=path, retry=False,
-        )  # fmt: skip
-        try:
-            return vim.parse_transfer(data)
-        except ProtocolError as e:
-            raise ProtocolError(f"{desc}: {e}") from e

@@ -6,11 +6,14 @@ against ~450 MB/s for ``readinto`` on a blocking ``ssl`` socket in a thread, whi
 releases the GIL while it decrypts and hashes. API calls stay on httpx (:mod:`.session`);
 only the byte stream of the single-use transfer URL takes this path.
 
-The thread hashes (SHA-256 and MD5) as it reads and hands the bytes to the event loop
-through a memory channel as they arrive: the first hand-over is small (16 KiB, a reader
-is waiting for it), later ones grow up to 4 MiB only while data keeps flowing - bytes
-never wait more than ``FLUSH_AFTER`` in the thread for a batch to fill. Closing the
-channel's receiving end (the download was cancelled) or ``abort()`` stops the thread.
+The thread hashes (SHA-256 and MD5) what it reads and stores it itself through the
+caller's :class:`~guestfs_mount.model.BodyWriter` (the content cache's file): no byte
+crosses to the event loop. Only "stored up to n" does, coalesced (one pending report at a
+time), so readers wake as bytes arrive. Pieces are small first (16 KiB, a reader is
+waiting for them) and grow up to ``CHUNK`` only while data keeps flowing - bytes never
+wait more than ``FLUSH_AFTER`` in the thread for a piece to fill. Large bodies are hashed
+and stored by a second thread, in step with the reads (TLS decryption in the reading
+thread is the bottleneck). ``abort()`` (the download was cancelled) stops the threads.
 Transfer hosts (ESXi) may close the connection after each transfer: a kept-alive
 connection that turns out closed is replaced once, before any byte of the answer.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import select
 import socket
 import ssl
@@ -36,19 +40,21 @@ from guestfs_mount.errors import (
     TransferError,
     TransportError,
     UnsafeTransferUrl,
-    iter_chain,
 )
+from guestfs_mount.model import BodyWriter
 
 from . import tls
 from .retry import CircuitBreaker
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BodyGet", "ConnectionPool", "fetch_body"]
 
 FIRST_CHUNK = 16 << 10  # small first: the first reader is waiting for it
 HASH_THREAD_MIN = 16 << 20
-CHUNK = 4 << 20  # at most this per hand-over (each costs a thread round trip)
+CHUNK = 1 << 20  # at most this per write (readers wake per write)
 READ = 1 << 20  # one read1() call
-FLUSH_AFTER = 0.02  # seconds: bytes in hand are handed over once this old
+FLUSH_AFTER = 0.02  # seconds: bytes in hand are written once this old
 # What a kept-alive connection that the host has closed meanwhile raises on reuse.
 _CLOSED_BY_PEER = (
     http.client.RemoteDisconnected,
@@ -130,8 +136,8 @@ class BodyGet:
             except OSError:
                 pass
 
-    def run(self, send: trio.MemorySendChannel[bytes]) -> None:
-        """Thread body: connect, check the answer, stream the body into ``send``."""
+    def run(self, writer: BodyWriter, report: _Reports) -> None:
+        """Thread body: connect, check the answer, store the body through ``writer``."""
         reusable = False
         # A thread of its own pays off only for large bodies; small files hash inline.
         self._hasher = (
@@ -140,7 +146,7 @@ class BodyGet:
             else None
         )
         try:
-            reusable = self._run(send)
+            reusable = self._run(writer, report)
         finally:
             if self._hasher is not None:
                 self._hasher.shutdown(wait=True)
@@ -212,7 +218,7 @@ class BodyGet:
             return False
         return bool(ready)
 
-    def _run(self, send: trio.MemorySendChannel[bytes]) -> bool:
+    def _run(self, writer: BodyWriter, report: _Reports) -> bool:
         """Stream the body; True when the connection may serve another transfer."""
         resp = self._connect()
         status = resp.status
@@ -243,12 +249,14 @@ class BodyGet:
         h = hashlib.sha256()
         m = hashlib.md5(usedforsecurity=False)
 
-        def update(data: bytes) -> None:
+        def store(data: bytes, offset: int) -> None:
             h.update(data)
             m.update(data)
+            writer.write(data, offset)
+            report.stored(offset + len(data))
 
         n = 0
-        hashing: Future[None] | None = None
+        storing: Future[None] | None = None
         batch = FIRST_CHUNK
         pending: list[bytes] = []
         pending_len = 0
@@ -284,32 +292,30 @@ class BodyGet:
                 eof = True
             now = time.monotonic()
             if not pending or (
-                not eof and pending_len < batch and now - last < FLUSH_AFTER
+                not eof
+                and pending_len < batch
+                and now - last < FLUSH_AFTER
                 and self._more_ready(FLUSH_AFTER - (now - last))
             ):
                 continue  # more is there at once: fill the batch
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()
             pending_len = 0
-            n += len(data)
-            # Hashed on another thread (hashlib releases the GIL), in step with the
-            # reads: this thread's TLS decryption is the transfer's bottleneck.
-            if hashing is not None:
-                hashing.result()  # at most one chunk waits to be hashed
+            # Hashed and stored on another thread (hashlib and pwrite release the GIL),
+            # in step with the reads: this thread's TLS decryption is the bottleneck.
+            if storing is not None:
+                storing.result()  # at most one piece waits to be stored
             if self._hasher is not None:
-                hashing = self._hasher.submit(update, data)
+                storing = self._hasher.submit(store, data, n)
             else:
-                update(data)
-            try:
-                trio.from_thread.run(send.send, data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
-                return False  # the download was cancelled
+                store(data, n)
+            n += len(data)
             last = time.monotonic()
             batch = min(CHUNK, batch * 4)
+        if storing is not None:
+            storing.result()
         if self._aborted.is_set():
             return False
-        if hashing is not None:
-            hashing.result()
         if n != self.expected:
             raise TransferError(
                 f"{self.desc}: got {n} of {self.expected} bytes (transfer cut short)"
@@ -322,55 +328,84 @@ class BodyGet:
         return not resp.will_close and resp.isclosed()
 
 
+class _Reports:
+    """ "Stored up to n" from the body's threads to the event loop. A report is queued on
+    the loop only when none is pending (the loop then reads the latest figure), so a fast
+    body costs the loop one callback per batch of writes, not one per write."""
+
+    def __init__(self, writer: BodyWriter, on_data: Callable[[int], None]) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._writer = writer
+        self._on_data = on_data
+        self._lock = threading.Lock()
+        self._latest = 0  # guarded by _lock
+        self._queued = False  # guarded by _lock
+        self._told = 0  # event loop only
+        self._closed = False  # event loop only
+
+    def stored(self, nbytes: int) -> None:
+        """From a worker thread: bytes [0, nbytes) are stored."""
+        with self._lock:
+            self._latest = nbytes
+            if self._queued:
+                return
+            self._queued = True
+        try:
+            self._token.run_sync_soon(self.deliver)
+        except trio.RunFinishedError:
+            pass  # the loop is gone: nobody waits for these bytes
+
+    def deliver(self) -> None:
+        """On the event loop: pass the latest figure on (never raises: a run_sync_soon
+        callback that raises would crash the trio run)."""
+        with self._lock:
+            n = self._latest
+            self._queued = False
+        if self._closed or n <= self._told:
+            return
+        delta, self._told = n - self._told, n
+        try:
+            self._on_data(delta)
+            self._writer.stored(n)
+        except Exception:
+            log.exception("progress report of a download failed")
+
+    def close(self) -> None:
+        """On the event loop, once the threads are done with this download (or abandoned):
+        pass on what they stored; a report from an abandoned thread is dropped."""
+        self.deliver()
+        self._closed = True
+
+
 async def fetch_body(
     body: BodyGet,
-    sink: Callable[[bytes], Awaitable[None]],
+    writer: BodyWriter,
     breaker: CircuitBreaker,
     on_data: Callable[[int], None],
 ) -> None:
-    """Run ``body`` in a worker thread and feed what it reads into ``sink``; ``on_data``
-    is told each hand-over's size before the sink sees it (the first one marks the
-    download as started: it is not retried after that)."""
-    send, recv = trio.open_memory_channel[bytes](4)
+    """Run ``body`` in a worker thread that stores what it reads through ``writer``;
+    ``on_data`` is told on the event loop how many more bytes were stored, before
+    ``writer.stored`` (the first call marks the download as started: it is not retried
+    after that). Everything stored is reported before this returns or raises."""
     probe = breaker.before_call()
+    report = _Reports(writer, on_data)
     ok = False
-
-    async def pump() -> None:
+    try:
         try:
-            async with send:
-                await trio.to_thread.run_sync(body.run, send, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(body.run, writer, report, abandon_on_cancel=True)
         finally:
             body.abort()  # a cancelled wait must not leave the thread reading
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump)
-            async with recv:
-                async for data in recv:
-                    on_data(len(data))
-                    await sink(data)
+            report.close()
         ok = True
     except BaseException as e:
-        leaf = _sole(e)
-        if isinstance(leaf, TransportError) and not isinstance(leaf, TlsError):
+        if isinstance(e, TransportError) and not isinstance(e, TlsError):
             breaker.failure(probe)
         else:
             breaker.release(probe)
-        if leaf is e:
-            raise
-        # Callers expect this layer's own exceptions, not a nursery's group of one.
-        raise leaf from leaf.__cause__
+        raise
     finally:
         if ok:
             breaker.success(probe)
-
-
-def _sole(e: BaseException) -> BaseException:
-    """The one exception inside a group of one (else ``e`` itself)."""
-    subs = getattr(e, "exceptions", None)
-    if not isinstance(subs, tuple) or len(subs) != 1:
-        return e
-    return next((x for x in iter_chain(e) if getattr(x, "exceptions", None) is None), e)
 
 
 def _reason(e: BaseException) -> str:

@@ -18,23 +18,21 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 
 from guestfs_mount.errors import (
-    ApiError,
     ProtocolError,
     RemoteError,
     ServiceUnavailable,
     Unauthenticated,
 )
-from guestfs_mount.model import GuestStat, VmInfo
+from guestfs_mount.model import VmInfo
 
 from . import vim
-from .guestauth import guest_credentials
 from .parse import decode_json
 from .rest import RestTransport
-from .session import Http, NoSuchOperation, Reply, SessionSlot, show
-from .transport import OpenedTransfer, Page
+from .session import Http, NoSuchOperation, Reply, SessionSlot
 
 log = logging.getLogger("guestfs_mount.vcenter.client")
 
@@ -49,11 +47,7 @@ def probe_path(release: str = RELEASE) -> str:
     return f"/sdk/vim25/{release}/ServiceInstance/ServiceInstance/RetrieveServiceContent"
 
 
-def _moref(mo_type: str, value: str) -> dict[str, str]:
-    return {"_typeName": "ManagedObjectReference", "type": mo_type, "value": value}
-
-
-class ViJsonTransport:
+class ViJsonTransport(vim.GuestOps):
     name = "vi-json"
 
     def __init__(
@@ -202,31 +196,15 @@ class ViJsonTransport:
     ) -> Any:
         """One authenticated call: the JSON answer (None for 204), or the fault raised."""
 
-        async def once() -> Any:
-            await self.slot.ensure(self._login_once)
-            relogged = False
-            while True:
-                gen = self.slot.gen
-                reply = await self._post(
-                    name, path, body, desc=desc, token=self.slot.token, method=method,
-                    guest_path=guest_path,
-                )  # fmt: skip
-                if reply.status in (200, 204):
-                    return decode_json(reply.content, desc) if reply.content else None
-                err = self._fault(reply, desc, guest_path)
-                if (
-                    isinstance(err, ApiError)
-                    and err.type_name == "NotAuthenticated"
-                    and not relogged
-                ):
-                    await self.slot.renew(gen, self._login_once, self.http.stats, "vCenter")
-                    relogged = True
-                    continue
-                raise err
+        async def send(token: str | None) -> Any:
+            reply = await self._post(
+                name, path, body, desc=desc, token=token, method=method, guest_path=guest_path
+            )
+            if reply.status in (200, 204):
+                return decode_json(reply.content, desc) if reply.content else None
+            raise self._fault(reply, desc, guest_path)
 
-        if retry:
-            return await self.http.retry(once, desc)
-        return await once()
+        return await self._session_call(send, desc, retry=retry, what="vCenter")
 
     async def _managers(self) -> tuple[str, str]:
         if self._file_manager is None or self._auth_manager is None:
@@ -242,26 +220,19 @@ class ViJsonTransport:
             self._file_manager, self._auth_manager = found
         return self._file_manager, self._auth_manager
 
-    async def _guest_call(
+    async def _invoke(
         self,
         method: str,
-        vm: str,
-        extra: dict[str, Any],
+        this: Mapping[str, str],
+        args: Mapping[str, Any],
         *,
         desc: str,
         guest_path: str | None,
-        retry: bool = True,
-        manager: str = "file",
+        retry: bool,
     ) -> Any:
-        fm, am = await self._managers()
-        mo_type, moid = ("GuestFileManager", fm) if manager == "file" else ("GuestAuthManager", am)
-        body = {
-            "vm": _moref("VirtualMachine", vm),
-            "auth": vim.guest_auth(guest_credentials(self.http.config)),
-            **extra,
-        }
         return await self.call(
-            f"vim.{method}", f"/{mo_type}/{urllib.parse.quote(moid, safe='')}/{method}", body,
+            f"vim.{method}",
+            f"/{this['type']}/{urllib.parse.quote(this['value'], safe='')}/{method}", dict(args),
             desc=desc, guest_path=guest_path, retry=retry,
         )  # fmt: skip
 
@@ -269,34 +240,3 @@ class ViJsonTransport:
 
     async def find_vm(self, name_or_id: str) -> VmInfo:
         return await self.lookup.find_vm(name_or_id)
-
-    async def check_guest(self, vm: str) -> None:
-        await self._guest_call(
-            "ValidateCredentialsInGuest", vm, {}, desc=f"check guest login on VM {vm}",
-            guest_path=None, manager="auth",
-        )  # fmt: skip
-
-    async def list_page(self, vm: str, path: str, index: int, size: int) -> Page:
-        desc = f"list {show(path)} on VM {vm}"
-        data = await self._guest_call(
-            "ListFilesInGuest", vm, {"filePath": path, "index": index, "maxResults": size},
-            desc=desc, guest_path=path,
-        )  # fmt: skip
-        try:
-            return vim.parse_list(data, path)
-        except ProtocolError as e:
-            raise ProtocolError(f"{desc}: {e}") from e
-
-    async def stat(self, vm: str, path: str) -> GuestStat:
-        return await vim.stat_by_listing(self._guest_call, vm, path)
-
-    async def open_transfer(self, vm: str, path: str) -> OpenedTransfer:
-        desc = f"create transfer of {show(path)} on VM {vm}"
-        data = await self._guest_call(
-            "InitiateFileTransferFromGuest", vm, {"guestFilePath": path},
-            desc=desc, guest_path=path, retry=False,
-        )  # fmt: skip
-        try:
-            return vim.parse_transfer(data)
-        except ProtocolError as e:
-            raise ProtocolError(f"{desc}: {e}") from e

@@ -1,4 +1,6 @@
-"""What the two vim25 transports (VI/JSON and SOAP) share: reading their answers.
+"""What the two vim25 transports (VI/JSON and SOAP) share: reading their answers, and
+the guest operations themselves (:class:`GuestOps`), written once over each transport's
+``_guest_call``.
 
 Both carry the same data objects; :mod:`.soap` turns its XML into the JSON shape of
 VI/JSON (objects as dicts with ``_typeName``, leaf values as strings), so one set of
@@ -13,6 +15,7 @@ the REST INVALID_ARGUMENT with reason NOT_A_FILE (EISDIR), and so on.
 
 from __future__ import annotations
 
+import abc
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -39,18 +42,20 @@ from guestfs_mount.model import (
     GuestStat,
 )
 
+from .guestauth import guest_credentials
 from .parse import DOT_NAMES, INT64_MAX, name_problem, parse_timestamp, parse_transfer_url
-from .session import show
+from .session import Http, SessionSlot, show
 from .transport import OpenedTransfer, Page
 
 __all__ = [
+    "GuestOps",
     "fault_error",
     "file_name_pattern",
     "guest_auth",
+    "moref",
     "parse_list",
     "parse_transfer",
     "split_guest_path",
-    "stat_by_listing",
 ]
 
 _TYPES = {"file": FileType.FILE, "directory": FileType.DIRECTORY, "symlink": FileType.SYMLINK}
@@ -299,6 +304,11 @@ def parse_transfer(data: Any) -> OpenedTransfer:
     return OpenedTransfer(url=url, stat=st)
 
 
+def moref(mo_type: str, value: str) -> dict[str, str]:
+    """A ``ManagedObjectReference`` in VI/JSON form (:mod:`.soap` writes it as XML)."""
+    return {"_typeName": "ManagedObjectReference", "type": mo_type, "value": value}
+
+
 def moref_value(v: Any, what: str) -> str:
     """The id of a ``ManagedObjectReference``."""
     d = _obj(v, what)
@@ -308,30 +318,131 @@ def moref_value(v: Any, what: str) -> str:
     return value
 
 
-GuestCall = Callable[..., Awaitable[Any]]
+class GuestOps(abc.ABC):
+    """The guest operations of a vim25 transport (each one ``_guest_call``: a method of the
+    GuestFileManager or GuestAuthManager with the ``vm`` and guest ``auth`` arguments) and
+    the session handling of every call (:meth:`_session_call`), written once; a subclass
+    knows only its wire format (``_invoke``, ``_managers``, ``_login_once``)."""
 
+    http: Http
+    slot: SessionSlot
 
-async def stat_by_listing(guest_call: GuestCall, vm: str, path: str) -> GuestStat:
-    """vim25 has no stat: list the parent with a pattern that matches only the name (the
-    root: its own ``.``), which returns the full attributes in one call."""
-    desc = f"stat {show(path)} on VM {vm}"
-    split = split_guest_path(path)
-    listed, name = (path, ".") if split is None else split
-    data = await guest_call(
-        "ListFilesInGuest", vm,
-        {"filePath": listed, "index": 0, "maxResults": 2, "matchPattern": file_name_pattern(name)},
-        desc=desc, guest_path=path,
-    )  # fmt: skip
-    try:
-        info = data if isinstance(data, dict) else {}
-        files = info.get("files") or []
-        if isinstance(files, dict):
-            files = [files]
-        for item in files if isinstance(files, list) else []:
-            if isinstance(item, dict) and entry_name(item.get("path"), listed) == name:
-                return to_stat(item.get("type"), item.get("size"), item.get("attributes"), desc)
-    except ProtocolError as e:
-        raise ProtocolError(f"{desc}: {e}") from e
-    raise NotFound(
-        f"{desc} failed: FileNotFound: no such file", error_type="FileNotFound", path=path
-    )
+    @abc.abstractmethod
+    async def _login_once(self) -> None:
+        """One login attempt; sets ``slot``'s token."""
+
+    async def _session_call(
+        self, send: Callable[[str | None], Awaitable[Any]], desc: str, *, retry: bool, what: str
+    ) -> Any:
+        """``send(token)``'s answer, or the error it raises; logged in first if need be,
+        and once more (the session expired) when the answer is ``NotAuthenticated``;
+        retried on transient errors with ``retry``. ``what`` names the session in the log."""
+
+        async def once() -> Any:
+            await self.slot.ensure(self._login_once)
+            relogged = False
+            while True:
+                gen = self.slot.gen
+                try:
+                    return await send(self.slot.token)
+                except ApiError as err:
+                    if err.type_name != "NotAuthenticated" or relogged:
+                        raise
+                await self.slot.renew(gen, self._login_once, self.http.stats, what)
+                relogged = True
+
+        if retry:
+            return await self.http.retry(once, desc)
+        return await once()
+
+    @abc.abstractmethod
+    async def _managers(self) -> tuple[str, str]:
+        """The ids of the GuestFileManager and the GuestAuthManager."""
+
+    @abc.abstractmethod
+    async def _invoke(
+        self,
+        method: str,
+        this: Mapping[str, str],
+        args: Mapping[str, Any],
+        *,
+        desc: str,
+        guest_path: str | None,
+        retry: bool,
+    ) -> Any:
+        """One authenticated call of ``method`` on ``this`` with ``args`` (in this order):
+        the answer in VI/JSON shape, or the fault raised."""
+
+    async def _guest_call(
+        self,
+        method: str,
+        vm: str,
+        extra: Mapping[str, Any],
+        *,
+        desc: str,
+        guest_path: str | None,
+        retry: bool = True,
+        manager: str = "file",
+    ) -> Any:
+        fm, am = await self._managers()
+        this = moref("GuestFileManager", fm) if manager == "file" else moref("GuestAuthManager", am)
+        args = {
+            "vm": moref("VirtualMachine", vm),
+            "auth": guest_auth(guest_credentials(self.http.config)),
+            **extra,
+        }
+        return await self._invoke(method, this, args, desc=desc, guest_path=guest_path, retry=retry)
+
+    async def check_guest(self, vm: str) -> None:
+        await self._guest_call(
+            "ValidateCredentialsInGuest", vm, {}, desc=f"check guest login on VM {vm}",
+            guest_path=None, manager="auth",
+        )  # fmt: skip
+
+    async def list_page(self, vm: str, path: str, index: int, size: int) -> Page:
+        desc = f"list {show(path)} on VM {vm}"
+        data = await self._guest_call(
+            "ListFilesInGuest", vm, {"filePath": path, "index": index, "maxResults": size},
+            desc=desc, guest_path=path,
+        )  # fmt: skip
+        try:
+            return parse_list(data, path)
+        except ProtocolError as e:
+            raise ProtocolError(f"{desc}: {e}") from e
+
+    async def stat(self, vm: str, path: str) -> GuestStat:
+        """vim25 has no stat: list the parent with a pattern that matches only the name
+        (the root: its own ``.``), which returns the full attributes in one call."""
+        desc = f"stat {show(path)} on VM {vm}"
+        split = split_guest_path(path)
+        listed, name = (path, ".") if split is None else split
+        data = await self._guest_call(
+            "ListFilesInGuest", vm,
+            {"filePath": listed, "index": 0, "maxResults": 2,
+             "matchPattern": file_name_pattern(name)},
+            desc=desc, guest_path=path,
+        )  # fmt: skip
+        try:
+            info = data if isinstance(data, dict) else {}
+            files = info.get("files") or []
+            if isinstance(files, dict):
+                files = [files]
+            for item in files if isinstance(files, list) else []:
+                if isinstance(item, dict) and entry_name(item.get("path"), listed) == name:
+                    return to_stat(item.get("type"), item.get("size"), item.get("attributes"), desc)
+        except ProtocolError as e:
+            raise ProtocolError(f"{desc}: {e}") from e
+        raise NotFound(
+            f"{desc} failed: FileNotFound: no such file", error_type="FileNotFound", path=path
+        )
+
+    async def open_transfer(self, vm: str, path: str) -> OpenedTransfer:
+        desc = f"create transfer of {show(path)} on VM {vm}"
+        data = await self._guest_call(
+            "InitiateFileTransferFromGuest", vm, {"guestFilePath": path},
+            desc=desc, guest_path=path, retry=False,
+        )  # fmt: skip
+        try:
+            return parse_transfer(data)
+        except ProtocolError as e:
+            raise ProtocolError(f"{desc}: {e}") from e
