@@ -32,7 +32,7 @@ from .errors import ConfigError, InvalidArgument, NotFound
 from .evidence.ledger import Ledger, RecordingBackend, transfer_hook
 from .fs import FsOptions, Operations
 from .meta import MetadataCache
-from .model import DirEntry, FilesystemFamily, FileType, GuestStat, TransferResult
+from .model import DirEntry, FilesystemFamily, FileType, GuestStat, TransferResult, VmInfo
 from .paths import PosixPaths, flavor_for
 from .vcenter.client import ClientConfig, VCenterClient
 
@@ -250,6 +250,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
             nursery=nursery,
             keep=cfg.keep_cache,
             on_transfer_end=on_transfer_end,
+            persist_as=_persist_as(cfg, client.vcenter_netloc, vm),
         )
         stack.push_async_callback(_shielded, content.aclose)
         # The background tasks end before the cache closes: none may start a download.
@@ -275,6 +276,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
                 "vcenter": client.vcenter_netloc,
                 "vm": vm.vm,
                 "vm_name": vm.name,
+                "instance_uuid": vm.instance_uuid,
                 "guest_root": cfg.guest_root,
                 "frozen": cfg.frozen,
                 "case": cfg.case,
@@ -324,6 +326,21 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope, cfg.grace)
         await pyfuse3.main(max_tasks=cfg.max_tasks)
         # main() returned: unmounted from outside (fusermount3 -u); the stack cleans up
+
+
+def _persist_as(cfg: MountConfig, vcenter: str, vm: VmInfo) -> tuple[str, str] | None:
+    """What a kept cache is keyed by: the vCenter and the VM's instance UUID (a name or
+    a moid alone can be reused by another VM, whose files must never be served)."""
+    if not (cfg.keep_cache and cfg.cache_dir):
+        return None
+    if vm.instance_uuid is None:
+        log.warning(
+            "%s did not give VM %s's instance UUID: files kept in %s are not reused"
+            " (a kept cache is keyed by it, never by the VM's name or id alone)",
+            vcenter, vm.vm, cfg.cache_dir,
+        )  # fmt: skip
+        return None
+    return vcenter, vm.instance_uuid
 
 
 async def _shielded(close: Callable[[], Awaitable[None]]) -> None:

@@ -121,6 +121,7 @@ async def run_server(state: SimState, settings: ServerSettings) -> dict[str, Any
                     {
                         "name": vm.name,
                         "vm": vm.vm,
+                        "instance_uuid": vm.instance_uuid,
                         "root": os.fsdecode(vm.root),
                         "family": vm.family,
                         "guest_root": vm.guest_root,

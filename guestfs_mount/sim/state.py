@@ -12,6 +12,7 @@ import os
 import secrets
 import stat
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,11 +29,14 @@ from .vapi import NOT_A_FILE, VapiError, file_error
 Clock = Callable[[], float]
 
 POWER_STATES = ("POWERED_ON", "POWERED_OFF", "SUSPENDED")
+_UUID_NAMESPACE = uuid.UUID("6b1f0a52-3c1e-4d0e-9a57-677565737466")
+
 CALL_NAMES = (
     "session.create",
     "session.get",
     "session.delete",
     "vm.list",
+    "vm.get",
     "vm.power",
     "vm.tools",
     "vm.guest_operations",
@@ -62,8 +66,14 @@ class Vm:
     memory_size_MiB: int = 4096
     family: str = "POSIX"  # POSIX | WINDOWS
     drives: dict[str, bytes] = field(default_factory=dict)  # WINDOWS: letter -> host dir
+    # vCenter's unique id of the VM; by default derived from its id and name, so it is
+    # the same every time the simulator starts with the same VMs (a kept cache reuses
+    # what an earlier run fetched); set another to play a new VM with a reused name and id.
+    instance_uuid: str = ""
 
     def __post_init__(self) -> None:
+        if not self.instance_uuid:
+            self.instance_uuid = str(uuid.uuid5(_UUID_NAMESPACE, f"{self.vm}\0{self.name}"))
         if self.family == "WINDOWS":
             extra = {k.upper(): v for k, v in self.drives.items() if k.upper() != "C"}
             self.drives = {"C": self.root, **extra}

@@ -12,6 +12,7 @@ import binascii
 import json
 import logging
 import os
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote, unquote_to_bytes
@@ -81,6 +82,8 @@ class ApiRouter:
             raise operation_not_found()
         vm_id = unquote_to_bytes(segs[2]).decode("utf-8", "replace")
         rest = head[3:]
+        if method == "GET" and n == 3:
+            return await self.vm_get(request, vm_id)
         if method == "GET" and rest == ["power"]:
             return await self.vm_power(request, vm_id)
         if method == "GET" and rest == ["tools"]:
@@ -211,6 +214,26 @@ class ApiRouter:
             and (not powers or vm.power_state in powers)
         ]
         return JsonResponse(out)
+
+    async def vm_get(self, request: Request, vm_id: str) -> Response:
+        """``GET /api/vcenter/vm/{vm}``: the VM.Info fields the mount reads (identity)."""
+        self.state.count("vm.get")
+        self.session(request)
+        vm = self.state.vm(vm_id)
+        bios = str(uuid.uuid5(uuid.UUID(vm.instance_uuid), "bios"))
+        return JsonResponse(
+            {
+                "name": vm.name,
+                "power_state": vm.power_state,
+                "cpu": {"count": vm.cpu_count},
+                "memory": {"size_MiB": vm.memory_size_MiB},
+                "identity": {
+                    "name": vm.name,
+                    "bios_uuid": bios,
+                    "instance_uuid": vm.instance_uuid,
+                },
+            }
+        )
 
     async def vm_power(self, request: Request, vm_id: str) -> Response:
         self.state.count("vm.power")

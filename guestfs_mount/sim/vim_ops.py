@@ -442,6 +442,7 @@ def _vm_property(vm: Vm, path: str) -> Value:
     family = "windowsGuest" if vm.family == "WINDOWS" else "linuxGuest"
     simple: dict[str, Value] = {
         "name": vm.name,
+        "config.instanceUuid": vm.instance_uuid,
         "runtime.powerState": power,
         "runtime.connectionState": AnyValue("VirtualMachineConnectionState", "connected"),
         "guest.toolsRunningStatus": tools,
