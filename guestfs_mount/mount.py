@@ -73,9 +73,23 @@ class _Guest:
         self.paths = paths
         # Told the attributes a transfer came with (vim25), so the stat cache has them.
         self.on_stat: Callable[[str, GuestStat], None] | None = None
+        # --frozen with a kept cache: (size, mtime_ns) an earlier mount fetched of a path.
+        self.kept_version: Callable[[str], tuple[int, int] | None] | None = None
+
+    def _as_kept(self, path: str, st: GuestStat) -> GuestStat:
+        """A file an earlier mount fetched is shown as it was then (size and mtime; its
+        content is the kept copy), so a frozen view reproduces that session's."""
+        kept = self.kept_version(path) if self.kept_version is not None else None
+        if kept is None or st.type is not FileType.FILE or kept == (st.size, st.mtime_ns):
+            return st
+        log.info("%s: shown as an earlier mount fetched it (%d bytes; %d bytes now)",
+                 path, kept[0], st.size)  # fmt: skip
+        return dataclasses.replace(st, size=kept[0], mtime_ns=kept[1])
 
     async def list_dir(self, path: str) -> list[DirEntry]:
         entries = await self.client.list_dir(self.vm, path)
+        if self.kept_version is not None:
+            entries = [self._kept_entry(path, e) for e in entries]
         # The client checks what is hostile on any guest; what only this guest's path
         # flavour makes hostile (a "\\" or ":" on Windows) is skipped here, as it does.
         kept = [e for e in entries if self.paths.is_safe_name(e.name)]
@@ -88,8 +102,18 @@ class _Guest:
             )  # fmt: skip
         return kept
 
+    def _kept_entry(self, parent: str, e: DirEntry) -> DirEntry:
+        if e.type is not FileType.FILE or self.kept_version is None:
+            return e
+        path = self.paths.join(parent, e.name)
+        kept = self.kept_version(path)
+        if kept is None:
+            return e
+        st = None if e.stat is None else self._as_kept(path, e.stat)
+        return dataclasses.replace(e, size=kept[0], stat=st)
+
     async def stat(self, path: str) -> GuestStat:
-        return await self.client.stat(self.vm, path)
+        return self._as_kept(path, await self.client.stat(self.vm, path))
 
     async def fetch(
         self, path: str, size: int, sink: Sink, on_start: OnStart | None = None
@@ -253,6 +277,8 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
             persist_as=_persist_as(cfg, client.vcenter_netloc, vm),
         )
         stack.push_async_callback(_shielded, content.aclose)
+        if cfg.frozen:
+            guest.kept_version = content.kept_version
         # The background tasks end before the cache closes: none may start a download.
         stack.callback(nursery.cancel_scope.cancel)
         meta = MetadataCache(

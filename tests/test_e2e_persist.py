@@ -202,3 +202,26 @@ def test_second_concurrent_mount_on_the_same_cache_dir_is_refused(sim, tmp_path)
         assert "in use by another mount that keeps its cache" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
         assert _read(m.path("etc/hosts")) == b"127.0.0.1 localhost\n"  # the first one is fine
+
+
+def test_frozen_mount_reproduces_the_earlier_view_of_what_was_fetched(sim, source, tmp_path, api):
+    cache = str(tmp_path / "cache")
+    opts = ("--cache-dir", cache, "--keep-cache", "--frozen")
+    via = ViaApi(sim, api)
+    old = b"127.0.0.1 localhost\n"
+    with mounted(via, str(tmp_path / "m1"), *opts) as m:
+        assert _read(m.path("etc/hosts")) == old
+    with open(os.path.join(source, "etc/hosts"), "ab") as f:
+        f.write(b"10.0.0.7 added since\n")
+    os.utime(os.path.join(source, "etc/hosts"), ns=(1_700_000_000 * 10**9,) * 2)
+    sim.reset_stats()
+    with mounted(via, str(tmp_path / "m2"), *opts) as m:
+        listed = {e.name: e.stat().st_size for e in os.scandir(m.path("etc"))}
+        st = os.stat(m.path("etc/hosts"))
+        assert _read(m.path("etc/hosts")) == old
+    assert listed["hosts"] == st.st_size == len(old) and st.st_mtime_ns != 1_700_000_000 * 10**9
+    assert "/etc/hosts" not in _transfers(sim)
+    # Without --frozen the mount shows the guest as it is now.
+    with mounted(via, str(tmp_path / "m3"), "--cache-dir", cache, "--keep-cache") as m:
+        assert _read(m.path("etc/hosts")) == old + b"10.0.0.7 added since\n"
+    assert _transfers(sim) == {"/etc/hosts": 1}

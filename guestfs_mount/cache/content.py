@@ -466,6 +466,17 @@ class ContentCache:
             return None
         return entry.completed_at
 
+    def kept_version(self, path: str) -> tuple[int, int] | None:
+        """``(size, mtime_ns)`` of the version of ``path`` an earlier mount of this VM
+        fetched and kept (not opened by this mount yet); None if there is none."""
+        if self._persist_as is None:
+            return None
+        ids = self._dormant_by_path.get((*self._persist_as, path))
+        if not ids:
+            return None
+        rec = max((self._dormant[i] for i in ids), key=lambda r: r.last_used)
+        return rec.size, rec.mtime_ns
+
     def in_flight(self) -> list[dict[str, object]]:
         now = time.monotonic()
         out: list[dict[str, object]] = []
