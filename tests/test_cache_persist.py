@@ -221,3 +221,19 @@ async def test_without_instance_uuid_nothing_is_reused(tmp_path: Path) -> None:
     await _session(d, guest, keys, persist_as=None)
     await _session(d, guest, keys, persist_as=None)
     assert guest.fetches == ["/a", "/a"]
+
+
+async def test_kept_copy_closed_before_its_check_ends_stays_kept(tmp_path: Path) -> None:
+    files = {"/a": b"A" * 5000}
+    guest = _Guest(files)
+    d = tmp_path / "cache"
+    keys = [_key("/a", files["/a"])]
+    await _session(d, guest, keys)
+    async with trio.open_nursery() as nursery:
+        cache = ContentCache(str(d), 1 << 30, guest.fetch, nursery=nursery, keep=True,
+                             persist_as=VM)  # fmt: skip
+        cache.linger_max_bytes = 0  # closed unread: cancelled at once
+        cache.release(await cache.open(keys[0]))
+        await cache.aclose()
+    _, events, stats = await _session(d, guest, keys)
+    assert guest.fetches == ["/a"] and stats["reused"] == 1

@@ -98,6 +98,24 @@ class TransferEvent:
     cached_from: float | None = None
 
 
+def _check_kept(index: PersistentIndex, fd: int, rec: Record) -> tuple[str | None, Record]:
+    """Blocking (a worker thread): the kept copy's MD5 if its SHA-256 and length are still
+    the recorded ones (None otherwise, or if it cannot be read), and its record marked
+    used now (the LRU order across mounts; left as it was if that cannot be written)."""
+    try:
+        md5 = persist.file_hashes(fd, rec)
+    except OSError as exc:
+        log.warning("kept copy of %r unreadable: %s", rec.path, exc.strerror or exc)
+        return None, rec
+    if md5 is None:
+        return None, rec
+    try:
+        return md5, index.touch(rec)
+    except OSError as exc:
+        log.warning("cannot update the kept cache's index: %s", exc.strerror or exc)
+        return md5, rec
+
+
 class DownloadCancelled(CacheError):
     """A download was cancelled: nobody wanted it any more (linger, eviction) or shutdown."""
 
@@ -481,8 +499,8 @@ class ContentCache:
         now = time.monotonic()
         out: list[dict[str, object]] = []
         for entry in self._index.values():
-            if entry.state is not _State.RUNNING:
-                continue
+            if entry.state is not _State.RUNNING or entry.record is not None:
+                continue  # (a kept copy being checked is no transfer)
             elapsed = max(now - entry.started_mono, 1e-9)
             rate = entry.received / elapsed
             remaining = entry.key.size - entry.received
@@ -616,9 +634,9 @@ class ContentCache:
         md5: str | None = None
         try:
             with entry.scope:
-                md5 = await trio.to_thread.run_sync(persist.file_hashes, entry.fd, rec)
-                if md5 is not None:
-                    entry.record = await trio.to_thread.run_sync(index.touch, rec)
+                md5, entry.record = await trio.to_thread.run_sync(
+                    _check_kept, index, entry.fd, rec
+                )
         except BaseException as exc:
             error = self._as_error(entry, exc)
             self._finish(entry, None, error or DownloadCancelled("cancelled by shutdown"))
@@ -1022,8 +1040,14 @@ class ContentCache:
                     del self._by_path[entry.key.path]
         self._usage -= entry.key.size
         if entry.record is not None:
-            self._drop_record(entry.record)
-            entry.record = None
+            rec, entry.record = entry.record, None
+            if not entry.reused and entry.state is not _State.COMPLETE:
+                # A kept copy whose check was cancelled (closed at once, shutdown): it is
+                # as good as before, so it stays kept, file and record.
+                if not self._closed:
+                    self._add_dormant(rec)
+                return
+            self._drop_record(rec)
         if self._dir_fd >= 0:
             try:
                 fileio.unlink_quietly(self._dir_fd, entry.name)
