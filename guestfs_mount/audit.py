@@ -72,6 +72,10 @@ class AuditLog:
         exact = path_b64(ev.key.path)
         if exact is not None:
             line["path_b64"] = exact
+        if ev.cached_from is not None:
+            # No transfer: a kept copy of an earlier mount, its SHA-256 checked again.
+            line["result"] = "cached"
+            line["transfer_time"] = _iso(ev.cached_from)
         if ev.seen is not None:
             # The file changed between the stat the kernel was shown and the transfer:
             # what was fetched (size/mtime above) and what had been seen.

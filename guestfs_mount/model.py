@@ -68,9 +68,14 @@ class DirEntry:
 
 @dataclass(frozen=True, slots=True)
 class VmInfo:
+    """``instance_uuid``: vCenter's own unique id of the VM (REST ``identity.instance_uuid``,
+    vim25 ``config.instanceUuid``); None when the server did not give it. Unlike the name
+    and the moid, it is not reused by another VM, so a kept cache is keyed by it."""
+
     vm: str
     name: str
     power_state: PowerState
+    instance_uuid: str | None = None
 
 
 class CredentialType(enum.Enum):

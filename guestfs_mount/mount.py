@@ -33,7 +33,7 @@ from .evidence.ledger import Ledger, RecordingBackend, transfer_hook
 from .fleet.options import FleetOptions
 from .fs import FsOptions, Operations
 from .meta import MetadataCache
-from .model import DirEntry, FilesystemFamily, FileType, GuestStat, TransferResult
+from .model import DirEntry, FilesystemFamily, FileType, GuestStat, TransferResult, VmInfo
 from .mountpoint import MountPoint, check_mounted, mount_target
 from .paths import PosixPaths, flavor_for
 from .vcenter.client import ClientConfig, VCenterClient
@@ -78,9 +78,23 @@ class _Guest:
         self.paths = paths
         # Told the attributes a transfer came with (vim25), so the stat cache has them.
         self.on_stat: Callable[[str, GuestStat], None] | None = None
+        # --frozen with a kept cache: (size, mtime_ns) an earlier mount fetched of a path.
+        self.kept_version: Callable[[str], tuple[int, int] | None] | None = None
+
+    def _as_kept(self, path: str, st: GuestStat) -> GuestStat:
+        """A file an earlier mount fetched is shown as it was then (size and mtime; its
+        content is the kept copy), so a frozen view reproduces that session's."""
+        kept = self.kept_version(path) if self.kept_version is not None else None
+        if kept is None or st.type is not FileType.FILE or kept == (st.size, st.mtime_ns):
+            return st
+        log.info("%s: shown as an earlier mount fetched it (%d bytes; %d bytes now)",
+                 path, kept[0], st.size)  # fmt: skip
+        return dataclasses.replace(st, size=kept[0], mtime_ns=kept[1])
 
     async def list_dir(self, path: str) -> list[DirEntry]:
         entries = await self.client.list_dir(self.vm, path)
+        if self.kept_version is not None:
+            entries = [self._kept_entry(path, e) for e in entries]
         # The client checks what is hostile on any guest; what only this guest's path
         # flavour makes hostile (a "\\" or ":" on Windows) is skipped here, as it does.
         kept = [e for e in entries if self.paths.is_safe_name(e.name)]
@@ -93,8 +107,18 @@ class _Guest:
             )  # fmt: skip
         return kept
 
+    def _kept_entry(self, parent: str, e: DirEntry) -> DirEntry:
+        if e.type is not FileType.FILE or self.kept_version is None:
+            return e
+        path = self.paths.join(parent, e.name)
+        kept = self.kept_version(path)
+        if kept is None:
+            return e
+        st = None if e.stat is None else self._as_kept(path, e.stat)
+        return dataclasses.replace(e, size=kept[0], stat=st)
+
     async def stat(self, path: str) -> GuestStat:
-        return await self.client.stat(self.vm, path)
+        return self._as_kept(path, await self.client.stat(self.vm, path))
 
     async def fetch(
         self, path: str, size: int, sink: Sink, on_start: OnStart | None = None
@@ -260,8 +284,11 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
             nursery=nursery,
             keep=cfg.keep_cache,
             on_transfer_end=on_transfer_end,
+            persist_as=_persist_as(cfg, client.vcenter_netloc, vm),
         )
         stack.push_async_callback(_shielded, content.aclose)
+        if cfg.frozen:
+            guest.kept_version = content.kept_version
         # The background tasks end before the cache closes: none may start a download.
         stack.callback(nursery.cancel_scope.cancel)
         meta = MetadataCache(
@@ -285,6 +312,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
                 "vcenter": client.vcenter_netloc,
                 "vm": vm.vm,
                 "vm_name": vm.name,
+                "instance_uuid": vm.instance_uuid,
                 "guest_root": cfg.guest_root,
                 "frozen": cfg.frozen,
                 "case": cfg.case,
@@ -337,6 +365,21 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope, cfg.grace)
         await pyfuse3.main(max_tasks=cfg.max_tasks)
         # main() returned: unmounted from outside (fusermount3 -u); the stack cleans up
+
+
+def _persist_as(cfg: MountConfig, vcenter: str, vm: VmInfo) -> tuple[str, str] | None:
+    """What a kept cache is keyed by: the vCenter and the VM's instance UUID (a name or
+    a moid alone can be reused by another VM, whose files must never be served)."""
+    if not (cfg.keep_cache and cfg.cache_dir):
+        return None
+    if vm.instance_uuid is None:
+        log.warning(
+            "%s did not give VM %s's instance UUID: files kept in %s are not reused"
+            " (a kept cache is keyed by it, never by the VM's name or id alone)",
+            vcenter, vm.vm, cfg.cache_dir,
+        )  # fmt: skip
+        return None
+    return vcenter, vm.instance_uuid
 
 
 async def _shielded(close: Callable[[], Awaitable[None]]) -> None:

@@ -50,8 +50,9 @@ import trio
 
 from ..errors import CacheError, GuestfsError, RemoteError, TransferError, first_error
 from ..model import BodyWriter, GuestStat, TransferResult
-from . import fileio, tempdir
+from . import fileio, persist, tempdir
 from .fileio import PWrite
+from .persist import PersistentIndex, Record
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,27 @@ class TransferEvent:
     md5: str | None = None
     # The version opened (what the kernel was shown) when the transfer found another one.
     seen: ContentKey | None = None
+    # Served from a kept cache of an earlier mount, verified, with no transfer: the time
+    # (epoch seconds) the original download completed.
+    cached_from: float | None = None
+
+
+def _check_kept(index: PersistentIndex, fd: int, rec: Record) -> tuple[str | None, Record]:
+    """Blocking (a worker thread): the kept copy's MD5 if its SHA-256 and length are still
+    the recorded ones (None otherwise, or if it cannot be read), and its record marked
+    used now (the LRU order across mounts; left as it was if that cannot be written)."""
+    try:
+        md5 = persist.file_hashes(fd, rec)
+    except OSError as exc:
+        log.warning("kept copy of %r unreadable: %s", rec.path, exc.strerror or exc)
+        return None, rec
+    if md5 is None:
+        return None, rec
+    try:
+        return md5, index.touch(rec)
+    except OSError as exc:
+        log.warning("cannot update the kept cache's index: %s", exc.strerror or exc)
+        return md5, rec
 
 
 class DownloadCancelled(CacheError):
@@ -124,6 +146,8 @@ class _Entry:
     size: int = -1  # the body's length: key.size until the transfer reports it
     begun: trio.Event = field(default_factory=trio.Event)  # length known, or ended
     seen: ContentKey | None = None  # the key opened, when the transfer found another
+    record: Record | None = None  # its record in the kept cache's persistent index
+    reused: bool = False  # served from that record, not downloaded by this mount
 
     def wake(self) -> None:
         """Wake every reader waiting for progress or for the end of the download."""
@@ -150,6 +174,7 @@ class ContentCache:
         prefetch_max_bytes: int = 64 << 20,
         prefetch_max_parallel: int = 16,
         pwrite: PWrite = os.pwrite,
+        persist_as: tuple[str, str] | None = None,
     ) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
@@ -191,6 +216,8 @@ class ContentCache:
             "prefetch_refused": 0,
             "refused_too_big": 0,
             "version_changes": 0,
+            "reused": 0,  # served from a kept cache of an earlier mount, no transfer
+            "reuse_rejected": 0,  # kept copies that failed their SHA-256 check
         }
         temporary = directory is None
         if directory is None:
@@ -204,6 +231,44 @@ class ContentCache:
         self.directory = directory
         self._dir_fd, created = fileio.prepare_directory(directory)
         self._created_dir = created or temporary
+        self._persist: PersistentIndex | None = None
+        self._persist_as = persist_as
+        # Records of the kept cache not opened by this mount (LRU first); their bytes count
+        # in the usage, so --cache-size bounds the directory across mounts.
+        self._dormant: OrderedDict[str, Record] = OrderedDict()
+        self._dormant_by_path: dict[tuple[str, str, str], set[str]] = {}
+        try:
+            self._open_persistent(temporary)
+        except BaseException:
+            fileio.close_quietly(self._dir_fd)
+            raise
+
+    def _open_persistent(self, temporary: bool) -> None:
+        """With ``keep``, ``persist_as`` (vCenter, VM instance UUID) and a directory of
+        the user's: load the persistent index (exclusive lock, orphan sweep)."""
+        if temporary or not (self.keep and self._persist_as is not None):
+            return
+        try:
+            self._persist = PersistentIndex(self._dir_fd)
+            records = self._persist.scan()
+        except OSError as exc:
+            if self._persist is not None:
+                self._persist.close()
+            raise CacheError(
+                f"cannot read the kept cache's index: {exc.strerror}", exc.errno or errno.EIO
+            ) from exc
+        for rec in sorted(records, key=lambda r: r.last_used):
+            self._dormant[rec.id] = rec
+            self._dormant_by_path.setdefault((rec.vcenter, rec.instance_uuid, rec.path), set()).add(
+                rec.id
+            )
+            self._usage += rec.size
+        if self._usage > self._max_bytes:
+            self._make_room(0, include_running=False)
+        log.info(
+            "kept cache %s: %d files (%d bytes) from earlier mounts",
+            self.directory, len(self._dormant), self._usage,
+        )  # fmt: skip
 
     # -- properties ---------------------------------------------------------------------
 
@@ -245,6 +310,8 @@ class ContentCache:
             entry.busy = 0
             self._close_fd(entry)
         self._handles.clear()
+        if self._persist is not None:
+            self._persist.close()
         if self._dir_fd >= 0:
             fileio.close_quietly(self._dir_fd)
             self._dir_fd = -1
@@ -409,12 +476,23 @@ class ContentCache:
             return None
         return entry.completed_at
 
+    def kept_version(self, path: str) -> tuple[int, int] | None:
+        """``(size, mtime_ns)`` of the version of ``path`` an earlier mount of this VM
+        fetched and kept (not opened by this mount yet); None if there is none."""
+        if self._persist_as is None:
+            return None
+        ids = self._dormant_by_path.get((*self._persist_as, path))
+        if not ids:
+            return None
+        rec = max((self._dormant[i] for i in ids), key=lambda r: r.last_used)
+        return rec.size, rec.mtime_ns
+
     def in_flight(self) -> list[dict[str, object]]:
         now = time.monotonic()
         out: list[dict[str, object]] = []
         for entry in self._index.values():
-            if entry.state is not _State.RUNNING:
-                continue
+            if entry.state is not _State.RUNNING or entry.record is not None:
+                continue  # (a kept copy being checked is no transfer)
             elapsed = max(now - entry.started_mono, 1e-9)
             rate = entry.received / elapsed
             remaining = entry.key.size - entry.received
@@ -445,9 +523,30 @@ class ContentCache:
             old_entry = self._index[old]
             if old_entry.handles == 0:
                 self._evict(old_entry)
-        self._check_room(key.path, key.size, 0)
+        rec = self._take_dormant(key)
+        try:
+            # A kept file is on the disk already: it needs no more free space.
+            self._check_room(key.path, key.size, key.size if rec is not None else 0)
+        except CacheError:
+            if rec is not None:
+                self._add_dormant(rec)
+            raise
         self._make_room(key.size, include_running=not prefetch)
-        fd, name = self._create_file()
+        fd = -1
+        if rec is not None:
+            try:
+                fd = os.open(
+                    rec.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd
+                )
+            except OSError as exc:
+                log.warning("kept copy of %r unreadable (%s): fetching it again",
+                            key.path, exc.strerror)  # fmt: skip
+                self._drop_record(rec)
+                rec = None
+        if rec is None:
+            fd, name = self._create_file()
+        else:
+            name = rec.file
         entry = _Entry(
             key=key,
             name=name,
@@ -456,6 +555,7 @@ class ContentCache:
             started_mono=time.monotonic(),
             prefetch=prefetch,
             size=key.size,
+            record=rec,
         )
         self._index[key] = entry
         self._by_path.setdefault(key.path, set()).add(key)
@@ -466,8 +566,118 @@ class ContentCache:
         if self._tasks == 0:
             self._tasks_done = trio.Event()
         self._tasks += 1
-        self._nursery.start_soon(self._download, entry, name=f"download-{name}")
+        if rec is not None:
+            self._nursery.start_soon(self._reuse, entry, rec, name=f"reuse-{name}")
+        else:
+            self._nursery.start_soon(self._download, entry, name=f"download-{name}")
         return entry
+
+    # -- internals: the kept cache (persistent index) ----------------------------------------
+
+    def _take_dormant(self, key: ContentKey) -> Record | None:
+        """The kept record of ``key`` from an earlier mount (out of the dormant set), if any;
+        kept records of other versions of the path are dropped: they will not be wanted."""
+        if self._persist is None or self._persist_as is None:
+            return None
+        vcenter, uuid = self._persist_as
+        ids = self._dormant_by_path.get((vcenter, uuid, key.path))
+        if not ids:
+            return None
+        want = persist.key_id(vcenter, uuid, key.path, key.size, key.mtime_ns)
+        found = None
+        for rid in list(ids):
+            rec = self._remove_dormant(rid)
+            if rid == want:
+                found = rec
+            else:
+                self._drop_record(rec)
+        return found
+
+    def _add_dormant(self, rec: Record) -> None:
+        self._dormant[rec.id] = rec
+        self._dormant.move_to_end(rec.id, last=False)
+        self._dormant_by_path.setdefault((rec.vcenter, rec.instance_uuid, rec.path), set()).add(
+            rec.id
+        )
+        self._usage += rec.size
+
+    def _remove_dormant(self, rid: str) -> Record:
+        rec = self._dormant.pop(rid)
+        where = (rec.vcenter, rec.instance_uuid, rec.path)
+        ids = self._dormant_by_path[where]
+        ids.discard(rid)
+        if not ids:
+            del self._dormant_by_path[where]
+        self._usage -= rec.size
+        return rec
+
+    def _drop_record(self, rec: Record) -> None:
+        if self._persist is not None and self._dir_fd >= 0:
+            try:
+                self._persist.drop(rec)
+            except OSError as exc:
+                log.warning("cannot remove kept cache file %s: %s", rec.file, exc.strerror)
+
+    async def _reuse(self, entry: _Entry, rec: Record) -> None:
+        """Serve a kept file of an earlier mount: only once its SHA-256 (and length) are
+        checked again; otherwise drop it and download the file as if it had not been kept."""
+        assert self._persist is not None
+        index = self._persist
+        md5: str | None = None
+        try:
+            with entry.scope:
+                md5, entry.record = await trio.to_thread.run_sync(
+                    _check_kept, index, entry.fd, rec
+                )
+        except BaseException as exc:
+            error = self._as_error(entry, exc)
+            self._finish(entry, None, error or DownloadCancelled("cancelled by shutdown"))
+            if error is None:
+                raise
+            return
+        if entry.scope.cancelled_caught:
+            self._finish(entry, None, DownloadCancelled(f"reuse of {entry.key.path!r} cancelled"))
+            return
+        if md5 is not None:
+            entry.written = entry.received = entry.size
+            entry.reused = True
+            result = TransferResult(nbytes=entry.size, sha256=rec.sha256, seconds=0.0, md5=md5)
+            self._finish(entry, result, None)
+            return
+        self._stats["reuse_rejected"] += 1
+        log.warning(
+            "kept copy of %r does not match its recorded SHA-256 (corrupt or truncated):"
+            " dropped, fetching it again", entry.key.path,
+        )  # fmt: skip
+        entry.record = None
+        self._drop_record(rec)
+        entry.scope = trio.CancelScope()  # a scope is entered once; the download needs its own
+        fileio.close_quietly(entry.fd)
+        try:
+            entry.fd, entry.name = self._create_file()
+        except CacheError as exc:
+            entry.fd = -1  # nothing to read: readers get the error
+            self._finish(entry, None, exc)
+            return
+        await self._download(entry)
+
+    async def _commit(self, entry: _Entry, rec: Record) -> None:
+        """Make a completed download durable and record it (the daemon may be SIGKILLed
+        at any point: the index only ever names whole, fsync'ed files)."""
+        assert self._persist is not None
+        try:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._persist.commit, entry.fd, rec)
+            if entry.attached:
+                entry.record = rec
+            else:  # evicted meanwhile: its file is gone
+                self._drop_record(rec)
+        except OSError as exc:
+            log.warning("%r not kept for later mounts: %s", entry.key.path, exc.strerror or exc)
+        finally:
+            self._tasks -= 1
+            if self._tasks == 0:
+                self._tasks_done.set()
 
     def _check_room(self, path: str, size: int, already: int) -> None:
         """EFBIG unless ``size`` bytes fit in the cache bound and on the disk (``already``:
@@ -617,6 +827,12 @@ class ContentCache:
         """Record the end of a download (called exactly once per download task)."""
         entry.task_running = False
         self._running.discard(entry)
+        commit = (
+            self._persist is not None and self._persist_as is not None
+            and error is None and result is not None and not entry.reused and entry.attached
+        )  # fmt: skip
+        if commit:
+            self._tasks += 1  # the commit task: aclose waits for it as for a download
         self._tasks -= 1
         if self._tasks == 0:
             self._tasks_done.set()
@@ -629,7 +845,19 @@ class ContentCache:
             entry.state = _State.COMPLETE
             entry.sha256 = result.sha256
             entry.completed_at = time.time()
-            self._stats["downloads"] += 1
+            if entry.reused and entry.record is not None:
+                entry.completed_at = entry.record.transfer_time
+                self._stats["reused"] += 1
+            else:
+                self._stats["downloads"] += 1
+            if commit and self._persist_as is not None:
+                vcenter, uuid = self._persist_as
+                rec = Record(
+                    vcenter, uuid, entry.key.path, entry.key.size, entry.key.mtime_ns,
+                    result.sha256, entry.name, entry.completed_at, entry.completed_at,
+                    result.md5,
+                )  # fmt: skip
+                self._nursery.start_soon(self._commit, entry, rec, name=f"commit-{entry.name}")
             if entry.handles == 0 and entry.attached and self._usage > self._max_bytes:
                 self._make_room(0, include_running=False)
         else:
@@ -660,6 +888,7 @@ class ContentCache:
                 prefetch=was_prefetch,
                 md5=result.md5 if error is None and result is not None else None,
                 seen=entry.seen,
+                cached_from=entry.completed_at if entry.reused and error is None else None,
             )
             try:
                 self._on_transfer_end(event)
@@ -706,15 +935,31 @@ class ContentCache:
         idle.
         """
 
+        usage = self._usage  # before any eviction: ``freed`` counts from here
+
         def fits(freed: int) -> bool:
             if size < 0:
                 return need_free > 0 and freed >= need_free
-            return self._usage - freed + size <= self._max_bytes
+            return usage - freed + size <= self._max_bytes
 
         if fits(0):
             return True
-        victims: list[_Entry] = []
+        # Kept files of earlier mounts not opened by this one are the least recently used.
+        dormant: list[Record] = []
         freed = 0
+        for rec in self._dormant.values():
+            if fits(freed):
+                break
+            dormant.append(rec)
+            freed += rec.size
+        if not dry_run:
+            for rec in dormant:
+                self._stats["evictions"] += 1
+                self._remove_dormant(rec.id)
+                self._drop_record(rec)
+        if fits(freed):
+            return True
+        victims: list[_Entry] = []
         candidates = [e for e in self._index.values() if e.prefetch] + [
             e for e in self._index.values() if not e.prefetch
         ]
@@ -754,6 +999,15 @@ class ContentCache:
                 if not keys:
                     del self._by_path[entry.key.path]
         self._usage -= entry.key.size
+        if entry.record is not None:
+            rec, entry.record = entry.record, None
+            if not entry.reused and entry.state is not _State.COMPLETE:
+                # A kept copy whose check was cancelled (closed at once, shutdown): it is
+                # as good as before, so it stays kept, file and record.
+                if not self._closed:
+                    self._add_dormant(rec)
+                return
+            self._drop_record(rec)
         if self._dir_fd >= 0:
             try:
                 fileio.unlink_quietly(self._dir_fd, entry.name)

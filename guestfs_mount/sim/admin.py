@@ -183,6 +183,7 @@ def routes(state: SimState) -> list[BaseRoute]:
                     {
                         **vm.summary(),
                         "tools_running": vm.tools_running,
+                        "instance_uuid": vm.instance_uuid,
                         "root": vm.root.decode("utf-8", "surrogateescape"),
                         "family": vm.family,
                         "guest_root": vm.guest_root,

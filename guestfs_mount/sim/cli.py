@@ -20,6 +20,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -314,6 +315,11 @@ def setup(args: argparse.Namespace) -> tuple[SimState, ServerSettings, list[str]
             if entry["power_state"] not in POWER_STATES:
                 raise UsageError(f"power_state must be one of {POWER_STATES}")
             kw["power_state"] = entry["power_state"]
+        if "instance_uuid" in entry:
+            try:
+                kw["instance_uuid"] = str(uuid.UUID(str(entry["instance_uuid"])))
+            except ValueError as exc:
+                raise UsageError(f"vms: instance_uuid {entry['instance_uuid']!r}: {exc}") from exc
         for key in ("tools_running", "cpu_count", "memory_size_MiB"):
             if key in entry:
                 kw[key] = entry[key]

@@ -121,6 +121,7 @@ async def run_server(state: SimState, settings: ServerSettings) -> dict[str, Any
                     {
                         "name": vm.name,
                         "vm": vm.vm,
+                        "instance_uuid": vm.instance_uuid,
                         "root": os.fsdecode(vm.root),
                         "family": vm.family,
                         "guest_root": vm.guest_root,
@@ -128,7 +129,6 @@ async def run_server(state: SimState, settings: ServerSettings) -> dict[str, Any
                         "folder_path": state.folder_path(vm.folder),
                         "power_state": vm.power_state,
                         "tools_running": vm.tools_running,
-                        "instance_uuid": vm.instance_uuid,
                         **(
                             {"drives": {k: os.fsdecode(v) for k, v in vm.drives.items()}}
                             if vm.drives

@@ -29,11 +29,14 @@ from .vapi import NOT_A_FILE, VapiError, file_error
 Clock = Callable[[], float]
 
 POWER_STATES = ("POWERED_ON", "POWERED_OFF", "SUSPENDED")
+_UUID_NAMESPACE = uuid.UUID("6b1f0a52-3c1e-4d0e-9a57-677565737466")
+
 CALL_NAMES = (
     "session.create",
     "session.get",
     "session.delete",
     "vm.list",
+    "vm.get",
     "vm.power",
     "vm.tools",
     "vm.guest_operations",

@@ -180,6 +180,23 @@ def parse_vm_list(data: Any) -> list[VmInfo]:
     return out
 
 
+_UUID = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{0,63}")
+
+
+def instance_uuid(v: Any) -> str | None:
+    """A VM's instance UUID as the server gave it, or None if it is absent or not one (it
+    keys a kept cache and is written into evidence: only a plain token is accepted)."""
+    if isinstance(v, str) and _UUID.fullmatch(v):
+        return v.lower()
+    return None
+
+
+def parse_vm_identity(data: Any) -> str | None:
+    """``GET /api/vcenter/vm/{vm}`` (VM.Info): ``identity.instance_uuid`` (since 6.7.1)."""
+    identity = _obj(unwrap_value(data), "VM info").get("identity")
+    return instance_uuid(identity.get("instance_uuid")) if isinstance(identity, dict) else None
+
+
 def parse_power_state(data: Any) -> PowerState:
     d = _obj(unwrap_value(data), "power info")
     result: PowerState = _enum(_req(d, "state", "power info"), _POWER, "power info state")

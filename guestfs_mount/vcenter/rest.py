@@ -10,6 +10,7 @@ there, so "preview" is this transport with the other transfer form.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -237,7 +238,21 @@ class RestTransport:
             raise ConfigError(
                 f"{len(found)} VMs are named {name_or_id!r}: {ids}; give the VM id instead"
             )
-        return found[0]
+        return dataclasses.replace(found[0], instance_uuid=await self._instance_uuid(found[0].vm))
+
+    async def _instance_uuid(self, vm: str) -> str | None:
+        """The VM's ``identity.instance_uuid`` (None if this server does not give it: only
+        a kept cache needs it, so the mount goes on without)."""
+        try:
+            data = await self.api(
+                "vm.get", "GET", f"/api/vcenter/vm/{_q(vm)}", desc=f"identity of VM {vm}"
+            )
+            return parse.parse_vm_identity(data)
+        except Unauthenticated:
+            raise
+        except (ApiError, ProtocolError) as exc:
+            log.info("no instance UUID for VM %s: %s", vm, exc)
+            return None
 
     async def check_guest(self, vm: str) -> None:
         base = f"/api/vcenter/vm/{_q(vm)}"

@@ -35,7 +35,7 @@ from guestfs_mount.errors import (
 )
 from guestfs_mount.model import PowerState, VmInfo
 
-from . import vim
+from . import parse, vim
 from .rest import RestTransport
 from .session import Http, NoSuchOperation, Reply, SessionSlot
 
@@ -410,11 +410,14 @@ class SoapTransport(vim.GuestOps):
                 moid = vim.moref_value(found, "VM")
         if moid is None:
             raise NotFound(f"no VM named {name_or_id!r} on host {self.http.server.host}")
-        props = await self._properties("VirtualMachine", moid, ("name", "runtime.powerState"), desc)
+        props = await self._properties(
+            "VirtualMachine", moid, ("name", "runtime.powerState", "config.instanceUuid"), desc
+        )
         name = props.get("name")
         if not isinstance(name, str):
             raise NotFound(
                 f"no VM named {name_or_id!r} (or with that id) on host {self.http.server.host}"
             )
         state = _POWER.get(str(props.get("runtime.powerState")), PowerState.POWERED_OFF)
-        return VmInfo(vm=moid, name=name[:1024], power_state=state)
+        uuid = parse.instance_uuid(props.get("config.instanceUuid"))
+        return VmInfo(vm=moid, name=name[:1024], power_state=state, instance_uuid=uuid)
