@@ -172,6 +172,8 @@ def _add(r: Real, row: Row) -> None:
     r.b.add(row)
     if row.guest is not None:
         print(f"     guest: {row.guest.brief()}", flush=True)
+    if row.base_guest is not None:
+        print(f"     baseline: {row.base_guest.wall:.1f} s, {row.base_guest.brief()}", flush=True)
 
 
 def sc_ls_l(r: Real) -> None:
