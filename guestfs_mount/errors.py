@@ -6,6 +6,7 @@
     ├── ConfigError                 bad command line / config / set-up (exit status 2)
     ├── CacheError                  local cache directory trouble (ENOSPC, EIO)
     │   └── DownloadCancelled       nobody wants it any more, or shutdown (cache/content.py)
+    ├── VmUnavailable               one VM of --all-vms cannot be read (fleet/vm.py) -> its errno
     └── RemoteError                 anything that went wrong talking to vCenter or ESXi
         ├── ApiError                a vAPI error body; subclass chosen by its ``error_type``
         │   ├── NotFound                    NOT_FOUND                      -> ENOENT
