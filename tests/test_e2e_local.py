@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from guestfs_mount.control import socket_path
 from guestfs_mount.sim.testing import run_simulator
 from guestfs_mount.testing import mount_argv, mount_env, mounted, unmount
 from tests import trees
@@ -185,26 +187,45 @@ def test_log_file_planted_by_another_user_is_refused(sim: Any, tmp_path: Any, ki
 
 
 def test_two_mounts_at_once_on_one_mountpoint_do_not_stack(sim: Any, tmp_path: Any) -> None:
-    """Both pass the 'already a mount point' check together; the lock lets only one mount."""
+    """Both pass the 'already a mount point' check; the lock lets only one mount. The
+    race is made deterministic: the first daemon holds the lock while its vCenter login
+    is stalled (the simulator's stall_api), and the second starts only then."""
     mnt = str(tmp_path / "mnt")
     os.makedirs(mnt)
-    procs = [
-        subprocess.Popen(
+    lock = socket_path(mnt)[: -len(".sock")] + ".lock"
+    sim.faults(stall_api=True)
+    try:
+        first = subprocess.Popen(
             mount_argv(sim, mnt), env=mount_env(sim), stderr=subprocess.PIPE, text=True
         )
-        for _ in range(2)
-    ]
-    results = [(p.wait(timeout=90), p.stderr.read()) for p in procs if p.stderr]
+        deadline = time.monotonic() + 60
+        while not _lock_held(lock):
+            assert first.poll() is None and time.monotonic() < deadline, first.returncode
+            time.sleep(0.02)
+        second = subprocess.run(
+            mount_argv(sim, mnt), env=mount_env(sim), stderr=subprocess.PIPE, text=True,
+            timeout=90,
+        )  # fmt: skip
+    finally:
+        sim.reset_faults()
     try:
+        assert first.wait(timeout=90) == 0
         with open("/proc/self/mountinfo") as f:
             stacked = sum(1 for line in f if f" {mnt} " in line)
-        assert stacked == 1, results
-        codes = sorted(code for code, _ in results)
-        assert codes == [0, 1], results
-        err = next(e for code, e in results if code == 1)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and "already mounted" in lines[0], err
+        assert stacked == 1
+        assert second.returncode == 1, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "already mounted by pid" in lines[0], second.stderr
         assert os.listdir(mnt)
     finally:
         while os.path.ismount(mnt):
             unmount(mnt)
+
+
+def _lock_held(lock: str) -> bool:
+    """The daemon writes its pid into the mount point's lock once it holds it."""
+    try:
+        with open(lock) as f:
+            return f.read().strip().isdigit()
+    except FileNotFoundError:
+        return False
