@@ -15,6 +15,7 @@ import trio.testing
 from guestfs_mount.model import CredentialType, GuestCredentials
 from guestfs_mount.vcenter import ClientConfig, VCenterClient
 from guestfs_mount.vcenter.scheduler import Priority, priority
+from tests.memory_writer import MemoryWriter
 
 testing = pytest.importorskip("guestfs_mount.sim.testing")
 
@@ -111,11 +112,8 @@ async def test_prefetch_yields_to_a_user_cat_and_ls_l_progresses_during_it(sim: 
         vm = (await c.find_vm(sim.vm_id())).vm
         cat_started = trio.Event()
 
-        async def sink(b: bytes) -> None:
-            pass
-
         async def cat() -> None:
-            await c.download(vm, "/big.bin", BIG, sink, on_start=lambda n, st: cat_started.set())
+            await c.download(vm, "/big.bin", BIG, MemoryWriter(), on_start=lambda n, st: cat_started.set())
             events.append("cat done")
 
         async def prefetch() -> None:
@@ -124,7 +122,7 @@ async def test_prefetch_yields_to_a_user_cat_and_ls_l_progresses_during_it(sim: 
             def started(n: int, st: object) -> None:
                 events.append("prefetch body")
 
-            await c.download(vm, "/small.bin", SMALL, sink, on_start=started)
+            await c.download(vm, "/small.bin", SMALL, MemoryWriter(), on_start=started)
 
         async def ls_l() -> None:
             for i in range(10):
