@@ -280,3 +280,20 @@ def test_cancelled_background_body_gives_its_place_back() -> None:
         assert done == ["later"] and lane.bg_bodies == 0 and lane.bg_body_in_flight == 0
 
     _run(main)
+
+
+def test_a_fast_kind_of_call_does_not_pin_the_limit_of_slower_ones() -> None:
+    """A credential check answered in 10 ms made every 100 ms stat look queued: the limit
+    fell to 1 and a REST `ls -l` ran one stat at a time (realistic simulator, 500 stats
+    in 51 s). Round trips are compared within their kind."""
+
+    async def main() -> None:
+        lane = Lane(8, start=2)
+        async with lane.slot(kind="check"):
+            await trio.sleep(0.01)
+        for _ in range(40):
+            async with lane.slot(kind="stat"):
+                await trio.sleep(0.1)
+        assert lane.limit == 8
+
+    _run(main)

@@ -187,7 +187,7 @@ class VCenterClient:
                     self._transport, self._transport_reason = t, why
         return self._transport
 
-    async def _guest(self, vm: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _guest(self, vm: str, kind: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one guest operation in ``vm``'s lane. A load rejection
         (``not_allowed_in_current_state``; busy/unavailable are retried by the session)
         halves the lane's limit and is retried a few times after a back-off: the same
@@ -197,7 +197,7 @@ class VCenterClient:
         attempt = 0
         while True:
             try:
-                async with lane.slot(), self._capped():
+                async with lane.slot(kind=kind), self._capped():
                     if creds is None:
                         return await fn()
                     token = guestauth.current.set(creds)
@@ -226,7 +226,7 @@ class VCenterClient:
     async def check_guest_ready(self, vm: str) -> None:
         with self._counting():
             t = await self.transport()
-            await self._guest(vm, lambda: t.check_guest(vm))
+            await self._guest(vm, "check", lambda: t.check_guest(vm))
 
     async def list_dir(self, vm: str, path: str) -> list[DirEntry]:
         """Every entry of a directory, in as few pages as the server serves. Entries from
@@ -247,7 +247,8 @@ class VCenterClient:
         while True:
             if self.http.clock() > deadline:
                 raise ProtocolError(f"{desc}: listing did not finish in {cfg.list_deadline:.0f}s")
-            page = await self._guest(vm, functools.partial(t.list_page, vm, path, index, size))
+            fetch = functools.partial(t.list_page, vm, path, index, size)
+            page = await self._guest(vm, "list", fetch)
             known = len(seen)
             for ent in page.entries:
                 if ent.name in seen:
@@ -283,7 +284,7 @@ class VCenterClient:
     async def stat(self, vm: str, path: str) -> GuestStat:
         with self._counting():
             t = await self.transport()
-            return await self._guest(vm, lambda: t.stat(vm, path))
+            return await self._guest(vm, "stat", lambda: t.stat(vm, path))
 
     # --- transfers --------------------------------------------------------------------
 
@@ -300,7 +301,7 @@ class VCenterClient:
 
     async def _open_once(self, vm: str, path: str) -> OpenedTransfer:
         t = await self.transport()
-        opened = await self._guest(vm, lambda: t.open_transfer(vm, path))
+        opened = await self._guest(vm, "open", lambda: t.open_transfer(vm, path))
         url = check_transfer_url(
             opened.url,
             self._server,

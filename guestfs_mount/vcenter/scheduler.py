@@ -47,6 +47,11 @@ priority: contextvars.ContextVar[Priority] = contextvars.ContextVar(
     "guestfs_priority", default=Priority.FOREGROUND
 )
 
+_RTT_WINDOW = 64  # round trips per kind the base is the minimum of (it follows a change)
+# A listing page's cost grows with its directory's size: a slow one says nothing about
+# queueing, so it may only raise the limit (rejections and fixed-cost calls lower it).
+_VARIABLE_KINDS = frozenset({"list"})
+
 _REJECTIONS = (NotAllowedInCurrentState, ResourceBusy, ServiceUnavailable)
 
 
@@ -76,7 +81,7 @@ class Lane:
         max_limit: int,
         *,
         start: float = 2.0,
-        bg_fraction: float = 0.5,
+        bg_fraction: float = 0.75,
         bg_body_bytes: int = 4 << 20,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
@@ -85,7 +90,11 @@ class Lane:
         self.bg_fraction = bg_fraction
         self.in_flight = 0
         self.bg_in_flight = 0
-        self.min_rtt = math.inf
+        # The fastest recent round trip of each kind of call: kinds differ by far more
+        # than queueing does (a credential check returned in 11 ms where a stat takes
+        # 90 ms on the same lane, and one all-kinds minimum read every stat as queued,
+        # driving the limit to 1: every call then ran one at a time).
+        self._rtts: dict[str, deque[float]] = {}
         self.stats = LaneStats()
         self._clock = clock
         self._waiting: dict[Priority, deque[trio.Event]] = {p: deque() for p in Priority}
@@ -133,9 +142,12 @@ class Lane:
         return sum(len(q) for q in self._waiting.values())
 
     @asynccontextmanager
-    async def slot(self, prio: Priority | None = None) -> AsyncIterator[None]:
-        """Hold one in-flight slot for the body; the body's duration is its round trip,
-        a rejection inside it lowers the limit."""
+    async def slot(
+        self, prio: Priority | None = None, kind: str = "call"
+    ) -> AsyncIterator[None]:
+        """Hold one in-flight slot for the body; the body's duration is its round trip
+        (compared with earlier ones of the same ``kind``), a rejection inside it lowers
+        the limit."""
         prio = prio or priority.get()
         if self._admissible(prio) and not self._waiting[prio]:
             self._take(prio)
@@ -163,7 +175,7 @@ class Lane:
                 self.rejected()
             raise
         else:
-            self.observe(self._clock() - t0)
+            self.observe(self._clock() - t0, kind)
         finally:
             self._give(prio)
 
@@ -230,13 +242,20 @@ class Lane:
 
     # -- adaptation (Vegas-like AIMD) --------------------------------------------------
 
-    def observe(self, rtt: float) -> None:
-        """A call finished after ``rtt`` seconds."""
-        self.min_rtt = min(self.min_rtt, rtt)
-        if rtt <= 1.5 * self.min_rtt:
+    def min_rtt(self, kind: str = "call") -> float:
+        """The fastest of the last ``_RTT_WINDOW`` round trips of ``kind``."""
+        recent = self._rtts.get(kind)
+        return min(recent) if recent else math.inf
+
+    def observe(self, rtt: float, kind: str = "call") -> None:
+        """A call of ``kind`` finished after ``rtt`` seconds."""
+        recent = self._rtts.setdefault(kind, deque(maxlen=_RTT_WINDOW))
+        recent.append(rtt)
+        base = min(recent)
+        if rtt <= 1.5 * base:
             # additive increase: about +1 per round trip's worth of calls
             self.limit = min(float(self.max_limit), self.limit + 1.0 / max(1.0, self.limit))
-        elif rtt > 2.5 * self.min_rtt:
+        elif rtt > 2.5 * base and kind not in _VARIABLE_KINDS:
             # the calls queue in the guest: each one waits behind the others
             self.limit = max(1.0, self.limit - 1.0 / max(1.0, self.limit) * 2)
         self._wake()
@@ -254,7 +273,7 @@ class Scheduler:
         self,
         max_limit: int,
         *,
-        bg_fraction: float = 0.5,
+        bg_fraction: float = 0.75,
         bg_body_bytes: int = 4 << 20,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
