@@ -187,7 +187,9 @@ class VCenterClient:
                     self._transport, self._transport_reason = t, why
         return self._transport
 
-    async def _guest(self, vm: str, kind: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _guest(
+        self, vm: str, fn: Callable[[], Awaitable[T]], kind: str = "call"
+    ) -> T:
         """Run one guest operation in ``vm``'s lane. A load rejection
         (``not_allowed_in_current_state``; busy/unavailable are retried by the session)
         halves the lane's limit and is retried a few times after a back-off: the same
@@ -226,7 +228,7 @@ class VCenterClient:
     async def check_guest_ready(self, vm: str) -> None:
         with self._counting():
             t = await self.transport()
-            await self._guest(vm, "check", lambda: t.check_guest(vm))
+            await self._guest(vm, lambda: t.check_guest(vm), "check")
 
     async def list_dir(self, vm: str, path: str) -> list[DirEntry]:
         """Every entry of a directory, in as few pages as the server serves. Entries from
@@ -248,7 +250,7 @@ class VCenterClient:
             if self.http.clock() > deadline:
                 raise ProtocolError(f"{desc}: listing did not finish in {cfg.list_deadline:.0f}s")
             fetch = functools.partial(t.list_page, vm, path, index, size)
-            page = await self._guest(vm, "list", fetch)
+            page = await self._guest(vm, fetch, "list")
             known = len(seen)
             for ent in page.entries:
                 if ent.name in seen:
@@ -284,7 +286,7 @@ class VCenterClient:
     async def stat(self, vm: str, path: str) -> GuestStat:
         with self._counting():
             t = await self.transport()
-            return await self._guest(vm, "stat", lambda: t.stat(vm, path))
+            return await self._guest(vm, lambda: t.stat(vm, path), "stat")
 
     # --- transfers --------------------------------------------------------------------
 
@@ -301,7 +303,7 @@ class VCenterClient:
 
     async def _open_once(self, vm: str, path: str) -> OpenedTransfer:
         t = await self.transport()
-        opened = await self._guest(vm, "open", lambda: t.open_transfer(vm, path))
+        opened = await self._guest(vm, lambda: t.open_transfer(vm, path), "open")
         url = check_transfer_url(
             opened.url,
             self._server,
