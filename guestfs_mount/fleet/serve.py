@@ -263,7 +263,7 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
         ready()
         m.sd_notify("READY=1")
         nursery.start_soon(m._stop_on_signal, nursery.cancel_scope, cfg.grace)
-        await pyfuse3.main(max_tasks=cfg.max_tasks)
+        await m.fuse_main(cfg.max_tasks)
 
 
 def _sum_counters(items: Any) -> dict[str, int]:
