@@ -5,7 +5,10 @@
 ``POST /_sim/stats/reset``  zero the counters
 ``GET  /_sim/faults``       current fault settings
 ``POST /_sim/faults``       change some faults (see faults.Faults.update)
-``POST /_sim/faults/reset`` clear every fault
+``POST /_sim/faults/reset`` clear every fault (every VM's own too)
+``GET  /_sim/vms/{vm}/faults``  that VM's own faults (faults.VM_KEYS)
+``POST /_sim/vms/{vm}/faults``  change some: ``{"stall_api": true}`` stalls its guest calls
+``POST /_sim/vms/{vm}/faults/reset``  clear them
 ``POST /_sim/vms/{vm}/power``  ``{"state": "POWERED_ON"|"POWERED_OFF"|"SUSPENDED"}``
 ``POST /_sim/vms/{vm}/tools``  ``{"running": bool}``
 ``POST /_sim/vms``          ``{"like": vm, "name": str, "folder"?: id, "vm"?: id}``: add a VM
@@ -30,8 +33,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .cost import CostError
-from .faults import FaultError
-from .state import POWER_STATES, SimState
+from .faults import VM_KEYS, FaultError, Faults
+from .state import POWER_STATES, SimState, Vm
 from .vapi import JsonResponse
 
 log = logging.getLogger("guestfs_mount.sim.admin")
@@ -48,7 +51,30 @@ async def _json(request: Request) -> Any:
     return json.loads(raw)
 
 
+def _set_faults(
+    faults: Faults, body: Any, keys: tuple[str, ...] | None = None, who: str = "global"
+) -> Response:
+    try:
+        if not isinstance(body, dict):
+            raise FaultError("body must be a JSON object")
+        faults.update(body, keys)
+    except FaultError as exc:
+        return _bad(str(exc))
+    log.info("%s faults set: %s", who, body)
+    return JsonResponse(faults.to_json(keys))
+
+
 def routes(state: SimState) -> list[BaseRoute]:
+    async def vm_and_body(request: Request) -> tuple[Vm, Any] | Response:
+        """The VM the path names and the request's JSON body, or the error answer."""
+        vm = state.vms.get(request.path_params["vm"])
+        if vm is None:
+            return _bad("unknown vm", 404)
+        try:
+            return vm, await _json(request)
+        except ValueError as exc:
+            return _bad(str(exc))
+
     async def stats(request: Request) -> Response:
         return JsonResponse(state.stats_json())
 
@@ -62,17 +88,34 @@ def routes(state: SimState) -> list[BaseRoute]:
     async def faults_post(request: Request) -> Response:
         try:
             body = await _json(request)
-            if not isinstance(body, dict):
-                raise FaultError("body must be a JSON object")
-            state.faults.update(body)
-        except (ValueError, FaultError) as exc:
+        except ValueError as exc:
             return _bad(str(exc))
-        log.info("faults set: %s", body)
-        return JsonResponse(state.faults.to_json())
+        return _set_faults(state.faults, body)
 
     async def faults_reset(request: Request) -> Response:
-        state.faults.reset()
+        state.reset_faults()
         return JsonResponse(state.faults.to_json())
+
+    async def vm_faults_get(request: Request) -> Response:
+        vm = state.vms.get(request.path_params["vm"])
+        if vm is None:
+            return _bad("unknown vm", 404)
+        return JsonResponse(state.faults_of(vm).to_json(VM_KEYS))
+
+    async def vm_faults_post(request: Request) -> Response:
+        got = await vm_and_body(request)
+        if isinstance(got, Response):
+            return got
+        vm, body = got
+        return _set_faults(state.faults_of(vm), body, VM_KEYS, vm.vm)
+
+    async def vm_faults_reset(request: Request) -> Response:
+        vm = state.vms.get(request.path_params["vm"])
+        if vm is None:
+            return _bad("unknown vm", 404)
+        own = state.faults_of(vm)
+        own.reset()
+        return JsonResponse(own.to_json(VM_KEYS))
 
     async def cost_get(request: Request) -> Response:
         return JsonResponse(state.cost.to_json())
@@ -89,13 +132,10 @@ def routes(state: SimState) -> list[BaseRoute]:
         return JsonResponse(state.cost.to_json())
 
     async def vm_power(request: Request) -> Response:
-        vm = state.vms.get(request.path_params["vm"])
-        if vm is None:
-            return _bad("unknown vm", 404)
-        try:
-            body = await _json(request)
-        except ValueError as exc:
-            return _bad(str(exc))
+        got = await vm_and_body(request)
+        if isinstance(got, Response):
+            return got
+        vm, body = got
         new = body.get("state") if isinstance(body, dict) else None
         if new not in POWER_STATES:
             return _bad(f"state must be one of {list(POWER_STATES)}")
@@ -104,13 +144,10 @@ def routes(state: SimState) -> list[BaseRoute]:
         return JsonResponse(vm.summary())
 
     async def vm_tools(request: Request) -> Response:
-        vm = state.vms.get(request.path_params["vm"])
-        if vm is None:
-            return _bad("unknown vm", 404)
-        try:
-            body = await _json(request)
-        except ValueError as exc:
-            return _bad(str(exc))
+        got = await vm_and_body(request)
+        if isinstance(got, Response):
+            return got
+        vm, body = got
         running = body.get("running") if isinstance(body, dict) else None
         if not isinstance(running, bool):
             return _bad("running must be a boolean")
@@ -152,13 +189,10 @@ def routes(state: SimState) -> list[BaseRoute]:
         return JsonResponse({"removed": vm.vm})
 
     async def vm_rename(request: Request) -> Response:
-        vm = state.vms.get(request.path_params["vm"])
-        if vm is None:
-            return _bad("unknown vm", 404)
-        try:
-            body = await _json(request)
-        except ValueError as exc:
-            return _bad(str(exc))
+        got = await vm_and_body(request)
+        if isinstance(got, Response):
+            return got
+        vm, body = got
         name = body.get("name") if isinstance(body, dict) else None
         if not isinstance(name, str) or not name:
             return _bad("'name' must be a non-empty string")
@@ -210,6 +244,9 @@ def routes(state: SimState) -> list[BaseRoute]:
         Route("/vms/{vm}/power", vm_power, methods=["POST"]),
         Route("/vms/{vm}/tools", vm_tools, methods=["POST"]),
         Route("/vms/{vm}/rename", vm_rename, methods=["POST"]),
+        Route("/vms/{vm}/faults", vm_faults_get, methods=["GET"]),
+        Route("/vms/{vm}/faults", vm_faults_post, methods=["POST"]),
+        Route("/vms/{vm}/faults/reset", vm_faults_reset, methods=["POST"]),
         Route("/vms", vm_add, methods=["POST"]),
         Route("/vms/{vm}", vm_remove, methods=["DELETE"]),
         Route("/sessions/expire", sessions_expire, methods=["POST"]),
