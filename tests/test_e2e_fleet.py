@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -333,3 +334,73 @@ def test_unknown_folder_is_a_start_up_error(sim, mount_config, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--folder 'no/such/folder'" in proc.stderr
     assert not os.path.ismount(mp)
+
+
+# ---- isolation, evidence, --frozen (issue 13 gaps) -------------------------------------
+def _blocked_in(call, *args):
+    """Start ``call(*args)`` in a thread; its outcome lands in the returned list."""
+    out: list[object] = []
+
+    def run():
+        try:
+            out.append(call(*args))
+        except OSError as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def _wait_until(done, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.05)
+
+
+def _read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_one_vms_stall_never_blocks_another(sim, api, mount_config, tmp_path):
+    """VM A's guest stops answering (every guest call held) while programs are blocked
+    in it, opened and not yet opened: VM B (opened now), the fleet root and .by-id all
+    answer meanwhile."""
+    mp = str(tmp_path / "mnt")
+    via = ViaApi(sim, api)
+    argv = fleet_argv(via, mp, mount_config, "--no-prefetch", "--metadata-ttl", "60")
+    ids = _dirs(sim)
+    a, c = ids["web"], ids[".."]
+    with mounted(via, mp, argv=argv, env=fleet_env(sim)) as m:
+        hostile = next(n for n in os.listdir(m.mnt) if n.endswith("~" + c))
+        assert "etc" in os.listdir(m.path("web"))  # A is open; nothing below / is cached
+        sim.vm_faults(a, stall_api=True)
+        sim.vm_faults(c, stall_api=True)
+        try:
+            blocked = [
+                _blocked_in(os.listdir, m.path("web", "etc")),
+                _blocked_in(os.listdir, m.path("web", "root")),
+                _blocked_in(_read_bytes, m.path("web", "root", ".ssh", "authorized_keys")),
+                _blocked_in(os.listdir, m.path(hostile, "etc")),  # held while opening
+            ]
+            # A's guest calls have reached the guest (and are held there) before B is used
+            _wait_until(lambda: sim.vm_faults(a)["held"] > 0 and sim.vm_faults(c)["held"] > 0)
+            assert "db" in os.listdir(m.mnt)
+            assert os.readlink(m.path(".by-id", ids["db"])) == "../db"
+            assert os.listdir(m.path("db", "etc")) == ["hostname"]
+            assert os.stat(m.path("db", "root", ".ssh", "authorized_keys")).st_size > 0
+            assert b"admin@corp" in _read_bytes(m.path("db", "root", ".ssh", "authorized_keys"))
+            still = [t.is_alive() for t, _ in blocked]
+            assert still == [True] * len(blocked), [out for _, out in blocked]
+        finally:
+            sim.reset_faults()
+        for t, _ in blocked:
+            t.join(90)
+        outcomes = [out for _, out in blocked]
+        assert all(len(o) == 1 for o in outcomes)
+        # once A answers again, the programs blocked in it get their answers
+        assert "hostname" in outcomes[0][0] and ".ssh" in outcomes[1][0]
+        assert outcomes[2][0] == (ATTACKER + "\n").encode()
+        assert outcomes[3][0] == ["hostname"]

@@ -8,6 +8,7 @@ import collections
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -463,6 +464,10 @@ def test_a_vm_of_its_own_stalls_alone(sim: Sim) -> None:
         assert sim.faults()["stall_api"] is False  # the global faults are untouched
         t = threading.Thread(target=stalled_list, daemon=True)
         t.start()
+        deadline = time.monotonic() + 30
+        while sim.vm_faults("vm-1000")["held"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sim.vm_faults("vm-1000")["held"] == 1
         with ApiClient(sim) as c:
             c.login()
             for _ in range(3):
@@ -491,7 +496,8 @@ def test_per_vm_counted_faults_and_validation(sim: Sim, api: ApiClient) -> None:
         sim.vm_faults("vm-1000", api_latency=0.01)
         reset = sim.admin("POST", "vms/vm-1000/faults/reset")
         assert reset == {
-            "api_latency": 0.0, "stall_api": False, "busy_next": 0, "unavailable_next": 0
+            "api_latency": 0.0, "stall_api": False, "busy_next": 0, "unavailable_next": 0,
+            "held": 0,
         }  # fmt: skip
     finally:
         sim.reset_faults()

@@ -76,6 +76,7 @@ class Faults:
     # set (and replaced) when stall_api is cleared / when stall_body_after is cleared
     api_unstall: trio.Event = field(default_factory=trio.Event)
     body_unstall: trio.Event = field(default_factory=trio.Event)
+    held: int = 0  # calls in hold_api now: a test sees its callers are stalled
 
     KEYS = (
         "api_latency",
@@ -94,15 +95,20 @@ class Faults:
 
     async def hold_api(self) -> None:
         """Wait out ``stall_api`` and ``api_latency`` before answering a call."""
-        while self.stall_api:
-            await self.api_unstall.wait()
-        if self.api_latency > 0:
-            await trio.sleep(self.api_latency)
+        self.held += 1
+        try:
+            while self.stall_api:
+                await self.api_unstall.wait()
+            if self.api_latency > 0:
+                await trio.sleep(self.api_latency)
+        finally:
+            self.held -= 1
 
     def to_json(self, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The settings (only ``keys``, with the ``held`` count, if given)."""
         if keys is not None:
             full = self.to_json()
-            return {k: full[k] for k in keys}
+            return {**{k: full[k] for k in keys}, "held": self.held}
         return {
             "api_latency": self.api_latency,
             "transfer_latency": self.transfer_latency,
