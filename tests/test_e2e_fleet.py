@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 
 import pytest
 
+from guestfs_mount.evidence import formats
 from guestfs_mount.sim.testing import run_simulator
 from guestfs_mount.testing import ViaApi, mount_argv, mounted
 
@@ -404,3 +407,97 @@ def test_one_vms_stall_never_blocks_another(sim, api, mount_config, tmp_path):
         assert "hostname" in outcomes[0][0] and ".ssh" in outcomes[1][0]
         assert outcomes[2][0] == (ATTACKER + "\n").encode()
         assert outcomes[3][0] == ["hostname"]
+
+
+def _evidence(*args):
+    return subprocess.run([sys.executable, "-m", "guestfs_mount.cli", "evidence", *args],
+                          capture_output=True, text=True, errors="replace")  # fmt: skip
+
+
+@pytest.mark.one_transport
+def test_evidence_names_the_vm_of_every_record(sim, mount_config, tmp_path):
+    """``guestfs-mount evidence`` on a fleet: each VM's ledger, every record under its VM's
+    directory; hashdeep audits one VM's tree, DFXML has a volume per VM."""
+    mp = str(tmp_path / "mnt")
+    argv = fleet_argv(sim, mp, mount_config, "--case", "4711")
+    ids = _dirs(sim)
+    with mounted(sim, mp, argv=argv, env=fleet_env(sim)) as m:
+        real = os.path.realpath(m.mnt)
+        for vm in ("web", "db"):
+            assert _read_bytes(m.path(vm, "etc", "hostname")) == f"{vm}\n".encode()
+        assert _read_bytes(m.path("win", "C", "Users", "Admin", "notes.txt"))
+
+        # jsonl: the same guest path in two VMs, told apart
+        res = _evidence(m.mnt, "--format", "jsonl")
+        assert res.returncode == 0, res.stderr
+        lines = [json.loads(x) for x in res.stdout.splitlines()]
+        head, entries = lines[0], lines[1:]
+        assert head["vm"] == "*" and {v["vm_dir"] for v in head["vms"]} == {"web", "db", "win"}
+        hosts = {e["path"]: e for e in entries if e["guest_path"] == "/etc/hostname"}
+        assert sorted(hosts) == ["db/etc/hostname", "web/etc/hostname"]
+        assert {e["vm"] for e in hosts.values()} == {ids["web"], ids["db"]}
+        assert hosts["web/etc/hostname"]["sha256"] == hashlib.sha256(b"web\n").hexdigest()
+        notes = next(e for e in entries if e["path"] == "win/C/Users/Admin/notes.txt")
+        assert notes["guest_path"] == "C:\\Users\\Admin\\notes.txt" and notes["vm_name"] == "win"
+
+        # hashdeep of one VM's /etc, --walk, by its directory and by .by-id
+        manifest = str(tmp_path / "web.hashdeep")
+        res = _evidence(m.mnt, f".by-id/{ids['web']}/etc", "--walk", "--format", "hashdeep",
+                        "-o", manifest)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        text = open(manifest).read()
+        assert f"## web/: VM {ids['web']} (web)" in text
+        entries_hd = [x for x in text.splitlines() if not x.startswith(("%", "#"))]
+        assert [e.rsplit(",", 1)[1] for e in entries_hd] == [f"{real}/web/etc/hostname"]
+        audit = subprocess.run(["hashdeep", "-a", "-k", manifest, "-r", m.path("web", "etc")],
+                               capture_output=True, text=True)  # fmt: skip
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+
+        # --walk --fetch inside one VM: only that VM is read
+        sim.reset_stats()
+        res = _evidence(m.mnt, "db/root", "--walk", "--fetch", "--format", "jsonl")
+        assert res.returncode == 0, res.stderr
+        got = [json.loads(x) for x in res.stdout.splitlines()[1:]]
+        keys = next(e for e in got if e["path"] == "db/root/.ssh/authorized_keys")
+        assert keys["sha256"] and keys["vm"] == ids["db"]
+        assert all(e["path"].startswith("db/root") for e in got)
+        assert list(sim.stats()["vms"]) == [ids["db"]]
+
+        # bodyfile: names carry the VM's directory; mactime reads it
+        body = str(tmp_path / "body")
+        res = _evidence(m.mnt, "--format", "bodyfile", "-o", body)
+        assert res.returncode == 0, res.stderr
+        names = {line.split("|")[1] for line in open(body).read().splitlines()}
+        assert {"web/etc/hostname", "db/etc/hostname", "win/C:\\Users\\Admin\\notes.txt"} <= names
+        timeline = subprocess.run(["mactime", "-b", body, "-d"], capture_output=True, text=True)
+        assert timeline.returncode == 0 and "web/etc/hostname" in timeline.stdout
+
+        # DFXML: valid against the schema; a volume per VM holds that VM's fileobjects
+        out = str(tmp_path / "fleet.dfxml")
+        res = _evidence(m.mnt, "--format", "dfxml", "-o", out)
+        assert res.returncode == 0, res.stderr
+        xsd = os.path.join(os.path.dirname(__file__), "data", "dfxml", "dfxml.xsd")
+        lint = subprocess.run(["xmllint", "--noout", "--schema", xsd, out],
+                              capture_output=True, text=True)  # fmt: skip
+        assert lint.returncode == 0, lint.stderr
+        ns = {"d": formats.DFXML_NS, "gm": formats.GM_NS}
+        root = ET.parse(out).getroot()
+        images = [e.text for e in root.findall("d:source/d:image_filename", ns)]
+        assert any(t.endswith(f"/{ids['win']}/C:\\") for t in images), images
+        gm_vm = f"{{{formats.GM_NS}}}vm"
+        by_vm = {v.get(gm_vm): v for v in root.findall("d:volume", ns)}
+        assert set(by_vm) == {ids["web"], ids["db"], ids["win"]}
+        web_files = [f.text for f in by_vm[ids["web"]].findall("d:fileobject/d:filename", ns)]
+        assert "/etc/hostname" in web_files and "/root/.ssh/authorized_keys" not in web_files
+
+        # paths outside any VM, and a VM that cannot be read: a clear message, no traceback
+        for bad in ("nosuchvm/etc", ".by-id", ".by-id/vm-0/etc"):
+            res = _evidence(m.mnt, bad, "--format", "jsonl")
+            assert res.returncode == 2 and "not inside a VM" in res.stderr, res.stderr
+            assert "Traceback" not in res.stderr
+        with pytest.raises(PermissionError):
+            os.listdir(m.path("locked"))
+        res = _evidence(m.mnt, "locked", "--walk", "--format", "jsonl")
+        assert res.returncode == 1 and "Traceback" not in res.stderr
+        assert "locked: this VM cannot be read (guest login refused" in res.stderr
+        assert res.stdout.count("\n") == 1  # the header alone

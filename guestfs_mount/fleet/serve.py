@@ -15,7 +15,7 @@ import fnmatch
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyfuse3
@@ -26,9 +26,11 @@ from ..audit import AuditLog
 from ..cache.content import ContentCache, ContentKey, OnStart, Sink, TransferEvent
 from ..control import socket_path
 from ..errors import ConfigError, GuestfsError, NotFound
+from ..evidence.ledger import transfer_hook
 from ..model import GuestStat, TransferResult
 from ..vcenter.client import VCenterClient
 from ..vcenter.inventory import folder_subtree, list_vms
+from .evidence import fleet_head, fleet_records
 from .fuse import FleetOperations, FleetTree
 from .names import is_safe_id, vm_dir_names
 from .options import FleetOptions
@@ -71,6 +73,10 @@ class Inventory(FleetTree):
 
     def in_folder(self, vm: str, folder: str) -> bool:
         return vm in self._members.get(folder, frozenset())
+
+    def all_known(self) -> list[FleetVm]:
+        """Every VM ever listed, the ones gone from the inventory too."""
+        return list(self._by_id.values())
 
     def all_current(self) -> list[FleetVm]:
         return [self._current[k] for k in sorted(self._current)]
@@ -161,8 +167,6 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
             return result
 
         def on_transfer_end(ev: TransferEvent) -> None:
-            if audit is None:
-                return
             vm_id, guest_path = split_content_path(ev.key.path)
             vm = inventory.by_id(vm_id)
             seen = ev.seen
@@ -171,7 +175,10 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
             local = dataclasses.replace(
                 ev, key=dataclasses.replace(ev.key, path=guest_path), seen=seen
             )
-            audit.record(local, extra={"vm": vm_id, "vm_name": vm.name if vm else "?"})
+            if vm is not None and vm.ledger is not None:
+                transfer_hook(vm.ledger)(local)
+            if audit is not None:
+                audit.record(local, extra={"vm": vm_id, "vm_name": vm.name if vm else "?"})
 
         nursery = await stack.enter_async_context(trio.open_nursery())
         content = ContentCache(
@@ -232,13 +239,7 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
                 "pid": os.getpid(),
                 "started": started,
                 "frozen": cfg.frozen,
-                "transfers": content.in_flight(),
-                "cache": {
-                    "dir": content.directory,
-                    "usage": content.usage,
-                    "max_bytes": content.max_bytes,
-                    "stats": content.stats,
-                },
+                **m.cache_status(content),
                 "api": client.stats.snapshot(),
                 "metadata": _sum_counters(v["metadata"] for v in vms),
                 "inodes": len(space),
@@ -251,6 +252,18 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
                 },
             }
 
+        def evidence() -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+            vms = inventory.all_known()
+            head = {
+                "mountpoint": cfg.mountpoint,
+                "vcenter": client.vcenter_netloc,
+                "frozen": cfg.frozen,
+                "case": cfg.case,
+                "audit_chain": audit.chain_id if audit is not None else None,
+                **fleet_head(vms),
+            }
+            return head, fleet_records(vms)
+
         control_path = socket_path(cfg.mountpoint)
         pyfuse3.init(ops, cfg.mountpoint, m._mount_options(cfg))
         stack.callback(m._unmount, cfg.mountpoint)
@@ -259,7 +272,7 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
             len(inventory.all_current()), client.vcenter_netloc, cfg.mountpoint,
             client.transport_name, client.transport_reason,
         )  # fmt: skip
-        nursery.start_soon(m._serve_control_quietly, control_path, snapshot)
+        nursery.start_soon(m._serve_control_quietly, control_path, snapshot, evidence)
         ready()
         m.sd_notify("READY=1")
         nursery.start_soon(m._stop_on_signal, nursery.cancel_scope, cfg.grace)

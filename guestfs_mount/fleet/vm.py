@@ -33,6 +33,7 @@ from ..errors import (
     Unauthenticated,
     Unauthorized,
 )
+from ..evidence.ledger import Ledger, RecordingBackend
 from ..fs import FsOptions, Operations
 from ..meta import MetadataCache
 from ..model import FilesystemFamily, FileType, GuestStat
@@ -151,6 +152,7 @@ class FleetVm:
         self.roots: dict[str, Operations] = {}  # guest root ("/", "C:\\") -> its operations
         self.meta: MetadataCache | None = None
         self.guest: object | None = None
+        self.ledger: Ledger | None = None  # what was seen in it (guestfs-mount evidence)
         self.failure: _Failure | None = None
         self.opened_at: float | None = None
         self._lock = trio.Lock()
@@ -240,8 +242,9 @@ class FleetVm:
         self.windows = st.family is FilesystemFamily.WINDOWS or root != "/"
         paths: PosixPaths = WindowsPaths() if self.windows else PosixPaths()
         guest = ctx.guest_factory(client, self.vm, paths)
+        ledger = Ledger(root=root, paths=paths)
         meta = MetadataCache(
-            guest,  # type: ignore[arg-type]  # mount._Guest: a GuestBackend
+            RecordingBackend(guest, ledger),
             nursery=ctx.nursery,
             ttl=ctx.metadata_ttl,
             negative_ttl=ctx.fs.negative_ttl,
@@ -250,7 +253,8 @@ class FleetVm:
             stat_by_listing=client.transport_name in ("vi-json", "soap"),
         )
         guest.on_stat = meta.seed  # type: ignore[attr-defined]
-        self.guest, self.meta = guest, meta
+        self.guest, self.meta, self.ledger = guest, meta, ledger
+        ledger.saw(root, st)
         meta.seed(root, st)
         self._add_root(root)
 
