@@ -483,7 +483,7 @@ def test_evidence_names_the_vm_of_every_record(sim, mount_config, tmp_path):
         ns = {"d": formats.DFXML_NS, "gm": formats.GM_NS}
         root = ET.parse(out).getroot()
         images = [e.text for e in root.findall("d:source/d:image_filename", ns)]
-        assert any(t.endswith(f"/{ids['win']}/C:\\") for t in images), images
+        assert any((t or "").endswith(f"/{ids['win']}/C:\\") for t in images), images
         gm_vm = f"{{{formats.GM_NS}}}vm"
         by_vm = {v.get(gm_vm): v for v in root.findall("d:volume", ns)}
         assert set(by_vm) == {ids["web"], ids["db"], ids["win"]}
