@@ -501,3 +501,60 @@ def test_evidence_names_the_vm_of_every_record(sim, mount_config, tmp_path):
         assert res.returncode == 1 and "Traceback" not in res.stderr
         assert "locked: this VM cannot be read (guest login refused" in res.stderr
         assert res.stdout.count("\n") == 1  # the header alone
+
+
+def _listings_after(m, n):
+    """List the fleet root until the mount has listed the inventory more than ``n`` times."""
+    def more():
+        os.listdir(m.mnt)
+        return _status(m)["fleet"]["inventory_listings"] > n
+    _wait_until(more)
+
+
+@pytest.mark.one_transport
+def test_frozen_keeps_the_first_inventory(sim, mount_config, tmp_path):
+    """--frozen: the VMs of the first listing stay; a VM added later is not shown, one
+    removed keeps its directory and fails with ENXIO and the reason; the others work."""
+    ids = _dirs(sim)
+    late = sim.add_vm(ids["web"], "late")["vm"]
+    mp = str(tmp_path / "mnt")
+    argv = fleet_argv(sim, mp, mount_config, "--frozen", "--inventory-ttl", "0.2")
+    try:
+        with mounted(sim, mp, argv=argv, env=fleet_env(sim)) as m:
+            first = sorted(os.listdir(m.mnt))
+            assert "late" in first and "off" not in first
+            assert _read_bytes(m.path("late", "etc", "hostname")) == b"web\n"
+            seen = _status(m)["fleet"]["inventory_listings"]
+            sim.remove_vm(late)
+            later = sim.add_vm(ids["db"], "later")["vm"]
+            sim.power(ids["off"], "POWERED_ON")
+            try:
+                _listings_after(m, seen + 1)  # at least one listing after the changes
+                assert sorted(os.listdir(m.mnt)) == first
+                assert later not in os.listdir(m.path(".by-id"))
+                # (what the kernel has cached, a stat of etc/hostname, it keeps answering)
+                for access, path in ((os.listdir, ("late",)), (os.listdir, ("late", "etc")),
+                                     (os.stat, ("late", "never-seen")),
+                                     (_read_bytes, ("late", "etc", "hostname"))):  # fmt: skip
+                    with pytest.raises(OSError) as info:
+                        access(m.path(*path))
+                    assert info.value.errno == errno.ENXIO, (access, path)
+                reason = os.getxattr(m.path("late"), "user.guestfs.error").decode()
+                assert "left the vCenter inventory listing" in reason and "--frozen" in reason
+                assert os.getxattr(m.path("late"), "user.guestfs.state") == b"gone"
+                assert _read_bytes(m.path("web", "etc", "hostname")) == b"web\n"
+                doc = _status(m)["fleet"]
+                assert doc["inventory_frozen"] is True and doc["inventory_unshown"] == 2
+                row = next(v for v in doc["vms"] if v["vm"] == late)
+                assert row["state"] == "gone" and row["errno"] == "ENXIO"
+                text = subprocess.run(
+                    [sys.executable, "-m", "guestfs_mount.cli", "status", m.mnt],
+                    capture_output=True, text=True, check=True,
+                ).stdout  # fmt: skip
+                assert "inventory frozen (2 new VMs not shown)" in text
+            finally:
+                sim.power(ids["off"], "POWERED_OFF")
+                sim.remove_vm(later)
+    finally:
+        if late in _dirs(sim):
+            sim.remove_vm(late)

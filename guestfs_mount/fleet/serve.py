@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fnmatch
 import logging
 import os
@@ -29,13 +30,13 @@ from ..errors import ConfigError, GuestfsError, NotFound
 from ..evidence.ledger import transfer_hook
 from ..model import GuestStat, TransferResult
 from ..vcenter.client import VCenterClient
-from ..vcenter.inventory import folder_subtree, list_vms
+from ..vcenter.inventory import InventoryVm, folder_subtree, list_vms
 from .evidence import fleet_head, fleet_records
 from .fuse import FleetOperations, FleetTree
 from .names import is_safe_id, vm_dir_names
 from .options import FleetOptions
 from .space import InodeSpace
-from .vm import FleetContext, FleetVm, split_content_path
+from .vm import FleetContext, FleetVm, VmUnavailable, split_content_path
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,18 @@ __all__ = ["Inventory", "serve_fleet"]
 class Inventory(FleetTree):
     """The VMs shown, from one inventory listing, listed again when older than the
     TTL (a failed listing keeps the last one). Every VM ever listed is kept by id, so
-    inodes the kernel still holds stay valid after the VM left the listing."""
+    inodes the kernel still holds stay valid after the VM left the listing.
 
-    def __init__(self, client: VCenterClient, options: FleetOptions) -> None:
+    ``frozen`` (``--frozen``): the VMs and names of the first listing are shown for the
+    life of the mount. Later listings only tell which of them left it (their directory
+    stays, every access inside fails with ENXIO and the reason) or came back, and how
+    many VMs are listed but not shown."""
+
+    def __init__(self, client: VCenterClient, options: FleetOptions, frozen: bool = False) -> None:
         self.client = client
         self.options = options
+        self.frozen = frozen
+        self.unshown = 0  # frozen: VMs of the last listing that the first one did not have
         self.make_vm: Callable[[str, str, str], FleetVm] | None = None
         self._by_id: dict[str, FleetVm] = {}
         self._current: dict[str, FleetVm] = {}
@@ -93,8 +101,8 @@ class Inventory(FleetTree):
                         log.warning("inventory listing failed (showing the last one): %s", exc)
         return self._current
 
-    async def refresh(self) -> None:
-        assert self.make_vm is not None
+    async def _list(self) -> list[InventoryVm]:
+        """The VMs the options select, with a usable id."""
         opts = self.options
         rest = await self.client.inventory_transport()
         folders: list[str] = []
@@ -110,6 +118,16 @@ class Inventory(FleetTree):
                 kept.append(v)
             else:
                 log.warning("inventory: skipped a VM with an unusable id %r", v.vm[:80])
+        return kept
+
+    async def refresh(self) -> None:
+        assert self.make_vm is not None
+        kept = await self._list()
+        if self.frozen and self._refreshed_wall:
+            self._freeze({v.vm for v in kept})
+            self._checked = trio.current_time()
+            self.last_error = None
+            return  # the times shown stay the first listing's: nothing shown changed
         names = vm_dir_names((v.vm, v.name) for v in kept)
         current: dict[str, FleetVm] = {}
         for v in kept:
@@ -118,11 +136,29 @@ class Inventory(FleetTree):
                 vm = self._by_id[v.vm] = self.make_vm(v.vm, v.name, names[v.vm])
             vm.name, vm.dirname = v.name, names[v.vm]
             current[vm.dirname] = vm
-        self._members = await self._rule_folders()
         self._current = current
+        self._members = await self._rule_folders()
         self._checked = trio.current_time()
         self._refreshed_wall = time.time()
         self.last_error = None
+
+    def _freeze(self, listed: set[str]) -> None:
+        """--frozen: mark the shown VMs that left the listing, clear the ones back."""
+        shown = {vm.vm for vm in self._current.values()}
+        self.unshown = len(listed - shown)
+        for vm in self._current.values():
+            if vm.vm in listed:
+                if vm.gone is not None:
+                    log.info("VM %s (%s) is listed again", vm.dirname, vm.vm)
+                vm.gone = None
+            elif vm.gone is None:
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                vm.gone = VmUnavailable(
+                    f"VM {vm.vm} left the vCenter inventory listing at {when} (removed, or"
+                    " no longer selected or powered on); --frozen keeps its directory",
+                    errno.ENXIO,
+                )
+                log.warning("VM %s: %s", vm.dirname, vm.gone)
 
     async def _rule_folders(self) -> dict[str, frozenset[str]]:
         """VM ids of each folder a credential rule names (its subtree)."""
@@ -147,7 +183,7 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
         client = await stack.enter_async_context(
             VCenterClient(m.client_deadlines(cfg.client, cfg.fs.timeout))
         )
-        inventory = Inventory(client, fleet)
+        inventory = Inventory(client, fleet, frozen=cfg.frozen)
         audit = None
         if cfg.audit_log:
             audit = AuditLog(
@@ -248,6 +284,8 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
                     "inventory_refreshed": inventory.refreshed,
                     "inventory_listings": inventory.listings,
                     "inventory_error": inventory.last_error,
+                    "inventory_frozen": cfg.frozen,
+                    "inventory_unshown": inventory.unshown,
                     "vms": vms,
                 },
             }

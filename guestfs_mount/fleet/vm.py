@@ -154,6 +154,7 @@ class FleetVm:
         self.guest: object | None = None
         self.ledger: Ledger | None = None  # what was seen in it (guestfs-mount evidence)
         self.failure: _Failure | None = None
+        self.gone: VmUnavailable | None = None  # --frozen: left the listing, directory kept
         self.opened_at: float | None = None
         self._lock = trio.Lock()
 
@@ -161,6 +162,8 @@ class FleetVm:
 
     @property
     def state(self) -> str:
+        if self.gone is not None:
+            return "gone"
         if self.roots:
             return "ready"
         if self.failure is not None:
@@ -168,6 +171,8 @@ class FleetVm:
         return "untouched"
 
     def error(self) -> VmUnavailable | None:
+        if self.gone is not None:
+            return self.gone
         return self.failure.error if self.failure is not None else None
 
     def snapshot(self) -> dict[str, object]:
@@ -190,6 +195,8 @@ class FleetVm:
     async def ready(self) -> None:
         """Open the VM unless it is open; raise its :class:`VmUnavailable` if it cannot
         be (remembered, so a burst of lookups costs one attempt)."""
+        if self.gone is not None:
+            raise self.gone
         if self.roots:
             return
         async with self._lock:

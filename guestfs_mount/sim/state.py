@@ -204,6 +204,7 @@ class SimState:
                 raise ValueError(f"{v.vm}: unknown folder {v.folder!r}")
         self.faults = faults or Faults()
         self.vm_faults: dict[str, Faults] = {}  # VM id -> its own faults (faults.VM_KEYS)
+        self.removed_ids: set[str] = set()
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.transfers: dict[int, Transfer] = {}
@@ -354,7 +355,9 @@ class SimState:
         if folder is not None and folder not in self.folders:
             raise ValueError(f"unknown folder {folder!r}")
         if vm_id is None:
-            numbers = [int(v[3:]) for v in self.vms if v.startswith("vm-") and v[3:].isdigit()]
+            # vCenter never gives a removed VM's moid to another: the next after any seen.
+            ids = {*self.vms, *self.removed_ids}
+            numbers = [int(v[3:]) for v in ids if v.startswith("vm-") and v[3:].isdigit()]
             vm_id = f"vm-{max(numbers, default=41) + 1}"
         if vm_id in self.vms:
             raise ValueError(f"{vm_id} exists")
@@ -376,6 +379,7 @@ class SimState:
     def remove_vm(self, vm: Vm) -> None:
         """Unregister ``vm``: it leaves the inventory, its transfer URLs die."""
         del self.vms[vm.vm]
+        self.removed_ids.add(vm.vm)
         self.vm_faults.pop(vm.vm, None)
         self.kill_transfers(lambda t: t.vm is vm, "virtual machine removed")
 
