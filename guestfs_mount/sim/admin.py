@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -65,15 +66,20 @@ def _set_faults(
 
 
 def routes(state: SimState) -> list[BaseRoute]:
-    async def vm_and_body(request: Request) -> tuple[Vm, Any] | Response:
-        """The VM the path names and the request's JSON body, or the error answer."""
-        vm = state.vms.get(request.path_params["vm"])
-        if vm is None:
-            return _bad("unknown vm", 404)
-        try:
-            return vm, await _json(request)
-        except ValueError as exc:
-            return _bad(str(exc))
+    def vm_route(fn: Callable[[Vm, Any], Awaitable[Response]]) -> Callable[[Request], Any]:
+        """A route of ``/vms/{vm}/...``: ``fn(vm, JSON body)``, or the error answer."""
+
+        async def route(request: Request) -> Response:
+            vm = state.vms.get(request.path_params["vm"])
+            if vm is None:
+                return _bad("unknown vm", 404)
+            try:
+                body = await _json(request)
+            except ValueError as exc:
+                return _bad(str(exc))
+            return await fn(vm, body)
+
+        return route
 
     async def stats(request: Request) -> Response:
         return JsonResponse(state.stats_json())
@@ -102,11 +108,8 @@ def routes(state: SimState) -> list[BaseRoute]:
             return _bad("unknown vm", 404)
         return JsonResponse(state.faults_of(vm).to_json(VM_KEYS))
 
-    async def vm_faults_post(request: Request) -> Response:
-        got = await vm_and_body(request)
-        if isinstance(got, Response):
-            return got
-        vm, body = got
+    @vm_route
+    async def vm_faults_post(vm: Vm, body: Any) -> Response:
         return _set_faults(state.faults_of(vm), body, VM_KEYS, vm.vm)
 
     async def vm_faults_reset(request: Request) -> Response:
@@ -131,11 +134,8 @@ def routes(state: SimState) -> list[BaseRoute]:
         log.info("cost model set: %s", body)
         return JsonResponse(state.cost.to_json())
 
-    async def vm_power(request: Request) -> Response:
-        got = await vm_and_body(request)
-        if isinstance(got, Response):
-            return got
-        vm, body = got
+    @vm_route
+    async def vm_power(vm: Vm, body: Any) -> Response:
         new = body.get("state") if isinstance(body, dict) else None
         if new not in POWER_STATES:
             return _bad(f"state must be one of {list(POWER_STATES)}")
@@ -143,11 +143,8 @@ def routes(state: SimState) -> list[BaseRoute]:
         log.info("%s power -> %s", vm.vm, new)
         return JsonResponse(vm.summary())
 
-    async def vm_tools(request: Request) -> Response:
-        got = await vm_and_body(request)
-        if isinstance(got, Response):
-            return got
-        vm, body = got
+    @vm_route
+    async def vm_tools(vm: Vm, body: Any) -> Response:
         running = body.get("running") if isinstance(body, dict) else None
         if not isinstance(running, bool):
             return _bad("running must be a boolean")
@@ -188,11 +185,8 @@ def routes(state: SimState) -> list[BaseRoute]:
         log.info("%s removed", vm.vm)
         return JsonResponse({"removed": vm.vm})
 
-    async def vm_rename(request: Request) -> Response:
-        got = await vm_and_body(request)
-        if isinstance(got, Response):
-            return got
-        vm, body = got
+    @vm_route
+    async def vm_rename(vm: Vm, body: Any) -> Response:
         name = body.get("name") if isinstance(body, dict) else None
         if not isinstance(name, str) or not name:
             return _bad("'name' must be a non-empty string")
