@@ -564,3 +564,58 @@ def test_frozen_keeps_the_first_inventory(sim, mount_config, tmp_path):
     finally:
         if late in _dirs(sim):
             sim.remove_vm(late)
+
+
+def _fuse_waiting(mnt):
+    """Requests of the mount sent by the kernel or queued for it, not answered yet."""
+    conn = os.minor(os.stat(mnt).st_dev)
+    with open(f"/sys/fs/fuse/connections/{conn}/waiting") as f:
+        return int(f.read())
+
+
+@pytest.mark.one_transport
+def test_many_programs_stuck_in_one_vm_leave_the_others_alone(sim, mount_config, tmp_path):
+    """More programs blocked in one stalled VM than a single-VM mount serves requests
+    at once (64): another VM still answers."""
+    mp = str(tmp_path / "mnt")
+    argv = fleet_argv(sim, mp, mount_config, "--no-prefetch", "--metadata-ttl", "60")
+    a = _dirs(sim)["web"]
+    with mounted(sim, mp, argv=argv, env=fleet_env(sim)) as m:
+        os.stat(m.path("web", "etc", "hostname"))  # looked up: each open reaches the mount
+        sim.vm_faults(a, stall_api=True)
+        try:
+            blocked = [_blocked_in(_read_bytes, m.path("web", "etc", "hostname"))
+                       for _ in range(80)]  # fmt: skip
+            _wait_until(lambda: sim.vm_faults(a)["held"] > 0)
+            # all 80 are in the kernel's queue: B's requests come after them (FIFO)
+            _wait_until(lambda: _fuse_waiting(m.mnt) >= 80)
+            t, out = _blocked_in(os.listdir, m.path("db", "etc"))
+            t.join(30)
+            assert out == [["hostname"]]
+            assert sum(t.is_alive() for t, _ in blocked) == 80
+        finally:
+            sim.reset_faults()
+        for t, _ in blocked:
+            t.join(90)
+        assert all(out == [b"web\n"] for _, out in blocked)
+
+
+@pytest.mark.one_transport
+def test_a_hung_guest_timing_out_does_not_fail_the_others_fast(sim, mount_config, tmp_path):
+    """A guest call of VM A that gets no answer within the call deadline opens A's own
+    circuit breaker, not vCenter's: VM B (opened after it) still answers."""
+    mp = str(tmp_path / "mnt")
+    # --timeout 5: a guest call gives up after 2 s (mount.client_deadlines)
+    argv = fleet_argv(sim, mp, mount_config, "--no-prefetch", "--timeout", "5")
+    a = _dirs(sim)["web"]
+    with mounted(sim, mp, argv=argv, env=fleet_env(sim)) as m:
+        assert "etc" in os.listdir(m.path("web"))
+        sim.vm_faults(a, stall_api=True)
+        try:
+            with pytest.raises(OSError) as info:
+                os.listdir(m.path("web", "root"))  # held by the guest until the deadline
+            assert info.value.errno in (errno.EIO, errno.ETIMEDOUT, errno.EHOSTDOWN)
+            assert os.listdir(m.path("db", "etc")) == ["hostname"]
+            assert b"admin@corp" in _read_bytes(m.path("db", "root", ".ssh", "authorized_keys"))
+        finally:
+            sim.reset_faults()

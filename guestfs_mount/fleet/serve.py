@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Inventory", "serve_fleet"]
 
+# FUSE requests served at once. Each request blocked in a VM whose guest stopped answering
+# holds one until --timeout; with the single-VM figure (64) as many programs reading in
+# one hung VM left no task to read the other VMs' requests from /dev/fuse. An idle
+# task ends, and a busy one costs a trio task and its request buffer.
+FLEET_MAX_TASKS = 1024
+
 
 class Inventory(FleetTree):
     """The VMs shown, from one inventory listing, listed again when older than the
@@ -314,7 +320,7 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
         ready()
         m.sd_notify("READY=1")
         nursery.start_soon(m._stop_on_signal, nursery.cancel_scope, cfg.grace)
-        await pyfuse3.main(max_tasks=cfg.max_tasks)
+        await pyfuse3.main(max_tasks=max(cfg.max_tasks, FLEET_MAX_TASKS))
 
 
 def _sum_counters(items: Any) -> dict[str, int]:

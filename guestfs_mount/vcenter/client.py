@@ -38,7 +38,7 @@ from . import guestauth, probe
 from .rest import RestTransport
 from .retry import is_retryable, retry_call
 from .scheduler import Scheduler
-from .session import ClientConfig, ClientStats, ErrorCounter, Http, show
+from .session import ClientConfig, ClientStats, ErrorCounter, Http, guest_vm, show
 from .sharedcap import SharedCap
 from .transfer import BodyGet, ConnectionPool, fetch_body
 from .transport import OpenedTransfer, Transport
@@ -200,13 +200,14 @@ class VCenterClient:
         while True:
             try:
                 async with lane.slot(kind=kind), self._capped(vm):
-                    if creds is None:
-                        return await fn()
-                    token = guestauth.current.set(creds)
+                    scope = guest_vm.set(vm)  # its timeouts are this guest's (session.py)
+                    token = guestauth.current.set(creds) if creds is not None else None
                     try:
                         return await fn()
                     finally:
-                        guestauth.current.reset(token)
+                        if token is not None:
+                            guestauth.current.reset(token)
+                        guest_vm.reset(scope)
             except NotAllowedInCurrentState:
                 if attempt >= _REJECTION_RETRIES:
                     raise
