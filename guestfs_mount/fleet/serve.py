@@ -142,8 +142,8 @@ class Inventory(FleetTree):
                 vm = self._by_id[v.vm] = self.make_vm(v.vm, v.name, names[v.vm])
             vm.name, vm.dirname = v.name, names[v.vm]
             current[vm.dirname] = vm
-        self._current = current
         self._members = await self._rule_folders()
+        self._current = current
         self._checked = trio.current_time()
         self._refreshed_wall = time.time()
         self.last_error = None
