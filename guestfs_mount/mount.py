@@ -334,13 +334,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
                 "pid": os.getpid(),
                 "started": started,
                 "frozen": cfg.frozen,
-                "transfers": content.in_flight(),
-                "cache": {
-                    "dir": content.directory,
-                    "usage": content.usage,
-                    "max_bytes": content.max_bytes,
-                    "stats": content.stats,
-                },
+                **cache_status(content),
                 "api": client.stats.snapshot(),
                 "metadata": dict(meta.counters),
                 "inodes": len(ops.inodes),
@@ -416,6 +410,19 @@ def _start_progress(nursery: trio.Nursery, in_flight: Callable[[], list[dict[str
     console = Console(stderr=True)
     rich_logging(console, logging.getLogger().level)
     nursery.start_soon(show_progress, in_flight, console)
+
+
+def cache_status(content: ContentCache) -> dict[str, Any]:
+    """The status document's transfers and content-cache fields (single-VM and fleet)."""
+    return {
+        "transfers": content.in_flight(),
+        "cache": {
+            "dir": content.directory,
+            "usage": content.usage,
+            "max_bytes": content.max_bytes,
+            "stats": content.stats,
+        },
+    }
 
 
 async def _serve_control_quietly(

@@ -33,6 +33,7 @@ from ..errors import (
     Unauthenticated,
     Unauthorized,
 )
+from ..evidence.ledger import Ledger, RecordingBackend
 from ..fs import FsOptions, Operations
 from ..meta import MetadataCache
 from ..model import FilesystemFamily, FileType, GuestStat
@@ -151,7 +152,9 @@ class FleetVm:
         self.roots: dict[str, Operations] = {}  # guest root ("/", "C:\\") -> its operations
         self.meta: MetadataCache | None = None
         self.guest: object | None = None
+        self.ledger: Ledger | None = None  # what was seen in it (guestfs-mount evidence)
         self.failure: _Failure | None = None
+        self.gone: VmUnavailable | None = None  # --frozen: left the listing, directory kept
         self.opened_at: float | None = None
         self._lock = trio.Lock()
 
@@ -159,6 +162,8 @@ class FleetVm:
 
     @property
     def state(self) -> str:
+        if self.gone is not None:
+            return "gone"
         if self.roots:
             return "ready"
         if self.failure is not None:
@@ -166,6 +171,8 @@ class FleetVm:
         return "untouched"
 
     def error(self) -> VmUnavailable | None:
+        if self.gone is not None:
+            return self.gone
         return self.failure.error if self.failure is not None else None
 
     def snapshot(self) -> dict[str, object]:
@@ -188,6 +195,8 @@ class FleetVm:
     async def ready(self) -> None:
         """Open the VM unless it is open; raise its :class:`VmUnavailable` if it cannot
         be (remembered, so a burst of lookups costs one attempt)."""
+        if self.gone is not None:
+            raise self.gone
         if self.roots:
             return
         async with self._lock:
@@ -240,8 +249,9 @@ class FleetVm:
         self.windows = st.family is FilesystemFamily.WINDOWS or root != "/"
         paths: PosixPaths = WindowsPaths() if self.windows else PosixPaths()
         guest = ctx.guest_factory(client, self.vm, paths)
+        ledger = Ledger(root=root, paths=paths)
         meta = MetadataCache(
-            guest,  # type: ignore[arg-type]  # mount._Guest: a GuestBackend
+            RecordingBackend(guest, ledger),
             nursery=ctx.nursery,
             ttl=ctx.metadata_ttl,
             negative_ttl=ctx.fs.negative_ttl,
@@ -250,7 +260,8 @@ class FleetVm:
             stat_by_listing=client.transport_name in ("vi-json", "soap"),
         )
         guest.on_stat = meta.seed  # type: ignore[attr-defined]
-        self.guest, self.meta = guest, meta
+        self.guest, self.meta, self.ledger = guest, meta, ledger
+        ledger.saw(root, st)
         meta.seed(root, st)
         self._add_root(root)
 

@@ -38,7 +38,8 @@ from . import guestauth, probe
 from .rest import RestTransport
 from .retry import is_retryable, retry_call
 from .scheduler import Scheduler
-from .session import ClientConfig, ClientStats, ErrorCounter, Http, show
+from .session import ClientConfig, ClientStats, ErrorCounter, Http, guest_vm, show
+from .sharedcap import SharedCap
 from .transfer import BodyGet, ConnectionPool, fetch_body
 from .transport import OpenedTransfer, Transport
 from .urls import Server, check_transfer_url, parse_server, redact_url
@@ -83,10 +84,9 @@ class VCenterClient:
         # Every guest operation of a VM passes its lane (one channel per VM in the guest).
         self.scheduler = Scheduler(config.guest_ops, clock=self.http.clock)
         # A fleet mount: each VM's own guest account, and one cap over all VMs' guest
-        # calls and transfers (a FIFO semaphore: VMs are served in turn, each bounded
-        # by its lane).
+        # calls and transfers (VMs served in turn, none holding more than its share).
         self._vm_guest: dict[str, GuestCredentials] = {}
-        self._cap = trio.Semaphore(config.max_guest_ops) if config.max_guest_ops else None
+        self._cap = SharedCap(config.max_guest_ops) if config.max_guest_ops else None
         self._inventory: RestTransport | None = None
 
     # --- properties / lifecycle -------------------------------------------------------
@@ -157,8 +157,8 @@ class VCenterClient:
         """Use ``creds`` for the guest operations of ``vm`` (a fleet mount)."""
         self._vm_guest[vm] = creds
 
-    def _capped(self) -> contextlib.AbstractAsyncContextManager[object]:
-        return self._cap if self._cap is not None else contextlib.nullcontext()
+    def _capped(self, vm: str) -> contextlib.AbstractAsyncContextManager[object]:
+        return self._cap.slot(vm) if self._cap is not None else contextlib.nullcontext()
 
     async def inventory_transport(self) -> RestTransport:
         """The REST transport for inventory calls: the client's own when it has one
@@ -199,14 +199,15 @@ class VCenterClient:
         attempt = 0
         while True:
             try:
-                async with lane.slot(kind=kind), self._capped():
-                    if creds is None:
-                        return await fn()
-                    token = guestauth.current.set(creds)
+                async with lane.slot(kind=kind), self._capped(vm):
+                    scope = guest_vm.set(vm)  # its timeouts are this guest's (session.py)
+                    token = guestauth.current.set(creds) if creds is not None else None
                     try:
                         return await fn()
                     finally:
-                        guestauth.current.reset(token)
+                        if token is not None:
+                            guestauth.current.reset(token)
+                        guest_vm.reset(scope)
             except NotAllowedInCurrentState:
                 if attempt >= _REJECTION_RETRIES:
                     raise
@@ -424,7 +425,7 @@ class VCenterClient:
             started[0] = True
             self.stats.bytes_downloaded += n
 
-        async with self._capped():
+        async with self._capped(vm):
             await fetch_body(body, writer, self.http.breaker(where), on_data)
         if cfg.debug:
             log.debug("GET %s 200 %.1fms", redact_url(url), (time.perf_counter() - t0) * 1e3)
