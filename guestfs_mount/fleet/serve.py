@@ -32,6 +32,7 @@ from ..vcenter.inventory import folder_subtree, list_vms
 from .fuse import FleetOperations, FleetTree
 from .names import is_safe_id, vm_dir_names
 from .options import FleetOptions
+from .readahead import FleetReadAhead
 from .space import InodeSpace
 from .vm import FleetContext, FleetVm, split_content_path
 
@@ -216,7 +217,8 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
             await inventory.refresh()  # the first listing: its failure is the mount's
         except NotFound as exc:
             raise ConfigError(f"--folder {fleet.folder!r}: {exc}") from exc
-        ops = FleetOperations(inventory, space, cfg.fs)
+        readahead = FleetReadAhead(nursery, prefetch=cfg.fs.prefetch)
+        ops = FleetOperations(inventory, space, cfg.fs, readahead)
         started = time.time()
 
         def snapshot() -> dict[str, Any]:

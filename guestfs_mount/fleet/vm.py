@@ -1,8 +1,9 @@
 """One VM of a fleet mount: its single-VM machinery, built on first use, or why not.
 
 Nothing here runs before a program looks inside the VM's directory: then the VM is
-*opened* once (its guest family from vCenter, the first credential rule that matches,
-power and Tools state, a stat of the guest root proving the login), and from then on
+*opened* once (power and Tools state and its guest family from vCenter, asked at once;
+the first credential rule that matches; one guest call proving the login: the listing
+of a Linux guest's ``/``, the stat of a Windows guest's first drive), and from then on
 it has what a single-VM mount has: a ``_Guest`` binding, a metadata cache, read-ahead
 and an ``fs.Operations`` per guest root (Linux ``/``; Windows one per drive letter),
 all sharing the fleet's content cache, client and nursery. A VM that cannot be opened
@@ -16,7 +17,7 @@ import errno
 import logging
 import math
 import string
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -35,7 +36,7 @@ from ..errors import (
 )
 from ..fs import FsOptions, Operations
 from ..meta import MetadataCache
-from ..model import FilesystemFamily, FileType, GuestStat
+from ..model import FileType, GuestStat
 from ..paths import PosixPaths, WindowsPaths
 from ..vcenter.client import VCenterClient
 from ..vcenter.inventory import family_of
@@ -125,6 +126,26 @@ class FleetContext:
     frozen: bool
     in_folder: Callable[[str, str], bool]  # (vm id, folder path) -> member?
     guest_factory: Callable[[VCenterClient, str, PosixPaths], object] = field(repr=False)
+
+
+async def _first_error(*fns: Callable[[], Awaitable[object]] | None) -> None:
+    """Run ``fns`` at once; raise the error of the first one (in argument order) that
+    failed, once all are done."""
+    errors: list[BaseException | None] = [None] * len(fns)
+
+    async def one(i: int, fn: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await fn()
+        except (GuestfsError, trio.TooSlowError) as exc:
+            errors[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i, fn in enumerate(fns):
+            if fn is not None:
+                nursery.start_soon(one, i, fn)
+    for exc in errors:
+        if exc is not None:
+            raise exc
 
 
 def _classify(exc: BaseException, vm: str) -> VmUnavailable:
@@ -217,8 +238,14 @@ class FleetVm:
     async def _open(self) -> None:
         ctx = self.ctx
         client = ctx.client
-        if self.family is None:
-            self.family = await family_of(await client.inventory_transport(), self.vm)
+        rest = await client.inventory_transport()
+        # Both from vCenter, not the guest, so asked at once: power and Tools state (a
+        # guest call to a VM without Tools is retried as "busy" for the whole retry
+        # budget: it must fail here), and the guest family the credential rules need.
+        await _first_error(
+            lambda: rest.check_guest(self.vm),
+            self._learn_family if self.family is None else None,
+        )
         match = next(
             (
                 c
@@ -235,10 +262,43 @@ class FleetVm:
             )
         self.user = match.creds.user_name
         client.set_guest_credentials(self.vm, match.creds)
-        await client.check_guest_ready(self.vm)
-        root, st = await self._stat_root()
-        self.windows = st.family is FilesystemFamily.WINDOWS or root != "/"
-        paths: PosixPaths = WindowsPaths() if self.windows else PosixPaths()
+        if self.family != "windows":
+            try:
+                # One guest call proves the login and is the listing the first lookup
+                # in the VM needs (`/mnt/vc/*/etc/...`).
+                await self._open_posix()
+                return
+            except (NotFound, InvalidArgument):
+                if self.family is not None:
+                    raise
+                # vCenter could not tell the family: a Windows guest has no "/".
+        root = "C:\\"
+        st = await client.stat(self.vm, root)
+        if st.type is not FileType.DIRECTORY:
+            raise VmUnavailable(
+                f"guest root {root!r} of VM {self.vm} is not a directory", errno.EIO
+            )
+        self.windows = True
+        meta = self._build(WindowsPaths())
+        meta.seed(root, st)
+        self._add_root(root)
+
+    async def _learn_family(self) -> None:
+        self.family = await family_of(await self.ctx.client.inventory_transport(), self.vm)
+
+    async def _open_posix(self) -> None:
+        self.windows = False
+        meta = self._build(PosixPaths())
+        try:
+            await meta.listdir("/")
+        except BaseException:
+            self.guest = self.meta = None
+            raise
+        self._add_root("/")
+
+    def _build(self, paths: PosixPaths) -> MetadataCache:
+        ctx = self.ctx
+        client = ctx.client
         guest = ctx.guest_factory(client, self.vm, paths)
         meta = MetadataCache(
             guest,  # type: ignore[arg-type]  # mount._Guest: a GuestBackend
@@ -251,26 +311,7 @@ class FleetVm:
         )
         guest.on_stat = meta.seed  # type: ignore[attr-defined]
         self.guest, self.meta = guest, meta
-        meta.seed(root, st)
-        self._add_root(root)
-
-    async def _stat_root(self) -> tuple[str, GuestStat]:
-        client = self.ctx.client
-        first = "C:\\" if self.family == "windows" else "/"
-        try:
-            st = await client.stat(self.vm, first)
-            root = first
-        except (NotFound, InvalidArgument):
-            if self.family is not None:
-                raise
-            # vCenter could not tell the family: a Windows guest has no "/".
-            root = "C:\\"
-            st = await client.stat(self.vm, root)
-        if st.type is not FileType.DIRECTORY:
-            raise VmUnavailable(
-                f"guest root {root!r} of VM {self.vm} is not a directory", errno.EIO
-            )
-        return root, st
+        return meta
 
     def _add_root(self, root: str) -> Operations:
         ctx = self.ctx

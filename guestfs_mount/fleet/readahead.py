@@ -1,0 +1,251 @@
+"""Fleet read-ahead: the same path in the next VMs of the listing, before it is asked.
+
+``grep PATTERN /mnt/vc/*/root/.ssh/authorized_keys`` is the fleet's typical command.
+The shell expands the glob one level at a time, VM after VM (a lookup of ``root`` in
+every VM, then of ``.ssh`` in every one, ...), and grep then opens the files in the same
+order: each request waits for one VM, so without help the command costs the *sum* over
+the VMs of their opens and round trips. Each real VM runs one guest operation at a time
+but VMs run in parallel (``../shared/docs/real-guest-ops.md``), so this module does the
+same work in the VMs further down the listing while the user is still at the first ones:
+
+* a *walk* is one guest path looked up (or opened) by the user in two VMs of the root
+  listing: then the same path is looked up in the next VMs of that listing (opening
+  them first if they are not open), in a window that doubles each time the user moves
+  on to another VM (8, 16, 32, ... VMs ahead);
+* a path below a walk's path (the next glob level, ``/root/.ssh`` after ``/root``) is a
+  walk from its first VM on, and so is the open of a walk's path; an open walk also
+  downloads the file ahead in those VMs when it is small (the content cache's prefetch
+  budget applies).
+
+Bounds: at most :data:`_WIDTH` VMs worked on at once (and the client's global
+``--max-guest-ops`` cap under it); every call runs at background priority in its VM's
+lane; a VM that failed to open (a refused login above all) is never tried by
+read-ahead, only by the user's own requests; nothing happens before the user has
+listed the fleet's root and gone into two of its VMs (``ls /mnt/vc`` or ``cat`` in one
+VM opens nothing more).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import cachetools
+import trio
+
+from ..cache.content import ContentKey
+from ..model import FileType
+from ..vcenter.scheduler import Priority, priority
+from .vm import FleetVm, VmContent
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FleetReadAhead", "guest_path", "relative_path"]
+
+_WIDTH = 32  # VMs worked on at once by read-ahead
+_FIRST_WINDOW = 8  # VMs ahead once a walk is seen; doubles as the user moves on
+_PREFETCH_WIDTH = 12  # downloads at once (under the content cache's own limit of 16)
+_PREFETCH_MAX_FILE = 1 << 20  # larger files are left to the user's open
+_WALKS = 4096  # walks remembered (least recently used dropped)
+
+LOOKUP = "lookup"
+OPEN = "open"
+
+
+def guest_path(vm: FleetVm, rel: str) -> str | None:
+    """The guest path of ``rel`` (below the VM's directory) in ``vm``; None when it
+    names none (a Windows VM's directory holds drive letters only)."""
+    if not vm.windows:
+        return rel
+    parts = [p for p in rel.split("/") if p]
+    if not parts or len(parts[0]) != 1 or not parts[0].isalpha():
+        return None
+    return parts[0].upper() + ":\\" + "\\".join(parts[1:])
+
+
+def relative_path(vm: FleetVm, path: str) -> str:
+    """``guest_path``'s inverse: ``C:\\Users\\x`` is ``/C/Users/x``, ``/etc`` is ``/etc``."""
+    if not vm.windows:
+        return path
+    drive, _, rest = path.partition(":\\")
+    return "/" + "/".join([drive.upper(), *(p for p in rest.split("\\") if p)])
+
+
+@dataclass
+class _Walk:
+    users: set[str] = field(default_factory=set)  # VM ids where the user did it
+    active: bool = False
+    last: int | None = None  # listing index of the user's last VM
+    direction: int = 0  # +1: down the listing, -1: up it (bash expands a glob backwards)
+    window: int = _FIRST_WINDOW
+    listing: int = -1  # which root listing lo and hi count in
+    lo: int = 0  # listing indexes read ahead so far: lo..hi (none when hi < lo)
+    hi: int = -1
+    below: set[str] = field(default_factory=set)  # VM ids whose read-ahead was started
+
+
+class FleetReadAhead:
+    """Told what the user looked up and opened in which VM (by the fleet's FUSE layer,
+    after the request succeeded), starts the same in the VMs listed after it."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        prefetch: bool = True,
+        width: int = _WIDTH,
+        first_window: int = _FIRST_WINDOW,
+    ) -> None:
+        self._nursery = nursery
+        self.prefetch = prefetch
+        self._first_window = first_window
+        self._limit = trio.CapacityLimiter(width)
+        self._downloads = trio.CapacityLimiter(_PREFETCH_WIDTH)
+        self._order: list[FleetVm] = []
+        self._index: dict[str, int] = {}
+        self._listing = 0
+        self._walks: cachetools.LRUCache[tuple[str, str], _Walk] = cachetools.LRUCache(_WALKS)
+        self.started = 0  # read-ahead tasks started (tests and status count them)
+        self.skipped_failed = 0  # VMs left alone because they failed to open
+        self.downloads = 0  # files downloaded ahead
+        self.listed = 0  # directories listed ahead
+
+    # -- what the FUSE layer tells ------------------------------------------------------
+
+    def on_listing(self, vms: Sequence[FleetVm]) -> None:
+        """The fleet's root was listed: this is the order a glob walks the VMs in."""
+        ids = [vm.vm for vm in vms]
+        if ids == [vm.vm for vm in self._order]:
+            return
+        self._order = list(vms)
+        self._index = {vm_id: i for i, vm_id in enumerate(ids)}
+        self._listing += 1
+
+    def on_lookup(self, vm: FleetVm, rel: str) -> None:
+        """The user looked up ``rel`` (a path below the VM's directory, ``/root/.ssh``;
+        ``/C/Users`` on Windows) in ``vm``, whether it exists or not."""
+        self._seen(LOOKUP, vm, rel)
+
+    def on_open(self, vm: FleetVm, rel: str) -> None:
+        """The user opened the file ``rel`` of ``vm``."""
+        self._seen(OPEN, vm, rel)
+
+    # -- policy ---------------------------------------------------------------------------
+
+    def _seen(self, kind: str, vm: FleetVm, path: str) -> None:
+        k = self._index.get(vm.vm)
+        if k is None:
+            return  # not in the last root listing: not a walk over it
+        walk = self._walks.get((kind, path))
+        if walk is None:
+            walk = self._walks[(kind, path)] = _Walk(window=self._first_window)
+        if walk.listing != self._listing:
+            walk.listing, walk.lo, walk.hi, walk.last = self._listing, 0, -1, None
+        if walk.last is not None and walk.last != k:
+            walk.direction = 1 if k > walk.last else -1
+        walk.last = k
+        new = vm.vm not in walk.users
+        walk.users.add(vm.vm)
+        if not walk.active:
+            if len(walk.users) >= 2:
+                walk.active = True
+                new = True  # the first VM's listing below too
+            else:
+                up = self._implied(kind, path)
+                if up is None:
+                    return
+                walk.active, walk.direction = True, walk.direction or up.direction
+        if new and kind == LOOKUP:
+            # The user's own VMs: the next glob level will want the listing below.
+            for vm_id in walk.users:
+                mine = self._order[self._index[vm_id]] if vm_id in self._index else None
+                if mine is not None and vm_id not in walk.below:
+                    walk.below.add(vm_id)
+                    self._start(kind, mine, path, mine=True)
+        self._extend(kind, path, walk, k)
+
+    def _extend(self, kind: str, path: str, walk: _Walk, k: int) -> None:
+        """Read ahead ``walk.window`` VMs from index ``k`` the way the user goes (both
+        ways while that is unknown), nearest first; the window doubles when it moves."""
+        lo = k + 1 if walk.direction > 0 else max(0, k - walk.window)
+        hi = k - 1 if walk.direction < 0 else min(len(self._order) - 1, k + walk.window)
+        if walk.hi < walk.lo:  # nothing read ahead yet
+            todo = list(range(lo, hi + 1))
+            walk.lo, walk.hi = lo, hi
+        else:
+            todo = [*range(lo, min(hi, walk.lo - 1) + 1), *range(max(lo, walk.hi + 1), hi + 1)]
+            walk.lo, walk.hi = min(walk.lo, lo), max(walk.hi, hi)
+        if not todo:
+            return
+        walk.window *= 2
+        for i in sorted(todo, key=lambda i: abs(i - k)):
+            other = self._order[i]
+            if other.vm not in walk.users:
+                walk.below.add(other.vm)
+                self._start(kind, other, path, mine=False)
+
+    def _start(self, kind: str, vm: FleetVm, rel: str, *, mine: bool) -> None:
+        self.started += 1
+        self._nursery.start_soon(functools.partial(self._ahead, kind, vm, rel, mine=mine))
+
+    def _implied(self, kind: str, rel: str) -> _Walk | None:
+        """The active walk this request continues, if any: the lookup of its parent
+        (the next glob level), or for an open the lookup of the same path."""
+        if kind == OPEN:
+            same = self._walks.get((LOOKUP, rel))
+            if same is not None and same.active:
+                return same
+        parent = posixpath.dirname(rel)
+        if parent == rel:
+            return None
+        up = self._walks.get((LOOKUP, parent))
+        return up if up is not None and up.active else None
+
+    # -- the work ---------------------------------------------------------------------------
+
+    async def _ahead(self, kind: str, vm: FleetVm, rel: str, *, mine: bool) -> None:
+        """Do in ``vm`` what the user is doing VM after VM: open it, stat ``rel``, list
+        it when it is a directory (the next glob level's lookups), download it when it
+        is a small file being opened. ``mine``: the user did the stat already."""
+        priority.set(Priority.BACKGROUND)  # this task's calls wait for the user's
+        async with self._limit:
+            if vm.failure is not None:
+                # Refused logins above all: only the user's own requests try again.
+                self.skipped_failed += 1
+                return
+            try:
+                await vm.ready()
+                path = guest_path(vm, rel)
+                meta = vm.meta
+                if path is None or meta is None or vm.ops_for(path) is None:
+                    return  # a POSIX path in a Windows VM, or a drive not opened yet
+                st = await meta.stat(path)
+                if st.type is FileType.DIRECTORY:
+                    if kind == LOOKUP and meta.cached_listing(path) is None:
+                        await meta.listdir(path)
+                        self.listed += 1
+                    return
+                if mine or kind != OPEN or not self.prefetch or st.type is not FileType.FILE:
+                    return
+                if not 0 < st.size <= _PREFETCH_MAX_FILE:
+                    return
+                async with self._downloads:
+                    await self._download(VmContent(vm.ctx.content, vm.vm),
+                                         ContentKey(path, st.size, st.mtime_ns))
+            except Exception as exc:  # a guess: the user's own request will say
+                log.debug("fleet read-ahead of %r in VM %s: %s", rel, vm.vm, exc)
+
+    async def _download(self, content: VmContent, key: ContentKey) -> None:
+        """Download ``key`` within the cache's prefetch budget, and hold a download slot
+        until its last byte is in (claiming it, so it is kept like a file read)."""
+        if not await content.prefetch(key):
+            return  # the cache's budget or space says no: the user's open will fetch it
+        handle = await content.open(key)
+        try:
+            await content.read(handle, key.size - 1, 1)
+        finally:
+            content.release(handle)
+        self.downloads += 1
