@@ -20,29 +20,31 @@ TREE = {
     "/root": FileType.DIRECTORY,
     "/root/.ssh": FileType.DIRECTORY,
     KEYS: FileType.FILE,
+    "/etc/medium.db": FileType.FILE,
     "/var/big.log": FileType.FILE,
 }
+SIZES = {"/var/big.log": 8 << 20, "/etc/medium.db": 512 << 10}
 
 
 class FakeContent:
-    def __init__(self) -> None:
-        self.prefetched: list[ContentKey] = []
-        self._open: dict[int, ContentKey] = {}
+    """The shared content cache: which keys were downloaded, how many at once."""
 
-    async def prefetch(self, key: ContentKey) -> bool:
-        self.prefetched.append(key)
-        return True
+    def __init__(self) -> None:
+        self.opened: list[ContentKey] = []
+        self.running = self.peak = 0
 
     async def open(self, key: ContentKey) -> int:
-        self._open[len(self._open)] = key
-        return len(self._open) - 1
+        self.opened.append(key)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        return len(self.opened) - 1
 
     async def read(self, handle: int, offset: int, size: int) -> bytes:
         await trio.sleep(0.1)  # the body arrives
         return b"x"
 
     def release(self, handle: int) -> None:
-        pass
+        self.running -= 1
 
 
 class FakeMeta:
@@ -58,8 +60,7 @@ class FakeMeta:
         kind = TREE.get(path)
         if kind is None:
             raise NotFound(path)
-        size = 8 << 20 if path == "/var/big.log" else 90
-        return GuestStat(type=kind, size=size, mtime_ns=1, atime_ns=1)
+        return GuestStat(type=kind, size=SIZES.get(path, 90), mtime_ns=1, atime_ns=1)
 
     def cached_listing(self, path: str) -> object | None:
         return () if path in self.listings else None
@@ -199,14 +200,28 @@ async def test_the_next_glob_level_is_a_walk_from_its_first_vm(
     await settle()
     assert ra.started == before + 10  # 9 VMs ahead, and the user's own listing below
     assert all(("list", "/root/.ssh") in vm.calls for vm in vms)
-    await user(vms[0], ra, KEYS)  # level 3
-    ra.on_open(vms[0], KEYS)  # grep opens the first file: the others are downloaded
+    await user(vms[0], ra, KEYS)  # level 3: a small file, fetched in every VM
     await settle()
     content = vms[0].ctx.content
     # each VM's own entry of the shared cache (the key names the VM), all complete
-    assert sorted(k.path for k in content.prefetched) == [f"vm-{i}\0{KEYS}" for i in range(1, 10)]
-    assert ra.downloads == 9
-    assert all(vm.calls.count(("stat", KEYS)) == 2 for vm in vms[1:])  # lookup + open walks
+    assert sorted(k.path for k in content.opened) == [f"vm-{i}\0{KEYS}" for i in range(10)]
+    assert ra.downloads == 10 and content.running == 0
+
+
+async def test_an_open_walk_downloads_what_a_lookup_walk_does_not(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    ra, vms = fleet(nursery, n=6, first_window=16)
+    for vm in vms[:2]:  # ls -l /mnt/vc/*/etc/medium.db: 512 KiB is not fetched for that
+        await user(vm, ra, "/etc/medium.db")
+    await settle()
+    content = vms[0].ctx.content
+    assert content.opened == [] and opened(vms) == list(range(6))
+    ra.on_open(vms[0], "/etc/medium.db")  # sha256sum /mnt/vc/*/etc/medium.db
+    await settle()
+    assert sorted(k.path for k in content.opened) == [
+        f"vm-{i}\0/etc/medium.db" for i in range(1, 6)
+    ]
 
 
 async def test_large_files_are_not_downloaded_ahead(
@@ -217,7 +232,7 @@ async def test_large_files_are_not_downloaded_ahead(
         await user(vm, ra, "/var/big.log")
         ra.on_open(vm, "/var/big.log")
     await settle()
-    assert vms[0].ctx.content.prefetched == []
+    assert vms[0].ctx.content.opened == []
     assert all(("stat", "/var/big.log") in vm.calls for vm in vms)
 
 
@@ -229,7 +244,7 @@ async def test_prefetch_off_reads_metadata_ahead_only(
         await user(vm, ra, KEYS)
         ra.on_open(vm, KEYS)
     await settle()
-    assert vms[0].ctx.content.prefetched == []
+    assert vms[0].ctx.content.opened == []
     assert opened(vms) == list(range(6))
 
 
@@ -242,3 +257,16 @@ def test_windows_paths_below_the_vm_directory() -> None:
     assert relative_path(win, "C:\\Users\\x") == "/C/Users/x"
     assert relative_path(win, "C:\\") == "/C"
     assert guest_path(lin, KEYS) == KEYS == relative_path(lin, KEYS)
+
+
+async def test_downloads_ahead_are_bounded(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    ra, vms = fleet(nursery, n=200, first_window=256)
+    for vm in vms[:2]:
+        await user(vm, ra, KEYS)
+        ra.on_open(vm, KEYS)
+    await settle()
+    content = vms[0].ctx.content
+    assert ra.downloads == len(content.opened) >= 200
+    assert content.peak <= 32

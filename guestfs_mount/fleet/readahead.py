@@ -14,11 +14,14 @@ same work in the VMs further down the listing while the user is still at the fir
   on to another VM (8, 16, 32, ... VMs ahead);
 * a path below a walk's path (the next glob level, ``/root/.ssh`` after ``/root``) is a
   walk from its first VM on, and so is the open of a walk's path; an open walk also
-  downloads the file ahead in those VMs when it is small (the content cache's prefetch
-  budget applies).
+  downloads the file ahead in those VMs when it is small (at most 1 MiB; a lookup
+  walk, at most 64 KiB, in the user's VMs too), at most :data:`_DOWNLOADS` at once;
+* a directory a lookup walk reaches is listed too (in the user's VMs as well): the next
+  glob level's lookups are answered from that listing.
 
-Bounds: at most :data:`_WIDTH` VMs worked on at once (and the client's global
-``--max-guest-ops`` cap under it); every call runs at background priority in its VM's
+Bounds: at most :data:`_WIDTH` VMs worked on at once (``fleet.serve`` passes half the
+client's global ``--max-guest-ops`` cap, a FIFO over all VMs' calls: the user's own
+calls always find room); every call runs at background priority in its VM's
 lane; a VM that failed to open (a refused login above all) is never tried by
 read-ahead, only by the user's own requests; nothing happens before the user has
 listed the fleet's root and gone into two of its VMs (``ls /mnt/vc`` or ``cat`` in one
@@ -47,8 +50,9 @@ __all__ = ["FleetReadAhead", "guest_path", "relative_path"]
 
 _WIDTH = 32  # VMs worked on at once by read-ahead
 _FIRST_WINDOW = 8  # VMs ahead once a walk is seen; doubles as the user moves on
-_PREFETCH_WIDTH = 12  # downloads at once (under the content cache's own limit of 16)
+_DOWNLOADS = 32  # files downloaded ahead at once (1 MiB each at most)
 _PREFETCH_MAX_FILE = 1 << 20  # larger files are left to the user's open
+_LOOKUP_MAX_FILE = 64 << 10  # files downloaded by a lookup walk (ls -l pays for these)
 _WALKS = 4096  # walks remembered (least recently used dropped)
 
 LOOKUP = "lookup"
@@ -102,8 +106,9 @@ class FleetReadAhead:
         self._nursery = nursery
         self.prefetch = prefetch
         self._first_window = first_window
+        self._width = width
         self._limit = trio.CapacityLimiter(width)
-        self._downloads = trio.CapacityLimiter(_PREFETCH_WIDTH)
+        self._downloads = trio.CapacityLimiter(_DOWNLOADS)
         self._order: list[FleetVm] = []
         self._index: dict[str, int] = {}
         self._listing = 0
@@ -157,7 +162,11 @@ class FleetReadAhead:
                 up = self._implied(kind, path)
                 if up is None:
                     return
-                walk.active, walk.direction = True, walk.direction or up.direction
+                # A fleet-wide walk already: the window starts wide. The next glob level
+                # goes the way the last one went; a command's opens go their own way.
+                walk.active, walk.window = True, max(walk.window, self._width)
+                if kind == LOOKUP:
+                    walk.direction = walk.direction or up.direction
         if new and kind == LOOKUP:
             # The user's own VMs: the next glob level will want the listing below.
             for vm_id in walk.users:
@@ -228,9 +237,13 @@ class FleetReadAhead:
                         await meta.listdir(path)
                         self.listed += 1
                     return
-                if mine or kind != OPEN or not self.prefetch or st.type is not FileType.FILE:
+                if not self.prefetch or st.type is not FileType.FILE or st.size <= 0:
                     return
-                if not 0 < st.size <= _PREFETCH_MAX_FILE:
+                # A glob's last level is a file the command reads next (grep, sha256sum):
+                # config-sized ones are fetched already; an open walk fetches larger.
+                if kind == LOOKUP and st.size > _LOOKUP_MAX_FILE:
+                    return
+                if (kind == OPEN and mine) or st.size > _PREFETCH_MAX_FILE:
                     return
                 async with self._downloads:
                     await self._download(VmContent(vm.ctx.content, vm.vm),
@@ -239,10 +252,10 @@ class FleetReadAhead:
                 log.debug("fleet read-ahead of %r in VM %s: %s", rel, vm.vm, exc)
 
     async def _download(self, content: VmContent, key: ContentKey) -> None:
-        """Download ``key`` within the cache's prefetch budget, and hold a download slot
-        until its last byte is in (claiming it, so it is kept like a file read)."""
-        if not await content.prefetch(key):
-            return  # the cache's budget or space says no: the user's open will fetch it
+        """Download ``key`` as an open would, holding a download slot until its last
+        byte is in; then it is cached like a file read (small files outlive their
+        handle). The bound is this module's, not the cache's prefetch budget: that one
+        is sized for one VM's directory, this one for one file in each of many VMs."""
         handle = await content.open(key)
         try:
             await content.read(handle, key.size - 1, 1)

@@ -217,7 +217,8 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
             await inventory.refresh()  # the first listing: its failure is the mount's
         except NotFound as exc:
             raise ConfigError(f"--folder {fleet.folder!r}: {exc}") from exc
-        readahead = FleetReadAhead(nursery, prefetch=cfg.fs.prefetch)
+        width = max(1, (client.config.max_guest_ops or 64) // 2)
+        readahead = FleetReadAhead(nursery, prefetch=cfg.fs.prefetch, width=width)
         ops = FleetOperations(inventory, space, cfg.fs, readahead)
         started = time.time()
 

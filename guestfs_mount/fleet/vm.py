@@ -39,7 +39,7 @@ from ..meta import MetadataCache
 from ..model import FileType, GuestStat
 from ..paths import PosixPaths, WindowsPaths
 from ..vcenter.client import VCenterClient
-from ..vcenter.inventory import family_of
+from ..vcenter.inventory import family_of, running_family
 from .options import FleetOptions
 from .space import InodeSpace, VmInodes
 
@@ -239,13 +239,19 @@ class FleetVm:
         ctx = self.ctx
         client = ctx.client
         rest = await client.inventory_transport()
-        # Both from vCenter, not the guest, so asked at once: power and Tools state (a
-        # guest call to a VM without Tools is retried as "busy" for the whole retry
-        # budget: it must fail here), and the guest family the credential rules need.
-        await _first_error(
-            lambda: rest.check_guest(self.vm),
-            self._learn_family if self.family is None else None,
-        )
+        # From vCenter, not the guest: the guest family (the credential rules need it)
+        # and whether Tools runs. A guest call to a VM without Tools is retried as
+        # "busy" for the whole retry budget: such a VM must fail here, at once. The
+        # guest identity answers both in one call while Tools runs.
+        running = False
+        if self.family is None:
+            self.family = await running_family(rest, self.vm)
+            running = self.family is not None
+        if not running:  # why not (powered off, no Tools), and the configured family
+            await _first_error(
+                lambda: rest.check_guest(self.vm),
+                self._learn_family if self.family is None else None,
+            )
         match = next(
             (
                 c
