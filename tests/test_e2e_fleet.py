@@ -410,3 +410,15 @@ def test_fleet_grep_costs_each_vm_one_call_per_level(sim, mount_config, tmp_path
         assert "credentials.validate" not in calls[vm]
     assert calls[ids["locked"]] == {"files.list": 1}  # the refused login, once
     assert ids["notools"] not in calls  # Tools down: known from vCenter, no guest call
+
+
+@pytest.mark.one_transport
+def test_no_such_drive_in_a_windows_vm_costs_no_guest_call(sim, mount_config, tmp_path):
+    mp = str(tmp_path / "mnt")
+    with mounted(sim, mp, argv=fleet_argv(sim, mp, mount_config), env=fleet_env(sim)) as m:
+        sim.reset_stats()
+        assert not os.path.exists(m.path("win", "root", ".ssh"))  # a glob's `*/root`
+        assert _calls(sim) == {}  # vCenter told the family: no guest login
+        assert os.getxattr(m.path("win"), "user.guestfs.state") == b"untouched"
+        with open(m.path("win", "C", "Users", "Admin", "notes.txt"), "rb") as f:
+            assert f.read() == b"windows notes\r\n"  # a drive opens it as before

@@ -11,7 +11,7 @@ import trio.testing
 
 from guestfs_mount.cache.content import ContentKey
 from guestfs_mount.errors import NotFound
-from guestfs_mount.fleet.readahead import FleetReadAhead, guest_path, relative_path
+from guestfs_mount.fleet.readahead import FleetReadAhead, _InOrder, guest_path, relative_path
 from guestfs_mount.model import FileType, GuestStat
 from guestfs_mount.paths import PosixPaths
 
@@ -53,14 +53,20 @@ class FakeMeta:
     def __init__(self, vm: FakeVm) -> None:
         self.vm = vm
         self.listings: dict[str, bool] = {}
+        self.stats: dict[str, GuestStat] = {}
 
     async def stat(self, path: str) -> GuestStat:
+        if path in self.stats:  # cached, as the metadata cache does
+            return self.stats[path]
         self.vm.calls.append(("stat", path))
         await trio.sleep(0.1)
         kind = TREE.get(path)
         if kind is None:
             raise NotFound(path)
-        return GuestStat(type=kind, size=SIZES.get(path, 90), mtime_ns=1, atime_ns=1)
+        st = self.stats[path] = GuestStat(
+            type=kind, size=SIZES.get(path, 90), mtime_ns=1, atime_ns=1
+        )
+        return st
 
     def cached_listing(self, path: str) -> object | None:
         return () if path in self.listings else None
@@ -80,6 +86,7 @@ class FakeVm:
         self.windows = windows
         self.failure: object | None = None
         self.meta: FakeMeta | None = None
+        self.roots: dict[str, object] = {}
         self.opens = 0
         self.calls: list[tuple[str, str]] = []
         self.ctx: Any = type("Ctx", (), {"content": content})()
@@ -89,6 +96,11 @@ class FakeVm:
             self.opens += 1
             await trio.sleep(0.3)
             self.meta = FakeMeta(self)
+            self.roots["/"] = object()
+
+    async def identify(self) -> str:
+        await trio.sleep(0.08)  # a vCenter call, not a guest one
+        return "windows" if self.windows else "linux"
 
     def ops_for(self, path: str) -> object | None:
         return None if self.windows and path[1:3] != ":\\" else object()
@@ -270,3 +282,61 @@ async def test_downloads_ahead_are_bounded(
     content = vms[0].ctx.content
     assert ra.downloads == len(content.opened) >= 200
     assert content.peak <= 32
+
+
+async def test_waiting_downloads_go_in_listing_order(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # bash expands a glob from the last VM backwards, then grep reads from the first:
+    # the downloads waiting for a slot go lowest listing index first
+    gate = _InOrder(2)
+    ran: list[int] = []
+
+    async def download(order: int) -> None:
+        async with gate.hold(order):
+            ran.append(order)
+            await trio.sleep(1)
+
+    for order in (90, 80, 70, 60, 3, 2, 1, 0):  # the order the lookups reach them
+        nursery.start_soon(download, order)
+        await trio.sleep(0.01)
+    await settle()
+    assert ran == [90, 80, 0, 1, 2, 3, 60, 70]
+
+
+async def test_a_cancelled_waiter_gives_no_slot_away(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    gate = _InOrder(1)
+    ran: list[int] = []
+
+    async def download(order: int, scope: trio.CancelScope | None = None) -> None:
+        with scope or trio.CancelScope():
+            async with gate.hold(order):
+                ran.append(order)
+                await trio.sleep(1)
+
+    nursery.start_soon(download, 5)
+    await trio.sleep(0.01)
+    scope = trio.CancelScope()
+    nursery.start_soon(download, 1, scope)
+    nursery.start_soon(download, 2)
+    await trio.sleep(0.01)
+    scope.cancel()  # a read-ahead given up while waiting
+    await settle()
+    assert ran == [5, 2]
+    async with gate.hold(0):  # every slot came back
+        pass
+
+
+async def test_a_posix_walk_opens_no_windows_vm(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    content = FakeContent()
+    vms: list[Any] = [FakeVm(i, content, windows=i % 2 == 1) for i in range(10)]
+    ra = FleetReadAhead(nursery)
+    ra.on_listing(vms)
+    for vm in (vms[0], vms[2]):
+        await user(vm, ra, "/root")
+    await settle()
+    assert opened(vms) == [0, 2, 4, 6, 8]  # vCenter says which are Windows: no login

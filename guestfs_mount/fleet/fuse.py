@@ -220,6 +220,19 @@ class FleetOperations(pyfuse3.Operations):
         vm, path = self._owner(parent_inode)
         if vm is None:
             return await self._lookup_fleet(parent_inode, path, name)
+        if name not in (b".", b".."):
+            # Before this VM answers (its open may take a while): a glob's next VMs
+            # are read ahead meanwhile.
+            self._looking_up(vm, parent_inode, name)
+            if parent_inode == vm.dir_ino and not vm.roots and not _drive_like(name):
+                # `/mnt/vc/*/root/...` reaches every Windows VM too: vCenter alone says
+                # there is no such drive (no guest login for nothing).
+                try:
+                    windows = await vm.identify() == "windows"
+                except GuestfsError:
+                    windows = False  # the open below will say what is wrong
+                if windows:
+                    return self._negative()
         await vm.ready()
         if parent_inode == vm.dir_ino and vm.windows:
             if name in (b".", b".."):
@@ -227,18 +240,14 @@ class FleetOperations(pyfuse3.Operations):
             try:
                 ops = await vm.drive(os.fsdecode(name))
             except NotFound:
-                self._looked_up(vm, parent_inode, name)
                 return self._negative()
             ino = ops.inodes.inode(ops.root)
             return await ops.getattr(ino, ctx)
         if parent_inode == vm.dir_ino and name == b"..":
             return self._dir_attrs(ROOT_INODE)
-        attrs = await self._vm_ops(vm, path).lookup(parent_inode, name, ctx)
-        if name not in (b".", b".."):
-            self._looked_up(vm, parent_inode, name)
-        return attrs
+        return await self._vm_ops(vm, path).lookup(parent_inode, name, ctx)
 
-    def _looked_up(self, vm: FleetVm, parent_inode: int, name: bytes) -> None:
+    def _looking_up(self, vm: FleetVm, parent_inode: int, name: bytes) -> None:
         """Tell read-ahead (found or not: a glob reaches every VM either way)."""
         if self.readahead is None:
             return
@@ -440,6 +449,10 @@ class FleetOperations(pyfuse3.Operations):
             return list(self._vm_xattrs(vm))
         await vm.ready()
         return await self._vm_ops(vm, path).listxattr(inode, ctx)
+
+
+def _drive_like(name: bytes) -> bool:
+    return len(name) == 1 and name.isalpha()
 
 
 class _NoContext:

@@ -11,11 +11,13 @@ same work in the VMs further down the listing while the user is still at the fir
 * a *walk* is one guest path looked up (or opened) by the user in two VMs of the root
   listing: then the same path is looked up in the next VMs of that listing (opening
   them first if they are not open), in a window that doubles each time the user moves
-  on to another VM (8, 16, 32, ... VMs ahead);
+  on to another VM (16, 32, 64, ... VMs ahead);
 * a path below a walk's path (the next glob level, ``/root/.ssh`` after ``/root``) is a
   walk from its first VM on, and so is the open of a walk's path; an open walk also
   downloads the file ahead in those VMs when it is small (at most 1 MiB; a lookup
-  walk, at most 64 KiB, in the user's VMs too), at most :data:`_DOWNLOADS` at once;
+  walk, at most 64 KiB, in the user's VMs too), at most :data:`_DOWNLOADS` at once,
+  first in listing order (bash expands a glob backwards, then sorts; grep reads
+  forwards);
 * a directory a lookup walk reaches is listed too (in the user's VMs as well): the next
   glob level's lookups are answered from that listing.
 
@@ -30,10 +32,12 @@ VM opens nothing more).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import heapq
 import logging
 import posixpath
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import cachetools
@@ -49,7 +53,7 @@ log = logging.getLogger(__name__)
 __all__ = ["FleetReadAhead", "guest_path", "relative_path"]
 
 _WIDTH = 32  # VMs worked on at once by read-ahead
-_FIRST_WINDOW = 8  # VMs ahead once a walk is seen; doubles as the user moves on
+_FIRST_WINDOW = 16  # VMs ahead once a walk is seen; doubles as the user moves on
 _DOWNLOADS = 32  # files downloaded ahead at once (1 MiB each at most)
 _PREFETCH_MAX_FILE = 1 << 20  # larger files are left to the user's open
 _LOOKUP_MAX_FILE = 64 << 10  # files downloaded by a lookup walk (ls -l pays for these)
@@ -57,6 +61,45 @@ _WALKS = 4096  # walks remembered (least recently used dropped)
 
 LOOKUP = "lookup"
 OPEN = "open"
+
+
+class _InOrder:
+    """At most ``total`` holders at once; waiters are let in lowest ``order`` first (a
+    glob's command reads its files in listing order, whichever way the glob went)."""
+
+    def __init__(self, total: int) -> None:
+        self._free = total
+        self._waiting: list[tuple[int, int, trio.Event]] = []
+        self._seq = 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self, order: int) -> AsyncIterator[None]:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            self._seq += 1
+            ev = trio.Event()
+            entry = (order, self._seq, ev)
+            heapq.heappush(self._waiting, entry)
+            try:
+                await ev.wait()  # the releaser passed its slot on to us
+            except BaseException:
+                if ev.is_set():
+                    self._release()
+                else:
+                    self._waiting.remove(entry)
+                    heapq.heapify(self._waiting)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._waiting:
+            heapq.heappop(self._waiting)[2].set()
+        else:
+            self._free += 1
 
 
 def guest_path(vm: FleetVm, rel: str) -> str | None:
@@ -68,6 +111,11 @@ def guest_path(vm: FleetVm, rel: str) -> str | None:
     if not parts or len(parts[0]) != 1 or not parts[0].isalpha():
         return None
     return parts[0].upper() + ":\\" + "\\".join(parts[1:])
+
+
+def _no_drive(rel: str) -> bool:
+    first = next((p for p in rel.split("/") if p), "")
+    return not (len(first) == 1 and first.isalpha())
 
 
 def relative_path(vm: FleetVm, path: str) -> str:
@@ -108,7 +156,7 @@ class FleetReadAhead:
         self._first_window = first_window
         self._width = width
         self._limit = trio.CapacityLimiter(width)
-        self._downloads = trio.CapacityLimiter(_DOWNLOADS)
+        self._downloads = _InOrder(_DOWNLOADS)
         self._order: list[FleetVm] = []
         self._index: dict[str, int] = {}
         self._listing = 0
@@ -218,38 +266,46 @@ class FleetReadAhead:
     async def _ahead(self, kind: str, vm: FleetVm, rel: str, *, mine: bool) -> None:
         """Do in ``vm`` what the user is doing VM after VM: open it, stat ``rel``, list
         it when it is a directory (the next glob level's lookups), download it when it
-        is a small file being opened. ``mine``: the user did the stat already."""
+        is a small file the command will read. ``mine``: one of the user's own VMs."""
         priority.set(Priority.BACKGROUND)  # this task's calls wait for the user's
-        async with self._limit:
-            if vm.failure is not None:
-                # Refused logins above all: only the user's own requests try again.
-                self.skipped_failed += 1
+        try:
+            async with self._limit:  # metadata only: a download does not hold a slot
+                key = await self._metadata(kind, vm, rel)
+            if key is None or (kind == OPEN and mine):
                 return
-            try:
-                await vm.ready()
-                path = guest_path(vm, rel)
-                meta = vm.meta
-                if path is None or meta is None or vm.ops_for(path) is None:
-                    return  # a POSIX path in a Windows VM, or a drive not opened yet
-                st = await meta.stat(path)
-                if st.type is FileType.DIRECTORY:
-                    if kind == LOOKUP and meta.cached_listing(path) is None:
-                        await meta.listdir(path)
-                        self.listed += 1
-                    return
-                if not self.prefetch or st.type is not FileType.FILE or st.size <= 0:
-                    return
-                # A glob's last level is a file the command reads next (grep, sha256sum):
-                # config-sized ones are fetched already; an open walk fetches larger.
-                if kind == LOOKUP and st.size > _LOOKUP_MAX_FILE:
-                    return
-                if (kind == OPEN and mine) or st.size > _PREFETCH_MAX_FILE:
-                    return
-                async with self._downloads:
-                    await self._download(VmContent(vm.ctx.content, vm.vm),
-                                         ContentKey(path, st.size, st.mtime_ns))
-            except Exception as exc:  # a guess: the user's own request will say
-                log.debug("fleet read-ahead of %r in VM %s: %s", rel, vm.vm, exc)
+            async with self._downloads.hold(self._index.get(vm.vm, 0)):
+                await self._download(VmContent(vm.ctx.content, vm.vm), key)
+        except Exception as exc:  # a guess: the user's own request will say
+            log.debug("fleet read-ahead of %r in VM %s: %s", rel, vm.vm, exc)
+
+    async def _metadata(self, kind: str, vm: FleetVm, rel: str) -> ContentKey | None:
+        """Open ``vm``, stat ``rel`` and list it if a directory; the file to download,
+        if any."""
+        if vm.failure is not None:
+            # Refused logins above all: only the user's own requests try again.
+            self.skipped_failed += 1
+            return None
+        if guest_path(vm, rel) is None or (
+            not vm.roots and await vm.identify() == "windows" and _no_drive(rel)
+        ):
+            return None  # a POSIX path in a Windows VM: nothing to open it for
+        await vm.ready()
+        path = guest_path(vm, rel)
+        meta = vm.meta
+        if path is None or meta is None or vm.ops_for(path) is None:
+            return None  # a POSIX path in a Windows VM, or a drive not opened yet
+        st = await meta.stat(path)
+        if st.type is FileType.DIRECTORY:
+            if kind == LOOKUP and meta.cached_listing(path) is None:
+                await meta.listdir(path)
+                self.listed += 1
+            return None
+        if not self.prefetch or st.type is not FileType.FILE or st.size <= 0:
+            return None
+        # A glob's last level is a file the command reads next (grep, sha256sum):
+        # config-sized ones are fetched already; an open walk fetches larger ones.
+        limit = _LOOKUP_MAX_FILE if kind == LOOKUP else _PREFETCH_MAX_FILE
+        return ContentKey(path, st.size, st.mtime_ns) if st.size <= limit else None
 
     async def _download(self, content: VmContent, key: ContentKey) -> None:
         """Download ``key`` as an open would, holding a download slot until its last

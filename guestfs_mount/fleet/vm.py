@@ -175,6 +175,9 @@ class FleetVm:
         self.failure: _Failure | None = None
         self.opened_at: float | None = None
         self._lock = trio.Lock()
+        self._identity_lock = trio.Lock()
+        self._identified = False  # the guest identity was asked
+        self._running = False  # ... and answered: Tools runs
 
     # -- state -------------------------------------------------------------------------
 
@@ -230,7 +233,22 @@ class FleetVm:
             self.failure = None
             self.opened_at = trio.current_time()
 
+    async def identify(self) -> str | None:
+        """The guest family as vCenter reports it while Tools runs (one vCenter call,
+        asked once; no guest call): enough to answer that a Windows VM's directory has
+        no ``root`` (only drive letters), without a guest login. None: not known."""
+        if self.family is None and not self._identified:
+            async with self._identity_lock:
+                if self.family is None and not self._identified:
+                    rest = await self.ctx.client.inventory_transport()
+                    family = await running_family(rest, self.vm)
+                    self._identified = True
+                    if family is not None:
+                        self.family, self._running = family, True
+        return self.family
+
     def _fail(self, err: VmUnavailable, until: float | None) -> None:
+        self._running = False  # a retry asks vCenter again why not
         when = until if until is not None else trio.current_time() + self.ctx.options.retry_after
         self.failure = _Failure(err, when)
         log.warning("VM %s (%s): %s", self.dirname, self.vm, err)
@@ -243,11 +261,8 @@ class FleetVm:
         # and whether Tools runs. A guest call to a VM without Tools is retried as
         # "busy" for the whole retry budget: such a VM must fail here, at once. The
         # guest identity answers both in one call while Tools runs.
-        running = False
-        if self.family is None:
-            self.family = await running_family(rest, self.vm)
-            running = self.family is not None
-        if not running:  # why not (powered off, no Tools), and the configured family
+        await self.identify()
+        if not self._running:  # why not (powered off, no Tools), and the configured family
             await _first_error(
                 lambda: rest.check_guest(self.vm),
                 self._learn_family if self.family is None else None,
