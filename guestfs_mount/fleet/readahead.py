@@ -38,7 +38,7 @@ import heapq
 import logging
 import posixpath
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cachetools
 import trio
@@ -57,7 +57,7 @@ _FIRST_WINDOW = 16  # VMs ahead once a walk is seen; doubles as the user moves o
 _DOWNLOADS = 32  # files downloaded ahead at once (1 MiB each at most)
 _PREFETCH_MAX_FILE = 1 << 20  # larger files are left to the user's open
 _LOOKUP_MAX_FILE = 64 << 10  # files downloaded by a lookup walk (ls -l pays for these)
-_WALKS = 4096  # walks remembered (least recently used dropped)
+_WALKS = 1024  # walks remembered (least recently used dropped)
 
 LOOKUP = "lookup"
 OPEN = "open"
@@ -128,15 +128,17 @@ def relative_path(vm: FleetVm, path: str) -> str:
 
 @dataclass
 class _Walk:
-    users: set[str] = field(default_factory=set)  # VM ids where the user did it
+    """One (kind, path) the user reaches VM after VM; a few numbers whatever the fleet's
+    size (listing indexes: the VMs read ahead are always one range of the listing)."""
+
+    window: int
     active: bool = False
-    last: int | None = None  # listing index of the user's last VM
+    first: int | None = None  # the first VM the user did it in
+    last: int | None = None  # the user's last VM
     direction: int = 0  # +1: down the listing, -1: up it (bash expands a glob backwards)
-    window: int = _FIRST_WINDOW
-    listing: int = -1  # which root listing lo and hi count in
-    lo: int = 0  # listing indexes read ahead so far: lo..hi (none when hi < lo)
+    listing: int = -1  # which root listing the indexes count in
+    lo: int = 0  # VMs read ahead so far: lo..hi (none while hi < lo)
     hi: int = -1
-    below: set[str] = field(default_factory=set)  # VM ids whose read-ahead was started
 
 
 class FleetReadAhead:
@@ -193,19 +195,18 @@ class FleetReadAhead:
         if k is None:
             return  # not in the last root listing: not a walk over it
         walk = self._walks.get((kind, path))
-        if walk is None:
-            walk = self._walks[(kind, path)] = _Walk(window=self._first_window)
-        if walk.listing != self._listing:
-            walk.listing, walk.lo, walk.hi, walk.last = self._listing, 0, -1, None
-        if walk.last is not None and walk.last != k:
+        if walk is None or walk.listing != self._listing:
+            walk = self._walks[(kind, path)] = _Walk(self._first_window, listing=self._listing)
+        again = walk.last == k
+        if walk.last is not None and not again:
             walk.direction = 1 if k > walk.last else -1
         walk.last = k
-        new = vm.vm not in walk.users
-        walk.users.add(vm.vm)
+        if walk.first is None:
+            walk.first = k
         if not walk.active:
-            if len(walk.users) >= 2:
+            if walk.first != k:  # a second VM
                 walk.active = True
-                new = True  # the first VM's listing below too
+                self._mine(kind, path, walk, walk.first)
             else:
                 up = self._implied(kind, path)
                 if up is None:
@@ -215,14 +216,14 @@ class FleetReadAhead:
                 walk.active, walk.window = True, max(walk.window, self._width)
                 if kind == LOOKUP:
                     walk.direction = walk.direction or up.direction
-        if new and kind == LOOKUP:
-            # The user's own VMs: the next glob level will want the listing below.
-            for vm_id in walk.users:
-                mine = self._order[self._index[vm_id]] if vm_id in self._index else None
-                if mine is not None and vm_id not in walk.below:
-                    walk.below.add(vm_id)
-                    self._start(kind, mine, path, mine=True)
+        if not again:
+            self._mine(kind, path, walk, k)
         self._extend(kind, path, walk, k)
+
+    def _mine(self, kind: str, path: str, walk: _Walk, i: int) -> None:
+        """The user's own VM ``i``: the next glob level wants the listing below."""
+        if kind == LOOKUP and not walk.lo <= i <= walk.hi:
+            self._start(kind, self._order[i], path, mine=True)
 
     def _extend(self, kind: str, path: str, walk: _Walk, k: int) -> None:
         """Read ahead ``walk.window`` VMs from index ``k`` the way the user goes (both
@@ -230,7 +231,7 @@ class FleetReadAhead:
         lo = k + 1 if walk.direction > 0 else max(0, k - walk.window)
         hi = k - 1 if walk.direction < 0 else min(len(self._order) - 1, k + walk.window)
         if walk.hi < walk.lo:  # nothing read ahead yet
-            todo = list(range(lo, hi + 1))
+            todo = [i for i in range(lo, hi + 1) if i != k]
             walk.lo, walk.hi = lo, hi
         else:
             todo = [*range(lo, min(hi, walk.lo - 1) + 1), *range(max(lo, walk.hi + 1), hi + 1)]
@@ -239,10 +240,7 @@ class FleetReadAhead:
             return
         walk.window *= 2
         for i in sorted(todo, key=lambda i: abs(i - k)):
-            other = self._order[i]
-            if other.vm not in walk.users:
-                walk.below.add(other.vm)
-                self._start(kind, other, path, mine=False)
+            self._start(kind, self._order[i], path, mine=False)
 
     def _start(self, kind: str, vm: FleetVm, rel: str, *, mine: bool) -> None:
         self.started += 1
