@@ -374,6 +374,8 @@ def test_same_path_in_two_vms_is_read_ahead_in_the_others(sim, mount_config, tmp
         with pytest.raises(PermissionError):
             os.stat(m.path("locked", "etc", "hostname"))
         assert _calls(sim) == ahead  # not one guest call more
+        ra = _status(m)["fleet"]["readahead"]
+        assert ra["started"] >= 8 and ra["listed"] >= len(linux_ok) - 2, ra
 
 
 @pytest.mark.one_transport

@@ -56,7 +56,7 @@ _WIDTH = 32  # VMs worked on at once by read-ahead
 _FIRST_WINDOW = 16  # VMs ahead once a walk is seen; doubles as the user moves on
 _DOWNLOADS = 32  # files downloaded ahead at once (1 MiB each at most)
 _PREFETCH_MAX_FILE = 1 << 20  # larger files are left to the user's open
-_LOOKUP_MAX_FILE = 64 << 10  # files downloaded by a lookup walk (ls -l pays for these)
+_LOOKUP_MAX_FILE = 64 << 10  # downloaded by a lookup walk (an `ls -l` of a glob pays too)
 _WALKS = 1024  # walks remembered (least recently used dropped)
 
 LOOKUP = "lookup"
@@ -142,8 +142,8 @@ class _Walk:
 
 
 class FleetReadAhead:
-    """Told what the user looked up and opened in which VM (by the fleet's FUSE layer,
-    after the request succeeded), starts the same in the VMs listed after it."""
+    """Told what the user looks up and opens in which VM (by the fleet's FUSE layer),
+    starts the same in the VMs of the root listing the user goes to next."""
 
     def __init__(
         self,
@@ -167,6 +167,16 @@ class FleetReadAhead:
         self.skipped_failed = 0  # VMs left alone because they failed to open
         self.downloads = 0  # files downloaded ahead
         self.listed = 0  # directories listed ahead
+
+    def snapshot(self) -> dict[str, int]:
+        """For ``guestfs-mount status``."""
+        return {
+            "started": self.started,
+            "listed": self.listed,
+            "downloads": self.downloads,
+            "skipped_failed": self.skipped_failed,
+            "walks": len(self._walks),
+        }
 
     # -- what the FUSE layer tells ------------------------------------------------------
 

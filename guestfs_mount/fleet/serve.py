@@ -250,6 +250,7 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
                     "inventory_refreshed": inventory.refreshed,
                     "inventory_listings": inventory.listings,
                     "inventory_error": inventory.last_error,
+                    "readahead": readahead.snapshot(),
                     "vms": vms,
                 },
             }
