@@ -404,6 +404,10 @@ def test_fleet_grep_costs_each_vm_one_call_per_level(sim, mount_config, tmp_path
         )  # fmt: skip
         assert proc.stdout.splitlines() == [m.path("web", "root", ".ssh", "authorized_keys")]
         calls = _settled(sim)
+        vcenter = sim.stats()["calls"]
+    # vCenter: one guest identity per VM shown (10); only the VM without Tools asks more
+    assert vcenter["vm.identity"] <= 10, vcenter
+    assert vcenter["vm.get"] <= 1 and vcenter["vm.guest_operations"] <= 1, vcenter
     # The listing of "/" opens the VM and answers the lookup of "root"; then one listing
     # of /root, one of /root/.ssh and one transfer: whoever asked first, user or read-ahead.
     for vm in (ids["web"], ids["db"]):

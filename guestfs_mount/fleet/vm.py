@@ -1,9 +1,10 @@
 """One VM of a fleet mount: its single-VM machinery, built on first use, or why not.
 
 Nothing here runs before a program looks inside the VM's directory: then the VM is
-*opened* once (power and Tools state and its guest family from vCenter, asked at once;
-the first credential rule that matches; one guest call proving the login: the listing
-of a Linux guest's ``/``, the stat of a Windows guest's first drive), and from then on
+*opened* once (from vCenter the guest identity: its family, and proof that Tools runs;
+without one, the power and Tools state and the configured guest OS, asked at once; the
+first credential rule that matches; one guest call proving the login: the listing of a
+Linux guest's ``/``, the stat of a Windows guest's first drive), and from then on
 it has what a single-VM mount has: a ``_Guest`` binding, a metadata cache, read-ahead
 and an ``fs.Operations`` per guest root (Linux ``/``; Windows one per drive letter),
 all sharing the fleet's content cache, client and nursery. A VM that cannot be opened
@@ -39,7 +40,7 @@ from ..meta import MetadataCache
 from ..model import FileType, GuestStat
 from ..paths import PosixPaths, WindowsPaths
 from ..vcenter.client import VCenterClient
-from ..vcenter.inventory import family_of, running_family
+from ..vcenter.inventory import configured_family, family_of, running_family
 from .options import FleetOptions
 from .space import InodeSpace, VmInodes
 
@@ -305,7 +306,9 @@ class FleetVm:
         self._add_root(root)
 
     async def _learn_family(self) -> None:
-        self.family = await family_of(await self.ctx.client.inventory_transport(), self.vm)
+        rest = await self.ctx.client.inventory_transport()
+        # The identity had no answer (asked by identify()): the configured guest OS.
+        self.family = await (configured_family if self._identified else family_of)(rest, self.vm)
 
     async def _open_posix(self) -> None:
         self.windows = False

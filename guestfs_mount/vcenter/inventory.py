@@ -26,7 +26,14 @@ from . import parse
 from .rest import RestTransport
 from .session import NoSuchOperation
 
-__all__ = ["InventoryVm", "family_of", "folder_subtree", "list_vms", "running_family"]
+__all__ = [
+    "InventoryVm",
+    "configured_family",
+    "family_of",
+    "folder_subtree",
+    "list_vms",
+    "running_family",
+]
 
 # The REST list refuses more matches than this (vCenter's own limit).
 MAX_REST_VMS = 4000
@@ -158,6 +165,11 @@ async def family_of(rest: RestTransport, vm: str) -> str | None:
     if family is not None:
         return family
     # Tools not running, or an older vCenter: the configured OS may say
+    return await configured_family(rest, vm)
+
+
+async def configured_family(rest: RestTransport, vm: str) -> str | None:
+    """``"linux"`` or ``"windows"`` from the VM's configured guest OS, None if unset."""
     base = f"/api/vcenter/vm/{urllib.parse.quote(vm, safe='')}"
     try:
         data = parse.unwrap_value(
