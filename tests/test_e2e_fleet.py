@@ -619,3 +619,98 @@ def test_a_hung_guest_timing_out_does_not_fail_the_others_fast(sim, mount_config
             assert b"admin@corp" in _read_bytes(m.path("db", "root", ".ssh", "authorized_keys"))
         finally:
             sim.reset_faults()
+
+
+# ---- fleet read-ahead (issue 13: a glob over every VM costs about one VM) ------------------
+
+
+def _calls(sim):
+    return {vm: dict(c["calls"]) for vm, c in sim.stats()["vms"].items() if c["calls"]}
+
+
+def _settled(sim, timeout=30.0):
+    """The guests' call counts once the background work stopped (polled, not timed)."""
+    deadline = time.monotonic() + timeout
+    last = _calls(sim)
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = _calls(sim)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+@pytest.mark.one_transport
+def test_same_path_in_two_vms_is_read_ahead_in_the_others(sim, mount_config, tmp_path):
+    mp = str(tmp_path / "mnt")
+    ids = _dirs(sim)
+    linux_ok = {ids[n] for n in ("web", "db")} | {ids[n] for n in HOSTILE}
+    with mounted(sim, mp, argv=fleet_argv(sim, mp, mount_config), env=fleet_env(sim)) as m:
+        names = sorted(n for n in os.listdir(m.mnt) if n != ".by-id")
+        assert len(names) == 10
+        sim.reset_stats()
+        for name in names[:2]:  # the same path in the first two VMs of the listing
+            assert os.path.exists(m.path(name, "etc", "hostname"))
+        ahead = _settled(sim)
+        assert linux_ok <= set(ahead)  # every readable VM was opened and read ahead
+        assert ahead[ids["locked"]] == {"files.list": 1}  # one refused login, no more
+        for name in names[2:]:  # the user goes on: the answers are there already
+            os.path.exists(m.path(name, "etc", "hostname"))
+        with pytest.raises(PermissionError):
+            os.stat(m.path("locked", "etc", "hostname"))
+        assert _calls(sim) == ahead  # not one guest call more
+        ra = _status(m)["fleet"]["readahead"]
+        assert ra["started"] >= 8 and ra["listed"] >= len(linux_ok) - 2, ra
+
+
+@pytest.mark.one_transport
+def test_two_paths_in_two_vms_open_no_third(sim, mount_config, tmp_path):
+    mp = str(tmp_path / "mnt")
+    ids = _dirs(sim)
+    with mounted(sim, mp, argv=fleet_argv(sim, mp, mount_config), env=fleet_env(sim)) as m:
+        os.listdir(m.mnt)
+        sim.reset_stats()
+        with open(m.path("web", "etc", "hostname")) as f:
+            assert f.read() == "web\n"
+        with open(m.path("db", "root", ".ssh", "authorized_keys")) as f:
+            assert "admin@corp" in f.read()
+        assert set(_settled(sim)) == {ids["web"], ids["db"]}  # no walk: nothing ahead
+
+
+@pytest.mark.one_transport
+def test_fleet_grep_costs_each_vm_one_call_per_level(sim, mount_config, tmp_path):
+    mp = str(tmp_path / "mnt")
+    ids = _dirs(sim)
+    with mounted(sim, mp, argv=fleet_argv(sim, mp, mount_config), env=fleet_env(sim)) as m:
+        sim.reset_stats()
+        proc = subprocess.run(
+            f"grep -l attacker@evil {m.mnt}/*/root/.ssh/authorized_keys",
+            shell=True, capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.stdout.splitlines() == [m.path("web", "root", ".ssh", "authorized_keys")]
+        calls = _settled(sim)
+        vcenter = sim.stats()["calls"]
+    # vCenter: one guest identity per VM shown (10); only the VM without Tools asks more
+    assert vcenter["vm.identity"] <= 10, vcenter
+    assert vcenter["vm.get"] <= 1 and vcenter["vm.guest_operations"] <= 1, vcenter
+    # The listing of "/" opens the VM and answers the lookup of "root"; then one listing
+    # of /root, one of /root/.ssh and one transfer: whoever asked first, user or read-ahead.
+    for vm in (ids["web"], ids["db"]):
+        assert calls[vm].get("files.list", 0) <= 3, calls[vm]
+        assert calls[vm].get("transfer.create", 0) <= 1, calls[vm]
+        assert "credentials.validate" not in calls[vm]
+    assert calls[ids["locked"]] == {"files.list": 1}  # the refused login, once
+    assert ids["notools"] not in calls  # Tools down: known from vCenter, no guest call
+
+
+@pytest.mark.one_transport
+def test_no_such_drive_in_a_windows_vm_costs_no_guest_call(sim, mount_config, tmp_path):
+    mp = str(tmp_path / "mnt")
+    with mounted(sim, mp, argv=fleet_argv(sim, mp, mount_config), env=fleet_env(sim)) as m:
+        sim.reset_stats()
+        assert not os.path.exists(m.path("win", "root", ".ssh"))  # a glob's `*/root`
+        assert _calls(sim) == {}  # vCenter told the family: no guest login
+        assert os.getxattr(m.path("win"), "user.guestfs.state") == b"untouched"
+        with open(m.path("win", "C", "Users", "Admin", "notes.txt"), "rb") as f:
+            assert f.read() == b"windows notes\r\n"  # a drive opens it as before

@@ -35,6 +35,7 @@ from .evidence import fleet_head, fleet_records
 from .fuse import FleetOperations, FleetTree
 from .names import is_safe_id, vm_dir_names
 from .options import FleetOptions
+from .readahead import FleetReadAhead
 from .space import InodeSpace
 from .vm import FleetContext, FleetVm, VmUnavailable, split_content_path
 
@@ -265,7 +266,9 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
             await inventory.refresh()  # the first listing: its failure is the mount's
         except NotFound as exc:
             raise ConfigError(f"--folder {fleet.folder!r}: {exc}") from exc
-        ops = FleetOperations(inventory, space, cfg.fs)
+        width = max(1, (client.config.max_guest_ops or 64) // 2)
+        readahead = FleetReadAhead(nursery, prefetch=cfg.fs.prefetch, width=width)
+        ops = FleetOperations(inventory, space, cfg.fs, readahead)
         started = time.time()
 
         def snapshot() -> dict[str, Any]:
@@ -292,6 +295,7 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
                     "inventory_error": inventory.last_error,
                     "inventory_frozen": cfg.frozen,
                     "inventory_unshown": inventory.unshown,
+                    "readahead": readahead.snapshot(),
                     "vms": vms,
                 },
             }
