@@ -1,5 +1,11 @@
 """Background work has a budget per user request (issue 10 item 5), through the kernel.
 
+A hostile server with 32 directories of 200,000 files (tests/hostile_server.py,
+``WideVCenter``); ``ls; ls wide0``. The ``ls`` lists its 31 sibling directories ahead, which
+nobody reads: before the early stop, the two listings in flight when the entries budget
+ran out ran to their last page (2 x 200 pages), after it they stop within the budget.
+The pages the server served are counted once they stop growing.
+
 A tree of 8 directories x 5,000 files; ``ls -l /srv; ls /srv/d0`` on a fresh mount. Before
 the budget the mount made 41 list calls and 35,009 stat calls within 60 s over REST: the
 ``ls`` of d0 listed its 7 sibling directories ahead (list-ahead) and stat'ed their 35,000
@@ -17,8 +23,10 @@ from typing import Any
 
 import pytest
 
+from guestfs_mount.meta import Budget
 from guestfs_mount.sim.testing import run_simulator
 from guestfs_mount.testing import ViaApi, mounted
+from tests.hostile_server import WideVCenter
 
 pytestmark = pytest.mark.fuse
 
@@ -88,3 +96,36 @@ def test_ls_l_then_ls_costs_what_the_two_commands_need(wide: Any, tmp_path: Any,
     assert lists <= need_lists + extra_lists, calls
     assert stats <= need_stats + 64, calls
     assert sum(calls.values()) <= need_lists + need_stats + extra_lists + 64, calls
+
+
+def _settled_pages(h: WideVCenter, limit: float = 120.0) -> int:
+    """The list pages served once background work has stopped (as ``_settled``)."""
+    deadline = time.monotonic() + limit
+    last = h.pages_served()
+    while time.monotonic() < deadline:
+        time.sleep(3)
+        now = h.pages_served()
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def test_listing_ahead_of_a_huge_directory_stops_within_the_budget(tmp_path: Any) -> None:
+    h = WideVCenter()
+    with h, mounted(h, str(tmp_path / "m"), "--no-prefetch", "--timeout", "30", vm="web") as m:
+        assert len(os.listdir(m.path())) == h.dirs  # the opendir of wide0 lists ahead
+        out = subprocess.run(["ls", m.path("wide0")], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+        assert out.returncode == 0 and out.stdout.count("\n") == h.files, out.stderr
+        pages = _settled_pages(h)
+        ahead = {d: n for d, n in h.pages.items() if d != "/wide0"}
+        # A user ls of a directory whose listing ahead was stopped lists it whole.
+        assert len(os.listdir(m.path("wide1"))) == h.files
+    print(f"ls wide0: {pages} list pages, {h.pages['/wide0']} of them wide0's; ahead: {ahead}")
+    need = -(-h.files // PAGE)  # wide0's own pages
+    assert h.pages["/wide0"] == need
+    # Ahead: the unread entries budget in pages, plus the page each listing in flight may
+    # fetch past it; the listings stopped are not started again.
+    b = Budget()
+    assert sum(ahead.values()) <= b.entries // PAGE + b.lists_in_flight, ahead
