@@ -15,6 +15,7 @@ the simulator (``/_sim/stats``) once they stop growing; no timing is asserted.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -27,6 +28,7 @@ from guestfs_mount.meta import Budget
 from guestfs_mount.sim.testing import run_simulator
 from guestfs_mount.testing import ViaApi, mounted
 from tests.hostile_server import WideVCenter
+from tests.hostile_vim_server import HostileVim, posix_file
 
 pytestmark = pytest.mark.fuse
 
@@ -98,7 +100,37 @@ def test_ls_l_then_ls_costs_what_the_two_commands_need(wide: Any, tmp_path: Any,
     assert sum(calls.values()) <= need_lists + need_stats + extra_lists + 64, calls
 
 
-def _settled_pages(h: WideVCenter, limit: float = 120.0) -> int:
+class _WideVim(HostileVim):
+    """WideVCenter's tree over vim25 (``remaining`` paging): ``pages`` per directory."""
+
+    def __init__(self, api: str, dirs: int = 32, files: int = 200_000) -> None:
+        super().__init__(api)
+        self.dirs, self.files = dirs, files
+        self.pages: dict[str, int] = {}
+        self.fake.dirs["/"] = [
+            posix_file(f"wide{i}", "directory", 4096, 0o40755) for i in range(dirs)
+        ]
+        for i in range(dirs):
+            self.lists[f"/wide{i}"] = functools.partial(self._page, f"/wide{i}")
+
+    def _page(self, path: str, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("matchPattern"):  # the stat of one entry: not a page of the listing
+            return {"_typeName": "GuestListFileInfo", "files": [], "remaining": 0}
+        self.pages[path] = self.pages.get(path, 0) + 1
+        start, size = int(args.get("index") or 0), int(args.get("maxResults") or 50)
+        stop = min(start + size, self.files)
+        files = [posix_file(f"f{j:06d}", size=1) for j in range(start, stop)]
+        return {"_typeName": "GuestListFileInfo", "files": files, "remaining": self.files - stop}
+
+    def pages_served(self) -> int:
+        return sum(self.pages.values())
+
+
+def _wide(api: str) -> Any:
+    return WideVCenter() if api == "rest" else _WideVim(api)
+
+
+def _settled_pages(h: Any, limit: float = 120.0) -> int:
     """The list pages served once background work has stopped (as ``_settled``)."""
     deadline = time.monotonic() + limit
     last = h.pages_served()
@@ -111,8 +143,9 @@ def _settled_pages(h: WideVCenter, limit: float = 120.0) -> int:
     return last
 
 
-def test_listing_ahead_of_a_huge_directory_stops_within_the_budget(tmp_path: Any) -> None:
-    h = WideVCenter()
+@pytest.mark.parametrize("api", ["rest", "vi-json"])
+def test_listing_ahead_of_a_huge_directory_stops_within_the_budget(tmp_path: Any, api: str) -> None:
+    h = _wide(api)
     with h, mounted(h, str(tmp_path / "m"), "--no-prefetch", "--timeout", "30", vm="web") as m:
         assert len(os.listdir(m.path())) == h.dirs  # the opendir of wide0 lists ahead
         out = subprocess.run(["ls", m.path("wide0")], capture_output=True, text=True,
@@ -122,10 +155,13 @@ def test_listing_ahead_of_a_huge_directory_stops_within_the_budget(tmp_path: Any
         ahead = {d: n for d, n in h.pages.items() if d != "/wide0"}
         # A user ls of a directory whose listing ahead was stopped lists it whole.
         assert len(os.listdir(m.path("wide1"))) == h.files
-    print(f"ls wide0: {pages} list pages, {h.pages['/wide0']} of them wide0's; ahead: {ahead}")
-    need = -(-h.files // PAGE)  # wide0's own pages
+    print(f"{api}: ls; ls wide0: {pages} list pages, {h.pages['/wide0']} wide0's; ahead: {ahead}")
+    # wide0's own pages: REST pages of 1,000; vim25 asks for what "remaining" says is left
+    # after the first page, up to ClientConfig.max_list_page (5,000)
+    need = -(-h.files // PAGE) if api == "rest" else 1 + -(-(h.files - PAGE) // 5_000)
     assert h.pages["/wide0"] == need
-    # Ahead: the unread entries budget in pages, plus the page each listing in flight may
-    # fetch past it; the listings stopped are not started again.
+    # Ahead: the unread entries budget in pages of 1,000 (vim25 pages are larger: fewer),
+    # plus the page each listing in flight may fetch past it; the listings stopped are not
+    # started again.
     b = Budget()
     assert sum(ahead.values()) <= b.entries // PAGE + b.lists_in_flight, ahead
