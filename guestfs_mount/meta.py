@@ -20,11 +20,12 @@ by the read-ahead policy (``readahead.py``), not here. Background work has a bud
 fetched ahead holds its share (one call; a listing its entries too) until a user
 request reads it or it expires; a task that finds the budget spent waits for a read,
 and stops when none comes (nobody is waiting for its work). A listing fetched ahead
-stops between two pages once the entries fetched ahead would pass the entries budget,
-unless a user request has joined it meanwhile; what it fetched holds its share as if
-fetched whole, is not cached, and the directory is not listed ahead again for one TTL
-(a user request lists it whole). So what one user request starts is bounded, whatever
-the guest's tree, and a user who keeps reading keeps the read-ahead going.
+stops between two pages once the entries fetched ahead (its own so far included) reach
+the entries budget, unless a user request has joined it meanwhile; what it fetched
+holds its share as if fetched whole, is not cached, and the directory is not listed
+ahead again for one TTL (a user request lists it whole). So what one user request
+starts is bounded, whatever the guest's tree, and a user who keeps reading keeps the
+read-ahead going.
 
 "Never a call whose answer is cached or on its way": a stat of a path whose parent
 listing is cached or being fetched waits for that listing (vim25 listings carry the
