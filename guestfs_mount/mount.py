@@ -92,8 +92,10 @@ class _Guest:
                  path, kept[0], st.size)  # fmt: skip
         return dataclasses.replace(st, size=kept[0], mtime_ns=kept[1])
 
-    async def list_dir(self, path: str) -> list[DirEntry]:
-        entries = await self.client.list_dir(self.vm, path)
+    async def list_dir(
+        self, path: str, more: Callable[[int], bool] | None = None
+    ) -> list[DirEntry]:
+        entries = await self.client.list_dir(self.vm, path, more)
         if self.kept_version is not None:
             entries = [self._kept_entry(path, e) for e in entries]
         # The client checks what is hostile on any guest; what only this guest's path

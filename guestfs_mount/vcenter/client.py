@@ -23,7 +23,12 @@ from typing import TypeVar
 import httpx
 import trio
 
-from guestfs_mount.errors import NotAllowedInCurrentState, ProtocolError, UnsafeTransferUrl
+from guestfs_mount.errors import (
+    ListingStopped,
+    NotAllowedInCurrentState,
+    ProtocolError,
+    UnsafeTransferUrl,
+)
 from guestfs_mount.model import (
     BodyWriter,
     DirEntry,
@@ -231,13 +236,18 @@ class VCenterClient:
             t = await self.transport()
             await self._guest(vm, lambda: t.check_guest(vm), "check")
 
-    async def list_dir(self, vm: str, path: str) -> list[DirEntry]:
+    async def list_dir(
+        self, vm: str, path: str, more: Callable[[int], bool] | None = None
+    ) -> list[DirEntry]:
         """Every entry of a directory, in as few pages as the server serves. Entries from
-        a vim25 transport carry their ``stat``."""
+        a vim25 transport carry their ``stat``. ``more(entries so far)`` is asked before
+        each page after the first; False stops the listing with ``ListingStopped``."""
         with self._counting():
-            return await self._list_dir(await self.transport(), vm, path)
+            return await self._list_dir(await self.transport(), vm, path, more)
 
-    async def _list_dir(self, t: Transport, vm: str, path: str) -> list[DirEntry]:
+    async def _list_dir(
+        self, t: Transport, vm: str, path: str, more: Callable[[int], bool] | None
+    ) -> list[DirEntry]:
         cfg = self.config
         desc = f"list {show(path)} on VM {vm}"
         deadline = self.http.clock() + cfg.list_deadline
@@ -265,6 +275,8 @@ class VCenterClient:
                 raise ProtocolError(f"{desc}: more than {cfg.max_list_entries} entries")
             if page.end:
                 break
+            if more is not None and not more(len(entries)):
+                raise ListingStopped(f"{desc}: stopped after {len(entries)} entries")
             if page.remaining is not None:
                 # vim25: ask for all that is left, up to a page the reply cap can carry.
                 size = max(1, min(cfg.max_list_page, page.remaining))
