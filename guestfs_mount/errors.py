@@ -7,6 +7,7 @@
     ├── CacheError                  local cache directory trouble (ENOSPC, EIO)
     │   └── DownloadCancelled       nobody wants it any more, or shutdown (cache/content.py)
     ├── VmUnavailable               one VM of --all-vms cannot be read (fleet/vm.py) -> its errno
+    ├── ListingStopped              a listing ahead stopped between pages (meta.py): no failure
     └── RemoteError                 anything that went wrong talking to vCenter or ESXi
         ├── ApiError                a vAPI error body; subclass chosen by its ``error_type``
         │   ├── NotFound                    NOT_FOUND                      -> ENOENT
