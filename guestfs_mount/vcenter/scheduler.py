@@ -4,8 +4,11 @@ A real VM runs its guest operations one at a time (``../shared/docs/real-guest-o
 the control-plane delay is paid in parallel, the guest lane serially, so about
 ``1 + delay / service`` calls in flight keep the lane busy and more only lengthen its
 queue. Each VM gets a :class:`Lane` whose in-flight limit adapts in the spirit of TCP
-Vegas: it grows by one per limit's worth of calls while round trips stay near the
-smallest seen, and shrinks (multiplicatively) when they rise or the guest rejects.
+Vegas: once per *epoch* (a limit's worth of answers of one kind of call, at least
+``_EPOCH`` of them) it estimates how many calls wait in the guest from the epoch's mean
+round trip against an unloaded reference, grows while fewer than ``_ALPHA`` wait
+(x1.5 per epoch until the guest first shows a queue, then +1), shrinks when more than
+``_BETA`` wait or round trips doubled, and halves when the guest rejects.
 
 Foreground calls (a syscall waits) are always served before background ones
 (stat-ahead, list-ahead, prefetch: :data:`priority` set to ``BACKGROUND`` by
@@ -28,7 +31,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -47,7 +50,19 @@ priority: contextvars.ContextVar[Priority] = contextvars.ContextVar(
     "guestfs_priority", default=Priority.FOREGROUND
 )
 
-_RTT_WINDOW = 64  # round trips per kind the base is the minimum of (it follows a change)
+# The control-plane delay varies (80 ms +- 50 % in the simulator's realistic model, and
+# the client's own CPU adds to it), by far more than one guest operation's service
+# time: a single round trip says little. A mean over many does: the lowest mean of
+# _REF_CALLS consecutive round trips seen is the "nothing queued" reference (taken at
+# the start, while the limit is still low). It creeps up slowly, so
+# that it follows a lasting change of the path but not a lasting queue (the 64-call
+# window of single round trips it replaces forgot the unloaded base within a second of
+# full load, and the limit then grew into a queue 4 deep).
+_REF_CALLS = 16  # round trips the reference is a mean of
+_EPOCH = 4  # answers at least per epoch (a limit's worth once it is above)
+_REF_CREEP = 1.002  # the reference may rise 0.2 % per epoch (doubles in ~350 epochs)
+_ALPHA = 1.0  # calls waiting in the guest below which the limit grows ...
+_BETA = 3.0  # ... and above which it shrinks (between: the lane busy, a short queue)
 # A listing page's cost grows with its directory's size: a slow one says nothing about
 # queueing, so it may only raise the limit (rejections and fixed-cost calls lower it).
 _VARIABLE_KINDS = frozenset({"list"})
@@ -58,6 +73,17 @@ _REJECTIONS = (NotAllowedInCurrentState, ResourceBusy, ServiceUnavailable)
 def is_rejection(exc: BaseException) -> bool:
     """The guest (or vCenter) refused for load, not for the request itself."""
     return isinstance(exc, _REJECTIONS)
+
+
+@dataclass
+class _Epoch:
+    """Round trips of one kind of call: the current epoch's sums and the reference."""
+
+    ref: float = math.inf  # lowest mean of _REF_CALLS round trips (creeping up)
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=_REF_CALLS))
+    n: int = 0
+    rtt_sum: float = 0.0
+    load_sum: float = 0.0  # calls in flight when each answer came, summed
 
 
 @dataclass
@@ -90,11 +116,12 @@ class Lane:
         self.bg_fraction = bg_fraction
         self.in_flight = 0
         self.bg_in_flight = 0
-        # The fastest recent round trip of each kind of call: kinds differ by far more
-        # than queueing does (a credential check returned in 11 ms where a stat takes
-        # 90 ms on the same lane, and one all-kinds minimum read every stat as queued,
+        # Round trips are compared within their kind: kinds differ by far more than
+        # queueing does (a credential check returned in 11 ms where a stat takes 90 ms
+        # on the same lane, and one all-kinds minimum read every stat as queued,
         # driving the limit to 1: every call then ran one at a time).
-        self._rtts: dict[str, deque[float]] = {}
+        self._epochs: dict[str, _Epoch] = {}
+        self._slow_start = True  # until the guest first shows a queue
         self.stats = LaneStats()
         self._clock = clock
         self._waiting: dict[Priority, deque[trio.Event]] = {p: deque() for p in Priority}
@@ -242,27 +269,46 @@ class Lane:
 
     # -- adaptation (Vegas-like AIMD) --------------------------------------------------
 
-    def min_rtt(self, kind: str = "call") -> float:
-        """The fastest of the last ``_RTT_WINDOW`` round trips of ``kind``."""
-        recent = self._rtts.get(kind)
-        return min(recent) if recent else math.inf
+    def ref_rtt(self, kind: str = "call") -> float:
+        """The unloaded reference round trip of ``kind`` (inf until known)."""
+        e = self._epochs.get(kind)
+        return e.ref if e else math.inf
 
     def observe(self, rtt: float, kind: str = "call") -> None:
         """A call of ``kind`` finished after ``rtt`` seconds."""
-        recent = self._rtts.setdefault(kind, deque(maxlen=_RTT_WINDOW))
-        recent.append(rtt)
-        base = min(recent)
-        if rtt <= 1.5 * base:
-            # additive increase: about +1 per round trip's worth of calls
-            self.limit = min(float(self.max_limit), self.limit + 1.0 / max(1.0, self.limit))
-        elif rtt > 2.5 * base and kind not in _VARIABLE_KINDS:
-            # the calls queue in the guest: each one waits behind the others
-            self.limit = max(1.0, self.limit - 1.0 / max(1.0, self.limit) * 2)
+        e = self._epochs.setdefault(kind, _Epoch())
+        e.n += 1
+        e.rtt_sum += rtt
+        e.load_sum += self.in_flight  # this call included: its slot is given back after
+        e.recent.append(rtt)
+        if e.n < max(_EPOCH, math.floor(self.limit)):
+            return
+        mean, load = e.rtt_sum / e.n, e.load_sum / e.n
+        e.n, e.rtt_sum, e.load_sum = 0, 0.0, 0.0
+        recent = sum(e.recent) / len(e.recent)
+        if len(e.recent) == _REF_CALLS:  # fewer say too little (a lucky few pin it low)
+            e.ref = min(e.ref * _REF_CREEP, recent)
+        ref = min(e.ref, recent)
+        # Vegas: with ``load`` calls in flight and round trips ``mean`` against ``ref``
+        # unloaded, about load * (1 - ref / mean) of them wait in the guest.
+        queued = load * (1.0 - ref / mean) if mean > 0 else 0.0
+        rose = queued > _BETA or mean > 2.0 * ref  # a serial caller's queue shows so
+        fixed_cost = kind not in _VARIABLE_KINDS
+        if rose and fixed_cost:
+            self._slow_start = False
+            self.limit = max(1.0, self.limit - 1.0)
+        elif queued < _ALPHA and not rose:
+            # x1.5 per epoch, not x2: doubling from 8 overshot into a queue 7 deep
+            step = self.limit / 2 if self._slow_start else 1.0
+            self.limit = min(float(self.max_limit), self.limit + step)
+        elif fixed_cost:
+            self._slow_start = False  # the lane is full: no more growing fast
         self._wake()
 
     def rejected(self) -> None:
         """The guest refused for load: multiplicative decrease."""
         self.stats.rejections += 1
+        self._slow_start = False
         self.limit = max(1.0, self.limit / 2)
 
 
