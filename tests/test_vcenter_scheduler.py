@@ -355,3 +355,25 @@ def test_a_jittery_control_plane_keeps_the_lane_busy_and_its_queue_short() -> No
     # The lane seldom waits for the client: few calls find it idle (17 here; 188 with
     # the old controller at its old ceiling of 8, 120 with the old one at 16).
     assert guest.idle_arrivals <= 40
+
+
+def test_background_bodies_take_at_most_backgrounds_share_in_number() -> None:
+    """16 small prefetches at once each kept a packet waiting in the guest (a queue 9
+    deep, and rejections), though together they were far below the byte bound."""
+    peak = [0]
+
+    async def main() -> None:
+        lane = Lane(4, start=4)  # background's share: 3 of 4
+
+        async def prefetch() -> None:
+            async with lane.body(20_000, Priority.BACKGROUND):
+                peak[0] = max(peak[0], lane.bg_bodies)
+                await trio.sleep(1)
+
+        async with trio.open_nursery() as n:
+            for _ in range(10):
+                n.start_soon(prefetch)
+        assert lane.stats.background_bodies == 10 and lane.bg_bodies == 0
+
+    _run(main)
+    assert peak[0] == 3

@@ -80,6 +80,7 @@ class _Epoch:
     """Round trips of one kind of call: the current epoch's sums and the reference."""
 
     ref: float = math.inf  # lowest mean of _REF_CALLS round trips (creeping up)
+    settled: bool = False  # ref is such a mean (before: the lowest epoch mean)
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=_REF_CALLS))
     n: int = 0
     rtt_sum: float = 0.0
@@ -211,7 +212,14 @@ class Lane:
     def _body_admissible(self, size: int) -> bool:
         if self.fg_bodies or self._waiting[Priority.FOREGROUND]:
             return False  # the user's own work has the channel
-        return self.bg_bodies == 0 or self.bg_body_in_flight + size <= self.bg_body_bytes
+        if self.bg_bodies == 0:
+            return True
+        # Each body keeps a packet waiting in the guest while it streams, and holds no
+        # slot: in number too they take at most background's share of the limit (16
+        # small prefetches at once queued 9 deep in the guest, and were rejected).
+        if self.bg_bodies >= self._bg_cap():
+            return False
+        return self.bg_body_in_flight + size <= self.bg_body_bytes
 
     def _wake_bodies(self) -> None:
         while self._body_waiting and self._body_admissible(self._body_waiting[0][1]):
@@ -285,10 +293,15 @@ class Lane:
             return
         mean, load = e.rtt_sum / e.n, e.load_sum / e.n
         e.n, e.rtt_sum, e.load_sum = 0, 0.0, 0.0
-        recent = sum(e.recent) / len(e.recent)
-        if len(e.recent) == _REF_CALLS:  # fewer say too little (a lucky few pin it low)
-            e.ref = min(e.ref * _REF_CREEP, recent)
-        ref = min(e.ref, recent)
+        if len(e.recent) < _REF_CALLS:
+            # Too few for a reference: the lowest epoch mean stands in (the first
+            # epochs run at a low limit), replaced once there are enough.
+            e.ref = min(e.ref, mean)
+        else:
+            recent = sum(e.recent) / len(e.recent)
+            e.ref = min(e.ref * _REF_CREEP, recent) if e.settled else recent
+            e.settled = True  # a lucky few no longer pin it low
+        ref = e.ref
         # Vegas: with ``load`` calls in flight and round trips ``mean`` against ``ref``
         # unloaded, about load * (1 - ref / mean) of them wait in the guest.
         queued = load * (1.0 - ref / mean) if mean > 0 else 0.0
