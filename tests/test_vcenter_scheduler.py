@@ -377,3 +377,44 @@ def test_background_bodies_take_at_most_backgrounds_share_in_number() -> None:
 
     _run(main)
     assert peak[0] == 3
+
+
+def test_the_load_counts_streaming_bodies_once_and_their_creates_as_calls() -> None:
+    """Vegas's queue estimate needs what the client has in the guest channel: a body
+    streaming keeps a packet there but holds no slot; its create holds one."""
+    seen: dict[str, int] = {}
+
+    async def main() -> None:
+        lane = Lane(8, start=8)
+
+        async def download(tag: str, prio: Priority) -> None:
+            async with lane.body(20_000, prio):
+                async with lane.slot(prio, kind="open"):  # the transfer create
+                    await trio.sleep(1)
+                    seen[f"{tag} creating"] = lane.load()
+                    await trio.sleep(1)
+                await trio.sleep(1)  # the packets
+                seen[f"{tag} streaming"] = lane.load()
+                await trio.sleep(1)
+
+        async def call() -> None:
+            async with lane.slot(kind="stat"):
+                await trio.sleep(5)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(call)
+            n.start_soon(download, "prefetch 1", Priority.BACKGROUND)
+            n.start_soon(download, "prefetch 2", Priority.BACKGROUND)
+        assert lane.load() == 0
+        async with lane.body(1 << 20, Priority.FOREGROUND):  # a user's cat
+            async with lane.slot(kind="open"):
+                seen["cat creating"] = lane.load()
+            seen["cat streaming"] = lane.load()
+
+    _run(main)
+    # the stat, and each download once: as a create, then as a stream
+    assert seen == {
+        "prefetch 1 creating": 3, "prefetch 2 creating": 3,
+        "prefetch 1 streaming": 3, "prefetch 2 streaming": 3,
+        "cat creating": 1, "cat streaming": 1,
+    }  # fmt: skip

@@ -67,6 +67,11 @@ _BETA = 3.0  # ... and above which it shrinks (between: the lane busy, a short q
 # queueing, so it may only raise the limit (rejections and fixed-cost calls lower it).
 _VARIABLE_KINDS = frozenset({"list"})
 
+# The lane whose transfer body the current task is in (its create runs inside it).
+_in_body: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "guestfs_in_body", default=None
+)
+
 _REJECTIONS = (NotAllowedInCurrentState, ResourceBusy, ServiceUnavailable)
 
 
@@ -131,6 +136,7 @@ class Lane:
         self.bg_bodies = 0
         self.bg_body_in_flight = 0  # bytes
         self._body_waiting: deque[tuple[trio.Event, int]] = deque()
+        self._body_calls = 0  # slots held by the creates of running bodies
 
     # -- admission -------------------------------------------------------------------
 
@@ -195,6 +201,8 @@ class Lane:
         self.stats.calls += 1
         if prio is Priority.BACKGROUND:
             self.stats.background_calls += 1
+        in_body = _in_body.get() is self
+        self._body_calls += in_body
         t0 = self._clock()
         try:
             yield
@@ -205,6 +213,7 @@ class Lane:
         else:
             self.observe(self._clock() - t0, kind)
         finally:
+            self._body_calls -= in_body
             self._give(prio)
 
     # -- transfer bodies ------------------------------------------------------------
@@ -242,9 +251,11 @@ class Lane:
         self.stats.bodies += 1
         if prio is Priority.FOREGROUND:
             self.fg_bodies += 1
+            token = _in_body.set(self)
             try:
                 yield
             finally:
+                _in_body.reset(token)
                 self.fg_bodies -= 1
                 self._wake()
             return
@@ -265,9 +276,11 @@ class Lane:
                 else:
                     self._give_body(size)
                 raise
+        token = _in_body.set(self)
         try:
             yield
         finally:
+            _in_body.reset(token)
             self._give_body(size)
 
     def _give_body(self, size: int) -> None:
@@ -276,6 +289,12 @@ class Lane:
         self._wake()
 
     # -- adaptation (Vegas-like AIMD) --------------------------------------------------
+
+    def load(self) -> int:
+        """What this client has in the VM's guest channel: the calls in flight and the
+        bodies streaming (each keeps about one packet there; a body's create is one
+        of the calls)."""
+        return self.in_flight + self.fg_bodies + self.bg_bodies - self._body_calls
 
     def ref_rtt(self, kind: str = "call") -> float:
         """The unloaded reference round trip of ``kind`` (inf until known)."""
@@ -287,7 +306,7 @@ class Lane:
         e = self._epochs.setdefault(kind, _Epoch())
         e.n += 1
         e.rtt_sum += rtt
-        e.load_sum += self.in_flight  # this call included: its slot is given back after
+        e.load_sum += self.load()  # this call included: its slot is given back after
         e.recent.append(rtt)
         if e.n < max(_EPOCH, math.floor(self.limit)):
             return
