@@ -343,8 +343,9 @@ def test_a_jittery_control_plane_keeps_the_lane_busy_and_its_queue_short() -> No
     """500 background stats against one lane behind a delay that varies by +-40 ms,
     more than three service times. The limit must find the ~8-10 in flight that keep
     the lane busy without queueing deep. Single round trips compared with a 64-call
-    minimum read the jitter as queueing and grew the limit into a queue 4-6 deep once
-    the minimum forgot the unloaded round trips."""
+    minimum read the jitter as queueing or as room by chance: the lane found itself
+    idle far more often (on the realistic simulator that rule, once its minimum forgot
+    the unloaded round trips, also grew the limit into a queue 4-6 deep)."""
     guest = OneLaneGuest()
     lane = Lane(16)
     _stat_ahead_through(lane, guest, 500)
@@ -352,7 +353,7 @@ def test_a_jittery_control_plane_keeps_the_lane_busy_and_its_queue_short() -> No
     depths = guest.depths[100:]  # after the start (slow start's overshoot included above)
     assert sum(depths) / len(depths) <= 2.5  # about one or two deep (1.9 here)
     assert max(depths) <= 6
-    # The lane seldom waits for the client: few calls find it idle (17 here; 188 with
+    # The lane seldom waits for the client: few calls find it idle (23 here; 188 with
     # the old controller at its old ceiling of 8, 120 with the old one at 16).
     assert guest.idle_arrivals <= 40
 
