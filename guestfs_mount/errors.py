@@ -61,6 +61,11 @@ class CacheError(GuestfsError):
         self.errno = err
 
 
+class ListingStopped(GuestfsError):
+    """A listing was stopped between pages because its caller said so (``more``): a
+    listing fetched ahead that nobody waits for. Nothing failed, nothing is partial."""
+
+
 class RemoteError(GuestfsError):
     """Talking to vCenter or the ESXi host failed."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ from .fleet.options import FleetOptions
 from .fs import FsOptions, Operations
 from .meta import MetadataCache
 from .model import DirEntry, FilesystemFamily, FileType, GuestStat, TransferResult, VmInfo
-from .mountpoint import MountPoint, check_mounted, mount_target
+from .mountpoint import MountPoint, check_mounted, detach_if_dead, mount_target
 from .paths import PosixPaths, flavor_for
 from .vcenter.client import ClientConfig, VCenterClient
 
@@ -91,8 +92,10 @@ class _Guest:
                  path, kept[0], st.size)  # fmt: skip
         return dataclasses.replace(st, size=kept[0], mtime_ns=kept[1])
 
-    async def list_dir(self, path: str) -> list[DirEntry]:
-        entries = await self.client.list_dir(self.vm, path)
+    async def list_dir(
+        self, path: str, more: Callable[[int], bool] | None = None
+    ) -> list[DirEntry]:
+        entries = await self.client.list_dir(self.vm, path, more)
         if self.kept_version is not None:
             entries = [self._kept_entry(path, e) for e in entries]
         # The client checks what is hostile on any guest; what only this guest's path
@@ -333,13 +336,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
                 "pid": os.getpid(),
                 "started": started,
                 "frozen": cfg.frozen,
-                "transfers": content.in_flight(),
-                "cache": {
-                    "dir": content.directory,
-                    "usage": content.usage,
-                    "max_bytes": content.max_bytes,
-                    "stats": content.stats,
-                },
+                **cache_status(content),
                 "api": client.stats.snapshot(),
                 "metadata": dict(meta.counters),
                 "inodes": len(ops.inodes),
@@ -363,8 +360,21 @@ async def serve(cfg: MountConfig, ready: Callable[[], None]) -> None:
         ready()
         sd_notify("READY=1")
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope, cfg.grace)
-        await pyfuse3.main(max_tasks=cfg.max_tasks)
+        await fuse_main(cfg.max_tasks)
         # main() returned: unmounted from outside (fusermount3 -u); the stack cleans up
+
+
+async def fuse_main(max_tasks: int) -> None:
+    """Serve the kernel until the mount ends from outside. Linux 6.x may end an unmount
+    (``fusermount3 -u``) with ECONNABORTED on the device rather than ENODEV, and an admin
+    can abort the connection through /sys/fs/fuse/connections: either way the mount is
+    over, which is an end to serving, not a failure of it."""
+    try:
+        await pyfuse3.main(max_tasks=max_tasks)
+    except OSError as exc:
+        if exc.errno != errno.ECONNABORTED:
+            raise
+        log.info("the kernel closed the FUSE connection: stopping")
 
 
 def _persist_as(cfg: MountConfig, vcenter: str, vm: VmInfo) -> tuple[str, str] | None:
@@ -390,6 +400,7 @@ async def _shielded(close: Callable[[], Awaitable[None]]) -> None:
 def _unmount(mountpoint: str) -> None:
     sd_notify("STOPPING=1")
     pyfuse3.close(unmount=True)
+    detach_if_dead(mountpoint)  # the device is closed by now: this cannot block on us
     log.info("unmounted %s", mountpoint)
 
 
@@ -401,6 +412,19 @@ def _start_progress(nursery: trio.Nursery, in_flight: Callable[[], list[dict[str
     console = Console(stderr=True)
     rich_logging(console, logging.getLogger().level)
     nursery.start_soon(show_progress, in_flight, console)
+
+
+def cache_status(content: ContentCache) -> dict[str, Any]:
+    """The status document's transfers and content-cache fields (single-VM and fleet)."""
+    return {
+        "transfers": content.in_flight(),
+        "cache": {
+            "dir": content.directory,
+            "usage": content.usage,
+            "max_bytes": content.max_bytes,
+            "stats": content.stats,
+        },
+    }
 
 
 async def _serve_control_quietly(

@@ -47,6 +47,15 @@ def _is_stale(path: str) -> bool:
     return False
 
 
+def detach_if_dead(path: str) -> None:
+    """After serving: detach a mount left dead at ``path``. An abort of the connection
+    (fusectl) leaves the mount in place and libfuse, finding the device errored, skips the
+    unmount; every later access would fail with ENOTCONN until someone cleans it."""
+    if _is_stale(path):
+        tool = shutil.which("fusermount3") or "fusermount3"
+        subprocess.run([tool, "-u", "-z", path], capture_output=True, check=False)
+
+
 def _clean_stale(path: str) -> None:
     log.warning("%s is a stale mount (its daemon died): unmounting it", path)
     tool = shutil.which("fusermount3") or "fusermount3"

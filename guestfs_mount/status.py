@@ -141,6 +141,10 @@ def _fleet_fields(fleet: Mapping[str, Any]) -> tuple[str, list[str]]:
         states[state] = states.get(state, 0) + 1
     summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
     line = f"{_plural(len(vms), 'VM')} ({summary or 'none'})"
+    if fleet.get("inventory_frozen") is True:
+        unshown = fleet.get("inventory_unshown")
+        more = unshown if isinstance(unshown, int) and not isinstance(unshown, bool) else 0
+        line += "; inventory frozen" + (f" ({_plural(more, 'new VM')} not shown)" if more else "")
     if fleet.get("inventory_error"):
         line += f"; last inventory listing failed: {one_line(str(fleet['inventory_error']))}"
     rows = []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
-from guestfs_mount.errors import NotFound, ResourceBusy
+from guestfs_mount.errors import ListingStopped, NotFound, ResourceBusy
 from guestfs_mount.model import DirEntry, FileType, GuestStat
 
 
@@ -17,13 +19,28 @@ class FakeGuest:
         self.in_flight = 0
         self.peak = 0
         self.fail: set[str] = set()
+        self.page_size: int | None = None  # None: every listing in one page
+        self.pages: dict[str, int] = {}
 
-    async def list_dir(self, path: str) -> list[DirEntry]:
+    async def list_dir(
+        self, path: str, more: Callable[[int], bool] | None = None
+    ) -> list[DirEntry]:
+        """Served in pages of ``page_size`` (``pages`` counts them), one ``delay`` each,
+        asking ``more`` between pages as the client's pager does."""
         self.list_calls.append(path)
-        await trio.sleep(self.delay)
-        if path not in self.tree:
-            raise NotFound("no such directory", path=path)
-        return list(self.tree[path])
+        entries = self.tree.get(path)
+        size = self.page_size or max(1, len(entries or ()))
+        got: list[DirEntry] = []
+        while True:
+            await trio.sleep(self.delay)
+            self.pages[path] = self.pages.get(path, 0) + 1
+            if entries is None:
+                raise NotFound("no such directory", path=path)
+            got += entries[len(got) : len(got) + size]
+            if len(got) >= len(entries):
+                return got
+            if more is not None and not more(len(got)):
+                raise ListingStopped(f"list {path}: stopped after {len(got)} entries")
 
     async def stat(self, path: str) -> GuestStat:
         self.stat_calls.append(path)

@@ -22,7 +22,15 @@ import trio
 
 from tests.fake_vcenter import FakeVCenter, stat_body
 
-__all__ = ["FakeServer", "HostileVCenter", "RawServer", "json_route", "send", "stat_body"]
+__all__ = [
+    "FakeServer",
+    "HostileVCenter",
+    "RawServer",
+    "WideVCenter",
+    "json_route",
+    "send",
+    "stat_body",
+]
 
 
 _S = TypeVar("_S", bound="FakeServer")
@@ -118,6 +126,61 @@ class HostileVCenter(FakeServer):
     @property
     def vms(self) -> list[dict[str, Any]]:
         return [{"name": v["name"], "vm": v["vm"]} for v in self.fake.vms]
+
+
+class WideVCenter(HostileVCenter):
+    """``dirs`` directories ``/wide0``.. of ``files`` files each (32 x 200k by default, as
+    in issue 10 item 5), made up page by page so that nothing that size is held; counts
+    the list pages served per directory in ``pages``."""
+
+    def __init__(self, dirs: int = 32, files: int = 200_000) -> None:
+        super().__init__()
+        self.dirs, self.files = dirs, files
+        self.pages: dict[str, int] = {}
+        self._lock = threading.Lock()
+        f = self.fake
+        f.stats["/"] = stat_body("DIRECTORY", 4096)
+        f.files["/"] = [
+            {"filename": f"wide{i}", "type": "DIRECTORY", "size": 4096} for i in range(dirs)
+        ]
+        f.hooks["files.list"] = self._list
+        f.hooks["files.get"] = self._stat
+
+    def _wide(self, path: str) -> bool:
+        name = path[1:]
+        return name.startswith("wide") and name[4:].isdigit() and int(name[4:]) < self.dirs
+
+    def _authorized(self, req: httpx.Request) -> bool:
+        return req.headers.get("vmware-api-session-id") in self.fake.tokens
+
+    async def _list(self, req: httpx.Request) -> httpx.Response | None:
+        path = json.loads(req.content)["path"]
+        if not self._authorized(req) or not self._wide(path):
+            return None  # the fake's own answer (401, the root)
+        it = json.loads(req.content).get("iteration", {})
+        start, size = int(it.get("index", 0)), int(it.get("size", 50))
+        stop = min(start + size, self.files)
+        with self._lock:
+            self.pages[path] = self.pages.get(path, 0) + 1
+        page = [{"filename": f"f{j:06d}", "type": "FILE", "size": 1} for j in range(start, stop)]
+        status = "END_OF_DATA" if stop >= self.files else "READY"
+        return httpx.Response(200, json={"files": page, "total": self.files, "status": status})
+
+    async def _stat(self, req: httpx.Request) -> httpx.Response | None:
+        enc = req.url.raw_path.decode().split("/files/", 1)[1].split("?")[0]
+        path = urllib.parse.unquote(enc)
+        parent, _, name = path.rpartition("/")
+        if not self._authorized(req):
+            return None
+        if self._wide(path):
+            return httpx.Response(200, json=stat_body("DIRECTORY", 4096))
+        if self._wide(parent) and name.startswith("f") and name[1:].isdigit():
+            return httpx.Response(200, json=stat_body("FILE", 1))
+        return None
+
+    def pages_served(self) -> int:
+        with self._lock:
+            return sum(self.pages.values())
 
 
 def symlink_stat(target: str) -> dict[str, Any]:

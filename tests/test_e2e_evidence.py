@@ -26,20 +26,6 @@ XSD = os.path.join(os.path.dirname(__file__), "data", "dfxml", "dfxml.xsd")
 CASE = ["--case", "4711", "--examiner", "Ann Smith", "--evidence-id", "E-01", "--notes", "web01"]
 
 
-@pytest.fixture
-def source(tmp_path):
-    root = str(tmp_path / "guest")
-    os.mkdir(root)
-    trees.build(root)
-    return root
-
-
-@pytest.fixture
-def sim(source):
-    with run_simulator("--root", source) as s:
-        yield s
-
-
 def evidence(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "guestfs_mount.cli", "evidence", *args],
                           capture_output=True, text=True, errors="replace")  # fmt: skip

@@ -132,46 +132,34 @@ def test_endless_listing_ends_in_eio(hostile: HostileVim, tmp_path: Any, d: str)
         assert sorted(os.listdir(m.path("sub"))) == ["ok.txt"]  # the mount still works
 
 
-def _entity_bomb() -> httpx.Response:
-    lol = (
-        '<!DOCTYPE r [<!ENTITY a "aaaaaaaaaa">'
-        + "".join(
-            f'<!ENTITY {c} "{("&" + p + ";") * 10}">'
-            for p, c in zip("abcdefgh", "bcdefghi", strict=True)
-        )
-        + "]>"
-    )
+def _listing_with_doctype(doctype: str) -> httpx.Response:
+    """A one-file ListFilesInGuest answer whose file name is the entity ``&x;``,
+    defined by ``doctype``: a parser that expands entities shows it as a name."""
     body = (
-        '<?xml version="1.0"?>' + lol
+        '<?xml version="1.0"?>' + doctype
         + '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
-        '<soapenv:Body><ListFilesInGuestResponse xmlns="urn:vim25"><returnval>'
-        "<remaining>0</remaining><files><path>&i;</path><type>file</type><size>1</size>"
-        "</files></returnval></ListFilesInGuestResponse></soapenv:Body></soapenv:Envelope>"
-    )  # fmt: skip
-    return httpx.Response(200, content=body.encode(), headers={"content-type": "text/xml"})
-
-
-def _xxe() -> httpx.Response:
-    body = (
-        '<?xml version="1.0"?><!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
-        '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
         '<soapenv:Body><ListFilesInGuestResponse xmlns="urn:vim25"><returnval>'
         "<remaining>0</remaining><files><path>&x;</path><type>file</type><size>1</size>"
         "</files></returnval></ListFilesInGuestResponse></soapenv:Body></soapenv:Envelope>"
     )  # fmt: skip
     return httpx.Response(200, content=body.encode(), headers={"content-type": "text/xml"})
+
+
+def _entity_bomb() -> httpx.Response:
+    nested = "".join(
+        f'<!ENTITY {c} "{("&" + p + ";") * 10}">'
+        for p, c in zip("abcdefgh", "bcdefghx", strict=True)
+    )
+    return _listing_with_doctype(f'<!DOCTYPE r [<!ENTITY a "aaaaaaaaaa">{nested}]>')
+
+
+def _xxe() -> httpx.Response:
+    return _listing_with_doctype('<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>')
 
 
 def _entity() -> httpx.Response:
     # harmless on its face: a stdlib parser would expand it and list "injected.txt"
-    body = (
-        '<?xml version="1.0"?><!DOCTYPE r [<!ENTITY x "injected.txt">]>'
-        '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
-        '<soapenv:Body><ListFilesInGuestResponse xmlns="urn:vim25"><returnval>'
-        "<remaining>0</remaining><files><path>&x;</path><type>file</type><size>1</size>"
-        "</files></returnval></ListFilesInGuestResponse></soapenv:Body></soapenv:Envelope>"
-    )  # fmt: skip
-    return httpx.Response(200, content=body.encode(), headers={"content-type": "text/xml"})
+    return _listing_with_doctype('<!DOCTYPE r [<!ENTITY x "injected.txt">]>')
 
 
 def _bad_json() -> httpx.Response:

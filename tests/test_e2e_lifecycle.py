@@ -187,6 +187,31 @@ def test_sigterm_during_active_read_unmounts(sim, tmp_path):
         sim.reset_faults()
 
 
+def _fusectl() -> str:
+    ctl = "/sys/fs/fuse/connections"
+    if not os.listdir(ctl):
+        subprocess.run(["mount", "-t", "fusectl", "none", ctl], check=False, capture_output=True)
+    return ctl
+
+
+def test_an_aborted_connection_ends_the_daemon_cleanly(sim, tmp_path):
+    # An admin's abort through fusectl leaves the mount in place and libfuse skips the
+    # unmount (it finds the device errored): the daemon must still leave no dead mount
+    # behind (ENOTCONN for every later access) and exit 0, the mount being over.
+    mnt = str(tmp_path / "m")
+    with mounted(sim, mnt) as m:
+        assert os.listdir(os.path.join(mnt, "etc"))
+        conn = os.path.join(_fusectl(), str(os.minor(os.stat(mnt).st_dev)))
+        if not os.path.exists(conn):
+            pytest.skip("no fusectl connection directory")
+        with open(os.path.join(conn, "abort"), "w") as f:
+            f.write("1")
+        m.proc.wait(timeout=30)
+        assert m.proc.returncode == 0, m.stderr_text()
+        assert not os.path.ismount(mnt)
+        assert "Traceback" not in m.stderr_text()
+
+
 def test_stale_mount_is_cleaned(sim, tmp_path):
     mnt = str(tmp_path / "m")
     os.mkdir(mnt)

@@ -18,23 +18,8 @@ import pytest
 
 from guestfs_mount.sim.testing import run_simulator
 from guestfs_mount.testing import ViaApi, mount_argv, mount_env, mounted, unmount, wait_for_mount
-from tests import trees
 
 pytestmark = pytest.mark.fuse
-
-
-@pytest.fixture
-def source(tmp_path):
-    root = str(tmp_path / "guest")
-    os.mkdir(root)
-    trees.build(root)
-    return root
-
-
-@pytest.fixture
-def sim(source):
-    with run_simulator("--root", source) as s:
-        yield s
 
 
 def _read(path: str) -> bytes:

@@ -97,18 +97,6 @@ def test_unreadable_password_file_is_a_start_up_error(tmp_path):
         fleet_credentials(cfg.guest_credentials)
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setenv("GUESTFS_USER", "admin")
-    monkeypatch.setenv("GUESTFS_PASSWORD", "vc-secret")
-    monkeypatch.setenv("GUESTFS_GUEST_USER", "root")
-    monkeypatch.setenv("GUESTFS_GUEST_PASSWORD", "guest-secret")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    return str(mnt)
-
-
 def _settings(*argv):
     from guestfs_mount.settings import build_config, resolve_args
 
@@ -116,15 +104,15 @@ def _settings(*argv):
     return build_config(args)
 
 
-def test_all_vms_takes_server_and_mountpoint_and_the_rules(env, tmp_path):
+def test_all_vms_takes_server_and_mountpoint_and_the_rules(cli_env, tmp_path):
     _secret(tmp_path, "root.pw", "r00t")
     conf = tmp_path / "c.toml"
     conf.write_text('[[guest_credentials]]\nguest_user = "root"\nguest_password_file = "root.pw"\n')
     cfg = _settings("--all-vms", "--config", str(conf), "--vms", "web-*", "--vms", "db-*",
                     "--folder", "prod", "--vm-filter", "all", "--max-guest-ops", "16",
-                    "--inventory-ttl", "5", "vc", env)  # fmt: skip
+                    "--inventory-ttl", "5", "vc", cli_env)  # fmt: skip
     fleet = cfg.fleet
-    assert fleet is not None and cfg.mountpoint == env
+    assert fleet is not None and cfg.mountpoint == cli_env
     assert (fleet.vm_globs, fleet.folder, fleet.powered_on) == (("web-*", "db-*"), "prod", False)
     assert fleet.inventory_ttl == 5.0 and cfg.client.max_guest_ops == 16
     assert [c.creds.password for c in fleet.credentials] == ["r00t"]
@@ -132,14 +120,14 @@ def test_all_vms_takes_server_and_mountpoint_and_the_rules(env, tmp_path):
     assert cfg.client.guest.password is None
 
 
-def test_all_vms_without_rules_or_with_a_vm_is_refused(env):
+def test_all_vms_without_rules_or_with_a_vm_is_refused(cli_env):
     with pytest.raises(ConfigError, match="guest_credentials"):
-        _settings("--all-vms", "vc", env)
+        _settings("--all-vms", "vc", cli_env)
     with pytest.raises(SystemExit):
-        _settings("--all-vms", "vc", "web01", env)
+        _settings("--all-vms", "vc", "web01", cli_env)
 
 
-def test_single_vm_mounts_have_no_fleet_and_no_global_cap(env):
-    cfg = _settings("vc", "web01", env)
+def test_single_vm_mounts_have_no_fleet_and_no_global_cap(cli_env):
+    cfg = _settings("vc", "web01", cli_env)
     assert cfg.fleet is None and cfg.client.max_guest_ops is None
     assert cfg.client.guest.password == "guest-secret"

@@ -29,7 +29,7 @@ class Guest:
             "/d": [],
         }
 
-    async def list_dir(self, path):
+    async def list_dir(self, path, more=None):
         return self.tree[path]
 
     async def stat(self, path):

@@ -4,8 +4,8 @@ import pytest
 import trio
 import trio.testing
 
-from guestfs_mount.errors import NotFound, ResourceBusy
-from guestfs_mount.meta import Budget, MetadataCache
+from guestfs_mount.errors import ListingStopped, NotFound, ResourceBusy
+from guestfs_mount.meta import Budget, MetadataCache, _Flights
 from guestfs_mount.model import DirEntry, FileType, GuestStat
 
 from .guests import FakeGuest, big_tree
@@ -251,3 +251,58 @@ async def test_stat_joins_the_listing_on_its_way_and_a_cached_listing_answers_ab
     with pytest.raises(NotFound):
         await rest.stat("/d/nope")  # a REST listing has no attributes but knows names
     assert rest.backend.stat_calls == []  # type: ignore[attr-defined]
+
+
+def _wide_guest(dirs: int = 4, files: int = 1000, page: int = 100) -> FakeGuest:
+    tree = {"/": [DirEntry(f"d{i}", FileType.DIRECTORY, 0) for i in range(dirs)]}
+    for i in range(dirs):
+        tree[f"/d{i}"] = [DirEntry(f"f{j}", FileType.FILE, 1) for j in range(files)]
+    g = FakeGuest(tree)
+    g.page_size = page
+    return g
+
+
+async def test_a_listing_ahead_stops_paging_at_the_entries_budget(nursery):
+    g = _wide_guest()
+    dirs = [f"/d{i}" for i in range(4)]
+    m = MetadataCache(g, nursery=nursery, budget=Budget(entries=250, lists_in_flight=1, idle=0.3))
+    m.list_in_background(dirs, at_most=10)
+    await trio.sleep(0.6)  # long enough for all 40 pages, and for the task to give up
+    # 100, 200, then 300 >= 250 entries: stopped after 3 of its 10 pages; the entries it
+    # fetched hold the budget, so no other directory was listed ahead.
+    assert g.pages == {"/d0": 3} and m.counters["lists_stopped"] == 1
+    assert m.cached_listing("/d0") is None  # nothing partial cached
+    m.list_in_background(["/d0"], at_most=10)  # stopped once: not again in this TTL
+    await trio.testing.wait_all_tasks_blocked()
+    assert g.pages == {"/d0": 3}
+    assert len(await m.listdir("/d0")) == 1000  # a user listing is whole
+    assert g.pages == {"/d0": 13}
+
+
+async def test_a_user_request_joining_a_listing_ahead_gets_it_whole(nursery):
+    g = _wide_guest(dirs=1)
+    m = MetadataCache(g, nursery=nursery, budget=Budget(entries=250, lists_in_flight=1))
+    m.list_in_background(["/d0"], at_most=1)
+    await trio.testing.wait_all_tasks_blocked()  # its first page is on its way
+    assert len(await m.listdir("/d0")) == 1000  # joined: one listing, run to its end
+    assert g.list_calls == ["/d0"] and g.pages == {"/d0": 10}
+    assert m.counters["lists_stopped"] == 0 and m.cached_listing("/d0") is not None
+
+
+async def test_a_request_joining_a_stopped_fetch_does_its_own(nursery):
+    flights: _Flights[tuple[str, ...]] = _Flights()
+
+    async def stopped() -> tuple[str, ...]:
+        await trio.sleep(0.01)
+        raise ListingStopped("stopped")  # as if its "more" said no as the user came
+
+    async def ahead() -> None:
+        with pytest.raises(ListingStopped):
+            await flights.run("/d", stopped, background=True)
+
+    async def whole() -> tuple[str, ...]:
+        return ("a", "b")
+
+    nursery.start_soon(ahead)
+    await trio.testing.wait_all_tasks_blocked()
+    assert await flights.run("/d", whole) == ("a", "b")  # no error, nothing truncated

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -55,3 +56,25 @@ def test_parent_rules():
     assert parent_problem(_st(me, d | 0o775), _st(me, d | 0o755)) == "is writable by its group"
     assert parent_problem(_st(0, d | 0o1777), _st(me, d | 0o755)) is None  # /tmp
     assert parent_problem(_st(0, d | 0o1777), _st(12345, d | 0o755)) == "is writable by others"
+
+
+@pytest.mark.parametrize(
+    ("err", "ends_cleanly"), [(errno.ECONNABORTED, True), (errno.EIO, False)]
+)
+def test_the_fuse_loop_ends_cleanly_on_an_aborted_connection(monkeypatch, err, ends_cleanly):
+    # Seen in CI on Linux 6.18: `fusermount3 -u` ended the loop with ECONNABORTED (libfuse
+    # treats only ENODEV as the end), and the daemon reported a clean unmount as a failure.
+    import pyfuse3
+    import trio
+
+    from guestfs_mount import mount
+
+    async def main(max_tasks: int) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(pyfuse3, "main", main)
+    if ends_cleanly:
+        trio.run(mount.fuse_main, 4)
+    else:
+        with pytest.raises(OSError):
+            trio.run(mount.fuse_main, 4)

@@ -10,26 +10,14 @@ from guestfs_mount.mount import client_deadlines
 from guestfs_mount.settings import build_config, resolve_args
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))  # no user config
-    monkeypatch.setenv("GUESTFS_USER", "admin")
-    monkeypatch.setenv("GUESTFS_PASSWORD", "vc-secret")
-    monkeypatch.setenv("GUESTFS_GUEST_USER", "root")
-    monkeypatch.setenv("GUESTFS_GUEST_PASSWORD", "guest-secret")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    return str(mnt)
-
-
 def config(*argv):
     args, _ = resolve_args(list(argv))
     return build_config(args)
 
 
-def test_command_line_to_mount_config(env):
-    cfg = config("--metadata-ttl", "7", "--frozen", "--cache-size", "1G", "vc", "web01", env)
-    assert (cfg.vm, cfg.mountpoint, cfg.metadata_ttl, cfg.frozen) == ("web01", env, 7.0, True)
+def test_command_line_to_mount_config(cli_env):
+    cfg = config("--metadata-ttl", "7", "--frozen", "--cache-size", "1G", "vc", "web01", cli_env)
+    assert (cfg.vm, cfg.mountpoint, cfg.metadata_ttl, cfg.frozen) == ("web01", cli_env, 7.0, True)
     assert cfg.cache_size == 1 << 30 and cfg.cache_dir is None  # the cache makes its own
     assert cfg.client.server == "vc" and not cfg.client.allow_http
     assert (cfg.client.user, cfg.client.password) == ("admin", "vc-secret")
@@ -38,20 +26,20 @@ def test_command_line_to_mount_config(env):
 
 
 @pytest.mark.parametrize("server", ["http://vc", "HTTP://vc", "Http://vc:8080"])
-def test_plain_http_as_written(env, server):
-    assert config(server, "web01", env).client.allow_http
+def test_plain_http_as_written(cli_env, server):
+    assert config(server, "web01", cli_env).client.allow_http
 
 
-def test_no_user_is_a_config_error(env, monkeypatch):
+def test_no_user_is_a_config_error(cli_env, monkeypatch):
     monkeypatch.delenv("GUESTFS_USER")
     with pytest.raises(ConfigError, match="no vCenter user"):
-        config("vc", "web01", env)
+        config("vc", "web01", cli_env)
 
 
 @pytest.mark.parametrize("timeout", [1.0, 10.0, 60.0, 600.0])
-def test_client_gives_up_inside_the_fuse_deadline(env, timeout):
+def test_client_gives_up_inside_the_fuse_deadline(cli_env, timeout):
     """The client must fail with its own error before the request handler's deadline."""
-    client = client_deadlines(config("vc", "web01", env).client, timeout)
+    client = client_deadlines(config("vc", "web01", cli_env).client, timeout)
     assert client.call_timeout < timeout and client.retry_budget < timeout
     assert client.transfer_stall_timeout < timeout
     assert client.password == "vc-secret"  # the rest is kept

@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -444,3 +446,58 @@ def test_vi_json_folder_tree(sim: Sim) -> None:
         {"inventoryPath": "Datacenter/vm/a%2fb"},
     )  # fmt: skip
     assert found == moref("VirtualMachine", "vm-1010")
+
+
+# ---- per-VM faults -----------------------------------------------------------------------
+def test_a_vm_of_its_own_stalls_alone(sim: Sim) -> None:
+    """``/_sim/vms/{vm}/faults``: one VM's guest calls stall, the others answer."""
+    done: list[int] = []
+
+    def stalled_list() -> None:
+        with ApiClient(sim) as c:
+            c.login()
+            done.append(c.list("/etc", vm="vm-1000").status_code)
+
+    sim.vm_faults("vm-1000", stall_api=True)
+    try:
+        assert sim.vm_faults("vm-1000")["stall_api"] is True
+        assert sim.faults()["stall_api"] is False  # the global faults are untouched
+        t = threading.Thread(target=stalled_list, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 30
+        while sim.vm_faults("vm-1000")["held"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sim.vm_faults("vm-1000")["held"] == 1
+        with ApiClient(sim) as c:
+            c.login()
+            for _ in range(3):
+                assert c.list("/etc", vm="vm-1003").status_code == 200
+            assert c.download("/etc/hostname", vm="vm-1003") == b"vm-1003\n"
+        assert t.is_alive() and done == []  # vm-1000's call is still held
+    finally:
+        sim.reset_faults()  # the global reset clears every VM's own faults too
+    t.join(30)
+    assert done == [200]
+    assert sim.vm_faults("vm-1000")["stall_api"] is False
+
+
+def test_per_vm_counted_faults_and_validation(sim: Sim, api: ApiClient) -> None:
+    sim.vm_faults("vm-1000", busy_next=1)
+    try:
+        assert api.list("/etc", vm="vm-1003").status_code == 200  # not consumed by another VM
+        busy = api.list("/etc", vm="vm-1000")
+        assert busy.status_code == 500 and "RESOURCE_BUSY" in busy.text
+        assert api.list("/etc", vm="vm-1000").status_code == 200
+        for bad in ({"truncate": {"bytes": 1}}, {"stall_api": 1}, [1]):
+            with pytest.raises(SimulatorError):
+                sim.admin("POST", "vms/vm-1000/faults", bad)  # type: ignore[arg-type]
+        with pytest.raises(SimulatorError):
+            sim.vm_faults("vm-9999", stall_api=True)
+        sim.vm_faults("vm-1000", api_latency=0.01)
+        reset = sim.admin("POST", "vms/vm-1000/faults/reset")
+        assert reset == {
+            "api_latency": 0.0, "stall_api": False, "busy_next": 0, "unavailable_next": 0,
+            "held": 0,
+        }  # fmt: skip
+    finally:
+        sim.reset_faults()

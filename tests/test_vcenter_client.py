@@ -16,6 +16,7 @@ from guestfs_mount.errors import (
     ConfigError,
     GuestAuthFailed,
     InvalidArgument,
+    ListingStopped,
     NotAllowedInCurrentState,
     NotFound,
     ProtocolError,
@@ -607,3 +608,19 @@ async def test_api_choice_names() -> None:
     assert not any(r.url.path.startswith("/sdk") for r in fake.requests)  # no probe
     with pytest.raises(ConfigError, match="unknown API"):
         make_client(fake, api="grpc")
+
+
+async def test_more_stops_a_rest_listing_between_pages() -> None:
+    fake = FakeVCenter()
+    fake.files["/d"] = [{"filename": f"f{i}", "type": "FILE", "size": 1} for i in range(50)]
+    asked: list[int] = []
+
+    def more(n: int) -> bool:
+        asked.append(n)
+        return n < 25
+
+    async with make_client(fake, list_page_size=10) as c:
+        with pytest.raises(ListingStopped):
+            await c.list_dir("vm-42", "/d", more)
+    assert asked == [10, 20, 30]
+    assert sum(fake.op(r) == "files.list" for r in fake.requests) == 3

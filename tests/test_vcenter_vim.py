@@ -14,6 +14,7 @@ import pytest
 from guestfs_mount.errors import (
     GuestAuthFailed,
     InvalidArgument,
+    ListingStopped,
     NotAllowedInCurrentState,
     NotFound,
     ProtocolError,
@@ -271,3 +272,21 @@ async def test_malformed_vi_json_answer() -> None:
     async with make(fake, "vi-json") as c:
         with pytest.raises(ProtocolError, match="remaining"):
             await c.list_dir("vm-42", "/d")
+
+
+@pytest.mark.parametrize("api", BOTH)
+async def test_more_stops_a_listing_between_pages(api: str) -> None:
+    fake = tree(50)
+    asked: list[int] = []
+
+    def more(n: int) -> bool:
+        asked.append(n)
+        return n < 25
+
+    async with make(fake, api, list_page_size=10, max_list_page=10) as c:
+        with pytest.raises(ListingStopped):
+            await c.list_dir("vm-42", "/d", more)
+        assert len(await c.list_dir("vm-42", "/d", lambda n: True)) == 50
+    pages = [a for m, a in fake.calls if m == "ListFilesInGuest" and a["filePath"] == "/d"]
+    # "." and ".." come first and are left out; the whole listing is 52 names, 6 pages
+    assert asked == [8, 18, 28] and len(pages) == 3 + 6

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__
-from ..control import ask_evidence, socket_path
+from ..control import ask, ask_evidence, socket_path
 from . import chain, formats
 
 CASE_DEFAULTS: dict[str, Any] = {"case": None, "examiner": None, "evidence_id": None, "notes": None}
@@ -77,6 +77,37 @@ def _guest_prefixes(mountpoint: str, paths: Sequence[str]) -> list[str]:
         if full != mountpoint and not full.startswith(mountpoint.rstrip("/") + "/"):
             raise EvidenceError(f"{p} is not on the mount {mountpoint}")
         out.append("" if full == mountpoint else os.path.relpath(full, mountpoint))
+    return out
+
+
+def _fleet_prefixes(
+    prefixes: Sequence[str], vms: list[dict[str, Any]], notes: list[str]
+) -> list[str]:
+    """On a fleet mount a PATH is the mount itself or inside a VM's directory (the ledger
+    records are the VMs'); ``.by-id/ID/...`` stands for that VM's directory. A VM that
+    cannot be read is noted: it has nothing to export."""
+    by_dir = {str(v.get("dir")): v for v in vms}
+    by_id = {str(v.get("vm")): v for v in vms}
+    out: list[str] = []
+    for p in prefixes:
+        if not p:
+            out.append(p)
+            continue
+        first, _, rest = p.partition("/")
+        vm = by_dir.get(first)
+        if first == ".by-id":
+            vm_id, _, rest = rest.partition("/")
+            vm = by_id.get(vm_id)
+            if vm is not None:
+                p = str(vm["dir"]) + ("/" + rest if rest else "")
+        if vm is None:
+            raise EvidenceError(
+                f"{p}: not inside a VM of this fleet mount (a PATH is the mount point,"
+                " a VM's directory or what is below it, or .by-id/ID)"
+            )
+        if vm.get("error"):
+            notes.append(f"{vm['dir']}: this VM cannot be read ({vm['error']}): nothing seen")
+        out.append(p)
     return out
 
 
@@ -175,6 +206,13 @@ def _export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     prefixes = _guest_prefixes(mountpoint, args.paths)
     sock = socket_path(mountpoint)
     errors: list[str] = []
+    try:
+        status = ask(sock)
+    except (OSError, ValueError) as exc:
+        raise EvidenceError(f"no running mount at {args.mountpoint} ({exc})") from exc
+    fleet = status.get("fleet")
+    if isinstance(fleet, dict):
+        prefixes = _fleet_prefixes(prefixes, list(fleet.get("vms") or []), errors)
     if args.walk:
         for p in prefixes:
             walk(os.path.join(mountpoint, p) if p else mountpoint, errors)

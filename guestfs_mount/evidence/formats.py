@@ -51,6 +51,13 @@ class Skipped(list[str]):
     """Names left out of an export, with why (the command reports them)."""
 
 
+def fleet_vms(ctx: Context) -> list[dict[str, Any]] | None:
+    """The VMs of a fleet mount's export (``vm``, ``vm_name``, ``vm_dir``, ``guest_roots``);
+    None for a single-VM mount."""
+    vms = ctx.head.get("vms")
+    return [v for v in vms if isinstance(v, dict)] if isinstance(vms, list) else None
+
+
 def mount_path(ctx: Context, rec: dict[str, Any]) -> str:
     base = str(ctx.head["mountpoint"]).rstrip("/")
     return f"{base}/{rec['path']}" if rec["path"] else base or "/"
@@ -67,14 +74,27 @@ def write_hashdeep(
     out: BinaryIO, ctx: Context, records: Iterable[dict[str, Any]], skipped: Skipped
 ) -> int:
     prompt = "#" if os.geteuid() == 0 else "$"
+    head = ctx.head
+    vcenter = _comment(str(head.get("vcenter")))
     lines = [
         "%%%% HASHDEEP-1.0",
         "%%%% size,md5,sha256,filename",
         f"## Invoked from: {_comment(ctx.cwd)}",
         f"## {prompt} {_comment(ctx.command_line)}",
-        f"## {ctx.program} {ctx.version}: VM {_comment(str(ctx.head.get('vm')))}"
-        f" ({_comment(str(ctx.head.get('vm_name')))}) on {_comment(str(ctx.head.get('vcenter')))}",
     ]
+    vms = fleet_vms(ctx)
+    if vms is None:
+        lines.append(
+            f"## {ctx.program} {ctx.version}: VM {_comment(str(head.get('vm')))}"
+            f" ({_comment(str(head.get('vm_name')))}) on {vcenter}"
+        )
+    else:
+        lines.append(f"## {ctx.program} {ctx.version}: {len(vms)} VMs of {vcenter}")
+        lines += [
+            f"## {_comment(str(v['vm_dir']))}/: VM {_comment(str(v['vm']))}"
+            f" ({_comment(str(v['vm_name']))})"
+            for v in vms
+        ]
     lines += [f"## {k}: {_comment(v)}" for k, v in ctx.case.items()]
     lines.append("## ")
     out.write("".join(line + "\n" for line in lines).encode())
@@ -122,6 +142,9 @@ def write_bodyfile(
     n = 0
     for rec in records:
         name = os.fsencode(rec["guest_path"])
+        if rec.get("vm_dir"):
+            # A fleet: the VM's directory in front, as `fls -m MOUNT` prefixes its names.
+            name = os.fsencode(rec["vm_dir"]) + (b"" if name.startswith(b"/") else b"/") + name
         if rec["link_target"] is not None:
             name += b" -> " + os.fsencode(rec["link_target"])
         fields = [
@@ -175,9 +198,51 @@ def _time(parent: ET.Element, tag: str, ns: int | None) -> None:
         _sub(parent, tag, _iso(ns // 1_000_000_000)).set("prec", "1")
 
 
+def _image(head: dict[str, Any]) -> str:
+    guest_root = str(head.get("guest_root") or "/")
+    where = f"vsphere-guest://{head.get('vcenter')}/{head.get('vm')}"
+    return where + ("" if guest_root.startswith("/") else "/") + guest_root
+
+
+def _gm_attrs(el: ET.Element, head: dict[str, Any], keys: Iterable[str]) -> None:
+    for key in keys:
+        if head.get(key):
+            el.set(f"{{{GM_NS}}}{key}", xml_text(str(head[key])))
+
+
+def _fileobject(parent: ET.Element, rec: dict[str, Any]) -> None:
+    fo = _sub(parent, "fileobject")
+    _sub(fo, "filename", rec["guest_path"])
+    _sub(fo, "name_type", _TYPE_CHAR[rec["type"]])
+    _sub(fo, "filesize", str(rec["size"]))
+    _sub(fo, "meta_type", {"FILE": "1", "DIRECTORY": "2", "SYMLINK": "3"}[rec["type"]])
+    if rec["permissions_known"]:
+        _sub(fo, "mode", str(rec["mode"] & 0o7777))
+    if rec["uid"] is not None:
+        _sub(fo, "uid", str(rec["uid"]))
+    if rec["gid"] is not None:
+        _sub(fo, "gid", str(rec["gid"]))
+    _time(fo, "mtime", rec["mtime_ns"])
+    _time(fo, "atime", rec["atime_ns"])
+    _time(fo, "crtime", rec["crtime_ns"])
+    if rec["link_target"] is not None:
+        _sub(fo, "link_target", rec["link_target"])
+    if rec["md5"]:
+        _sub(fo, "hashdigest", rec["md5"]).set("type", "MD5")
+    if rec["sha256"]:
+        _sub(fo, "hashdigest", rec["sha256"]).set("type", "SHA256")
+    if rec["fetched"] is not None:
+        _sub(fo, "fetched", _iso(rec["fetched"]), ns=GM_NS)
+    if rec.get("guest_path_b64"):
+        # filename shows undecodable bytes as \xNN, like a name that has those 4 chars.
+        _sub(fo, "filename_b64", rec["guest_path_b64"], ns=GM_NS)
+
+
 def write_dfxml(
     out: BinaryIO, ctx: Context, records: Iterable[dict[str, Any]], skipped: Skipped
 ) -> int:
+    """A single VM: one source, its fileobjects. A fleet: one image per VM in the source,
+    and each VM's fileobjects inside a ``volume`` naming that VM (``gm:vm`` ...)."""
     ET.register_namespace("", DFXML_NS)
     ET.register_namespace("dc", DC_NS)
     ET.register_namespace("gm", GM_NS)
@@ -194,41 +259,29 @@ def write_dfxml(
     _sub(env, "start_time", _iso(ctx.started))
     head = ctx.head
     source = _sub(root, "source")
-    for key in ("vcenter", "vm", "vm_name", "instance_uuid", "guest_root", "mountpoint"):
-        if head.get(key):
-            source.set(f"{{{GM_NS}}}{key}", xml_text(str(head[key])))
-    guest_root = str(head.get("guest_root") or "/")
-    where = f"vsphere-guest://{head.get('vcenter')}/{head.get('vm')}"
-    if not guest_root.startswith("/"):
-        where += "/"
-    _sub(source, "image_filename", where + guest_root)
+    vms = fleet_vms(ctx)
+    if vms is None:
+        keys = ("vcenter", "vm", "vm_name", "instance_uuid", "guest_root", "mountpoint")
+        _gm_attrs(source, head, keys)
+        _sub(source, "image_filename", _image(head))
+        parent = {None: root}
+    else:
+        _gm_attrs(source, head, ("vcenter", "mountpoint"))
+        parent = {}
+        for one in vms:
+            roots = one.get("guest_roots") or ["/"]
+            vm_head = {**head, **one, "guest_root": roots[0]}
+            _sub(source, "image_filename", _image(vm_head))
+            volume = _sub(root, "volume")
+            _gm_attrs(volume, vm_head, ("vm", "vm_name", "vm_dir", "guest_root"))
+            parent[one.get("vm")] = volume
     n = 0
     for rec in records:
-        fo = _sub(root, "fileobject")
-        _sub(fo, "filename", rec["guest_path"])
-        _sub(fo, "name_type", _TYPE_CHAR[rec["type"]])
-        _sub(fo, "filesize", str(rec["size"]))
-        _sub(fo, "meta_type", {"FILE": "1", "DIRECTORY": "2", "SYMLINK": "3"}[rec["type"]])
-        if rec["permissions_known"]:
-            _sub(fo, "mode", str(rec["mode"] & 0o7777))
-        if rec["uid"] is not None:
-            _sub(fo, "uid", str(rec["uid"]))
-        if rec["gid"] is not None:
-            _sub(fo, "gid", str(rec["gid"]))
-        _time(fo, "mtime", rec["mtime_ns"])
-        _time(fo, "atime", rec["atime_ns"])
-        _time(fo, "crtime", rec["crtime_ns"])
-        if rec["link_target"] is not None:
-            _sub(fo, "link_target", rec["link_target"])
-        if rec["md5"]:
-            _sub(fo, "hashdigest", rec["md5"]).set("type", "MD5")
-        if rec["sha256"]:
-            _sub(fo, "hashdigest", rec["sha256"]).set("type", "SHA256")
-        if rec["fetched"] is not None:
-            _sub(fo, "fetched", _iso(rec["fetched"]), ns=GM_NS)
-        if rec.get("guest_path_b64"):
-            # filename shows undecodable bytes as \xNN, like a name that has those 4 chars.
-            _sub(fo, "filename_b64", rec["guest_path_b64"], ns=GM_NS)
+        where = parent.get(rec.get("vm"))
+        if where is None:
+            skipped.append(f"{rec['guest_path']!r}: of a VM the export header does not name")
+            continue
+        _fileobject(where, rec)
         n += 1
     ET.indent(root)
     ET.ElementTree(root).write(out, encoding="UTF-8", xml_declaration=True)
@@ -242,7 +295,7 @@ def write_dfxml(
 def write_jsonl(
     out: BinaryIO, ctx: Context, records: Iterable[dict[str, Any]], skipped: Skipped
 ) -> int:
-    header = {
+    header: dict[str, Any] = {
         "type": "header",
         "program": ctx.program,
         "version": ctx.version,
@@ -251,6 +304,9 @@ def write_jsonl(
         **{k: ctx.head.get(k) for k in ("vcenter", "vm", "vm_name", "guest_root", "mountpoint")},
         **ctx.case,
     }
+    vms = fleet_vms(ctx)
+    if vms is not None:
+        header["vms"] = vms  # and every entry names its VM (vm, vm_name, vm_dir)
     out.write(json.dumps(header, ensure_ascii=True).encode() + b"\n")
     n = 0
     for rec in records:

@@ -152,8 +152,10 @@ class RecordingBackend:
         self._backend = backend
         self._ledger = ledger
 
-    async def list_dir(self, path: str) -> list[DirEntry]:
-        result: list[DirEntry] = await self._backend.list_dir(path)
+    async def list_dir(
+        self, path: str, more: Callable[[int], bool] | None = None
+    ) -> list[DirEntry]:
+        result: list[DirEntry] = await self._backend.list_dir(path, more)
         # vim25 listings carry every entry's attributes: the stat cache is seeded from
         # them without a stat call, so they are what the mount shows.
         for entry in result:

@@ -16,6 +16,7 @@ import errno
 import functools
 import logging
 import os
+import posixpath
 import stat as statmod
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -30,6 +31,7 @@ from ..fs import FsOptions, Operations, statfs_data
 from ..inodes import ROOT_INODE
 from ..paths import NAME_MAX
 from .names import BY_ID
+from .readahead import FleetReadAhead, relative_path
 from .space import FLEET, InodeSpace
 from .vm import FleetVm
 
@@ -106,9 +108,16 @@ class FleetOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, tree: FleetTree, space: InodeSpace, opts: FsOptions) -> None:
+    def __init__(
+        self,
+        tree: FleetTree,
+        space: InodeSpace,
+        opts: FsOptions,
+        readahead: FleetReadAhead | None = None,
+    ) -> None:
         super().__init__()
         self.tree = tree
+        self.readahead = readahead  # told what the user reached in which VM (see .readahead)
         self.space = space
         self.opts = opts
         self.by_id_ino = space.inode(FLEET, BY_ID)
@@ -178,9 +187,12 @@ class FleetOperations(pyfuse3.Operations):
     async def _root_entries(self) -> list[tuple[bytes, int, pyfuse3.EntryAttributes]]:
         vms = await self.tree.current()
         out = [(BY_ID.encode(), self.by_id_ino, self._dir_attrs(self.by_id_ino))]
-        for name in sorted(vms):
+        names = sorted(vms)
+        for name in names:
             vm = vms[name]
             out.append((os.fsencode(name), vm.dir_ino, self._dir_attrs(vm.dir_ino)))
+        if self.readahead is not None:
+            self.readahead.on_listing([vms[n] for n in names])
         return out
 
     async def _by_id_entries(self) -> list[tuple[bytes, int, pyfuse3.EntryAttributes]]:
@@ -208,6 +220,19 @@ class FleetOperations(pyfuse3.Operations):
         vm, path = self._owner(parent_inode)
         if vm is None:
             return await self._lookup_fleet(parent_inode, path, name)
+        if name not in (b".", b".."):
+            # Before this VM answers (its open may take a while): a glob's next VMs
+            # are read ahead meanwhile.
+            self._looking_up(vm, parent_inode, name)
+            if parent_inode == vm.dir_ino and not vm.roots and not _drive_like(name):
+                # `/mnt/vc/*/root/...` reaches every Windows VM too: vCenter alone says
+                # there is no such drive (no guest login for nothing).
+                try:
+                    windows = await vm.identify() == "windows"
+                except GuestfsError:
+                    windows = False  # the open below will say what is wrong
+                if windows:
+                    return self._negative()
         await vm.ready()
         if parent_inode == vm.dir_ino and vm.windows:
             if name in (b".", b".."):
@@ -221,6 +246,18 @@ class FleetOperations(pyfuse3.Operations):
         if parent_inode == vm.dir_ino and name == b"..":
             return self._dir_attrs(ROOT_INODE)
         return await self._vm_ops(vm, path).lookup(parent_inode, name, ctx)
+
+    def _looking_up(self, vm: FleetVm, parent_inode: int, name: bytes) -> None:
+        """Tell read-ahead (found or not: a glob reaches every VM either way)."""
+        if self.readahead is None:
+            return
+        text = os.fsdecode(name)
+        if parent_inode == vm.dir_ino:
+            self.readahead.on_lookup(vm, "/" + text)
+            return
+        key = self.space.key(parent_inode)
+        if key is not None and key[0] == vm.vm and key[1]:
+            self.readahead.on_lookup(vm, posixpath.join(relative_path(vm, key[1]), text))
 
     async def _lookup_fleet(self, parent: int, path: str, name: bytes) -> pyfuse3.EntryAttributes:
         if name in (b".", b".."):
@@ -353,6 +390,10 @@ class FleetOperations(pyfuse3.Operations):
         fh = self._new_fh()
         self._files[fh] = _Delegated(ops, info.fh)
         info.fh = fh
+        if self.readahead is not None:
+            found = self.space.key(inode)
+            if found is not None and found[0] == vm.vm:
+                self.readahead.on_open(vm, relative_path(vm, found[1]))
         return info
 
     @_handler
@@ -408,6 +449,10 @@ class FleetOperations(pyfuse3.Operations):
             return list(self._vm_xattrs(vm))
         await vm.ready()
         return await self._vm_ops(vm, path).listxattr(inode, ctx)
+
+
+def _drive_like(name: bytes) -> bool:
+    return len(name) == 1 and name.isalpha()
 
 
 class _NoContext:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fnmatch
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyfuse3
@@ -26,28 +27,44 @@ from ..audit import AuditLog
 from ..cache.content import ContentCache, ContentKey, OnStart, Sink, TransferEvent
 from ..control import socket_path
 from ..errors import ConfigError, GuestfsError, NotFound
+from ..evidence.ledger import transfer_hook
 from ..model import GuestStat, TransferResult
 from ..vcenter.client import VCenterClient
-from ..vcenter.inventory import folder_subtree, list_vms
+from ..vcenter.inventory import InventoryVm, folder_subtree, list_vms
+from .evidence import fleet_head, fleet_records
 from .fuse import FleetOperations, FleetTree
 from .names import is_safe_id, vm_dir_names
 from .options import FleetOptions
+from .readahead import FleetReadAhead
 from .space import InodeSpace
-from .vm import FleetContext, FleetVm, split_content_path
+from .vm import FleetContext, FleetVm, VmUnavailable, split_content_path
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Inventory", "serve_fleet"]
 
+# FUSE requests served at once. Each request blocked in a VM whose guest stopped answering
+# holds one until --timeout; with the single-VM figure (64) as many programs reading in
+# one hung VM left no task to read the other VMs' requests from /dev/fuse. An idle
+# task ends, and a busy one costs a trio task and its request buffer.
+FLEET_MAX_TASKS = 1024
+
 
 class Inventory(FleetTree):
     """The VMs shown, from one inventory listing, listed again when older than the
     TTL (a failed listing keeps the last one). Every VM ever listed is kept by id, so
-    inodes the kernel still holds stay valid after the VM left the listing."""
+    inodes the kernel still holds stay valid after the VM left the listing.
 
-    def __init__(self, client: VCenterClient, options: FleetOptions) -> None:
+    ``frozen`` (``--frozen``): the VMs and names of the first listing are shown for the
+    life of the mount. Later listings only tell which of them left it (their directory
+    stays, every access inside fails with ENXIO and the reason) or came back, and how
+    many VMs are listed but not shown."""
+
+    def __init__(self, client: VCenterClient, options: FleetOptions, frozen: bool = False) -> None:
         self.client = client
         self.options = options
+        self.frozen = frozen
+        self.unshown = 0  # frozen: VMs of the last listing that the first one did not have
         self.make_vm: Callable[[str, str, str], FleetVm] | None = None
         self._by_id: dict[str, FleetVm] = {}
         self._current: dict[str, FleetVm] = {}
@@ -72,6 +89,10 @@ class Inventory(FleetTree):
     def in_folder(self, vm: str, folder: str) -> bool:
         return vm in self._members.get(folder, frozenset())
 
+    def all_known(self) -> list[FleetVm]:
+        """Every VM ever listed, the ones gone from the inventory too."""
+        return list(self._by_id.values())
+
     def all_current(self) -> list[FleetVm]:
         return [self._current[k] for k in sorted(self._current)]
 
@@ -87,8 +108,8 @@ class Inventory(FleetTree):
                         log.warning("inventory listing failed (showing the last one): %s", exc)
         return self._current
 
-    async def refresh(self) -> None:
-        assert self.make_vm is not None
+    async def _list(self) -> list[InventoryVm]:
+        """The VMs the options select, with a usable id."""
         opts = self.options
         rest = await self.client.inventory_transport()
         folders: list[str] = []
@@ -104,6 +125,16 @@ class Inventory(FleetTree):
                 kept.append(v)
             else:
                 log.warning("inventory: skipped a VM with an unusable id %r", v.vm[:80])
+        return kept
+
+    async def refresh(self) -> None:
+        assert self.make_vm is not None
+        kept = await self._list()
+        if self.frozen and self._refreshed_wall:
+            self._freeze({v.vm for v in kept})
+            self._checked = trio.current_time()
+            self.last_error = None
+            return  # the times shown stay the first listing's: nothing shown changed
         names = vm_dir_names((v.vm, v.name) for v in kept)
         current: dict[str, FleetVm] = {}
         for v in kept:
@@ -117,6 +148,24 @@ class Inventory(FleetTree):
         self._checked = trio.current_time()
         self._refreshed_wall = time.time()
         self.last_error = None
+
+    def _freeze(self, listed: set[str]) -> None:
+        """--frozen: mark the shown VMs that left the listing, clear the ones back."""
+        shown = {vm.vm for vm in self._current.values()}
+        self.unshown = len(listed - shown)
+        for vm in self._current.values():
+            if vm.vm in listed:
+                if vm.gone is not None:
+                    log.info("VM %s (%s) is listed again", vm.dirname, vm.vm)
+                vm.gone = None
+            elif vm.gone is None:
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                vm.gone = VmUnavailable(
+                    f"VM {vm.vm} left the vCenter inventory listing at {when} (removed, or"
+                    " no longer selected or powered on); --frozen keeps its directory",
+                    errno.ENXIO,
+                )
+                log.warning("VM %s: %s", vm.dirname, vm.gone)
 
     async def _rule_folders(self) -> dict[str, frozenset[str]]:
         """VM ids of each folder a credential rule names (its subtree)."""
@@ -141,7 +190,7 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
         client = await stack.enter_async_context(
             VCenterClient(m.client_deadlines(cfg.client, cfg.fs.timeout))
         )
-        inventory = Inventory(client, fleet)
+        inventory = Inventory(client, fleet, frozen=cfg.frozen)
         audit = None
         if cfg.audit_log:
             audit = AuditLog(
@@ -161,8 +210,6 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
             return result
 
         def on_transfer_end(ev: TransferEvent) -> None:
-            if audit is None:
-                return
             vm_id, guest_path = split_content_path(ev.key.path)
             vm = inventory.by_id(vm_id)
             seen = ev.seen
@@ -171,7 +218,10 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
             local = dataclasses.replace(
                 ev, key=dataclasses.replace(ev.key, path=guest_path), seen=seen
             )
-            audit.record(local, extra={"vm": vm_id, "vm_name": vm.name if vm else "?"})
+            if vm is not None and vm.ledger is not None:
+                transfer_hook(vm.ledger)(local)
+            if audit is not None:
+                audit.record(local, extra={"vm": vm_id, "vm_name": vm.name if vm else "?"})
 
         nursery = await stack.enter_async_context(trio.open_nursery())
         content = ContentCache(
@@ -216,7 +266,9 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
             await inventory.refresh()  # the first listing: its failure is the mount's
         except NotFound as exc:
             raise ConfigError(f"--folder {fleet.folder!r}: {exc}") from exc
-        ops = FleetOperations(inventory, space, cfg.fs)
+        width = max(1, (client.config.max_guest_ops or 64) // 2)
+        readahead = FleetReadAhead(nursery, prefetch=cfg.fs.prefetch, width=width)
+        ops = FleetOperations(inventory, space, cfg.fs, readahead)
         started = time.time()
 
         def snapshot() -> dict[str, Any]:
@@ -232,13 +284,7 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
                 "pid": os.getpid(),
                 "started": started,
                 "frozen": cfg.frozen,
-                "transfers": content.in_flight(),
-                "cache": {
-                    "dir": content.directory,
-                    "usage": content.usage,
-                    "max_bytes": content.max_bytes,
-                    "stats": content.stats,
-                },
+                **m.cache_status(content),
                 "api": client.stats.snapshot(),
                 "metadata": _sum_counters(v["metadata"] for v in vms),
                 "inodes": len(space),
@@ -247,9 +293,24 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
                     "inventory_refreshed": inventory.refreshed,
                     "inventory_listings": inventory.listings,
                     "inventory_error": inventory.last_error,
+                    "inventory_frozen": cfg.frozen,
+                    "inventory_unshown": inventory.unshown,
+                    "readahead": readahead.snapshot(),
                     "vms": vms,
                 },
             }
+
+        def evidence() -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+            vms = inventory.all_known()
+            head = {
+                "mountpoint": cfg.mountpoint,
+                "vcenter": client.vcenter_netloc,
+                "frozen": cfg.frozen,
+                "case": cfg.case,
+                "audit_chain": audit.chain_id if audit is not None else None,
+                **fleet_head(vms),
+            }
+            return head, fleet_records(vms)
 
         control_path = socket_path(cfg.mountpoint)
         pyfuse3.init(ops, cfg.mountpoint, m._mount_options(cfg))
@@ -259,11 +320,11 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
             len(inventory.all_current()), client.vcenter_netloc, cfg.mountpoint,
             client.transport_name, client.transport_reason,
         )  # fmt: skip
-        nursery.start_soon(m._serve_control_quietly, control_path, snapshot)
+        nursery.start_soon(m._serve_control_quietly, control_path, snapshot, evidence)
         ready()
         m.sd_notify("READY=1")
         nursery.start_soon(m._stop_on_signal, nursery.cancel_scope, cfg.grace)
-        await pyfuse3.main(max_tasks=cfg.max_tasks)
+        await m.fuse_main(max(cfg.max_tasks, FLEET_MAX_TASKS))
 
 
 def _sum_counters(items: Any) -> dict[str, int]:

@@ -1,8 +1,10 @@
 """One VM of a fleet mount: its single-VM machinery, built on first use, or why not.
 
 Nothing here runs before a program looks inside the VM's directory: then the VM is
-*opened* once (its guest family from vCenter, the first credential rule that matches,
-power and Tools state, a stat of the guest root proving the login), and from then on
+*opened* once (from vCenter the guest identity: its family, and proof that Tools runs;
+without one, the power and Tools state and the configured guest OS, asked at once; the
+first credential rule that matches; one guest call proving the login: the listing of a
+Linux guest's ``/``, the stat of a Windows guest's first drive), and from then on
 it has what a single-VM mount has: a ``_Guest`` binding, a metadata cache, read-ahead
 and an ``fs.Operations`` per guest root (Linux ``/``; Windows one per drive letter),
 all sharing the fleet's content cache, client and nursery. A VM that cannot be opened
@@ -16,7 +18,7 @@ import errno
 import logging
 import math
 import string
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -33,12 +35,13 @@ from ..errors import (
     Unauthenticated,
     Unauthorized,
 )
+from ..evidence.ledger import Ledger, RecordingBackend
 from ..fs import FsOptions, Operations
 from ..meta import MetadataCache
-from ..model import FilesystemFamily, FileType, GuestStat
+from ..model import FileType, GuestStat
 from ..paths import PosixPaths, WindowsPaths
 from ..vcenter.client import VCenterClient
-from ..vcenter.inventory import family_of
+from ..vcenter.inventory import configured_family, family_of, running_family
 from .options import FleetOptions
 from .space import InodeSpace, VmInodes
 
@@ -127,6 +130,26 @@ class FleetContext:
     guest_factory: Callable[[VCenterClient, str, PosixPaths], object] = field(repr=False)
 
 
+async def _first_error(*fns: Callable[[], Awaitable[object]] | None) -> None:
+    """Run ``fns`` at once; raise the error of the first one (in argument order) that
+    failed, once all are done."""
+    errors: list[BaseException | None] = [None] * len(fns)
+
+    async def one(i: int, fn: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await fn()
+        except (GuestfsError, trio.TooSlowError) as exc:
+            errors[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i, fn in enumerate(fns):
+            if fn is not None:
+                nursery.start_soon(one, i, fn)
+    for exc in errors:
+        if exc is not None:
+            raise exc
+
+
 def _classify(exc: BaseException, vm: str) -> VmUnavailable:
     text = str(exc)
     if isinstance(exc, (GuestAuthFailed, Unauthenticated, Unauthorized)):
@@ -151,14 +174,21 @@ class FleetVm:
         self.roots: dict[str, Operations] = {}  # guest root ("/", "C:\\") -> its operations
         self.meta: MetadataCache | None = None
         self.guest: object | None = None
+        self.ledger: Ledger | None = None  # what was seen in it (guestfs-mount evidence)
         self.failure: _Failure | None = None
+        self.gone: VmUnavailable | None = None  # --frozen: left the listing, directory kept
         self.opened_at: float | None = None
         self._lock = trio.Lock()
+        self._identity_lock = trio.Lock()
+        self._identified = False  # the guest identity was asked
+        self._running = False  # ... and answered: Tools runs
 
     # -- state -------------------------------------------------------------------------
 
     @property
     def state(self) -> str:
+        if self.gone is not None:
+            return "gone"
         if self.roots:
             return "ready"
         if self.failure is not None:
@@ -166,6 +196,8 @@ class FleetVm:
         return "untouched"
 
     def error(self) -> VmUnavailable | None:
+        if self.gone is not None:
+            return self.gone
         return self.failure.error if self.failure is not None else None
 
     def snapshot(self) -> dict[str, object]:
@@ -188,6 +220,8 @@ class FleetVm:
     async def ready(self) -> None:
         """Open the VM unless it is open; raise its :class:`VmUnavailable` if it cannot
         be (remembered, so a burst of lookups costs one attempt)."""
+        if self.gone is not None:
+            raise self.gone
         if self.roots:
             return
         async with self._lock:
@@ -209,7 +243,22 @@ class FleetVm:
             self.failure = None
             self.opened_at = trio.current_time()
 
+    async def identify(self) -> str | None:
+        """The guest family as vCenter reports it while Tools runs (one vCenter call,
+        asked once; no guest call): enough to answer that a Windows VM's directory has
+        no ``root`` (only drive letters), without a guest login. None: not known."""
+        if self.family is None and not self._identified:
+            async with self._identity_lock:
+                if self.family is None and not self._identified:
+                    rest = await self.ctx.client.inventory_transport()
+                    family = await running_family(rest, self.vm)
+                    self._identified = True
+                    if family is not None:
+                        self.family, self._running = family, True
+        return self.family
+
     def _fail(self, err: VmUnavailable, until: float | None) -> None:
+        self._running = False  # a retry asks vCenter again why not
         when = until if until is not None else trio.current_time() + self.ctx.options.retry_after
         self.failure = _Failure(err, when)
         log.warning("VM %s (%s): %s", self.dirname, self.vm, err)
@@ -217,8 +266,17 @@ class FleetVm:
     async def _open(self) -> None:
         ctx = self.ctx
         client = ctx.client
-        if self.family is None:
-            self.family = await family_of(await client.inventory_transport(), self.vm)
+        rest = await client.inventory_transport()
+        # From vCenter, not the guest: the guest family (the credential rules need it)
+        # and whether Tools runs. A guest call to a VM without Tools is retried as
+        # "busy" for the whole retry budget: such a VM must fail here, at once. The
+        # guest identity answers both in one call while Tools runs.
+        await self.identify()
+        if not self._running:  # why not (powered off, no Tools), and the configured family
+            await _first_error(
+                lambda: rest.check_guest(self.vm),
+                self._learn_family if self.family is None else None,
+            )
         match = next(
             (
                 c
@@ -235,13 +293,51 @@ class FleetVm:
             )
         self.user = match.creds.user_name
         client.set_guest_credentials(self.vm, match.creds)
-        await client.check_guest_ready(self.vm)
-        root, st = await self._stat_root()
-        self.windows = st.family is FilesystemFamily.WINDOWS or root != "/"
-        paths: PosixPaths = WindowsPaths() if self.windows else PosixPaths()
+        if self.family != "windows":
+            try:
+                # One guest call proves the login and is the listing the first lookup
+                # in the VM needs (`/mnt/vc/*/etc/...`).
+                await self._open_posix()
+                return
+            except (NotFound, InvalidArgument):
+                if self.family is not None:
+                    raise
+                # vCenter could not tell the family: a Windows guest has no "/".
+        root = "C:\\"
+        st = await client.stat(self.vm, root)
+        if st.type is not FileType.DIRECTORY:
+            raise VmUnavailable(
+                f"guest root {root!r} of VM {self.vm} is not a directory", errno.EIO
+            )
+        self.windows = True
+        meta = self._build(WindowsPaths(), root)
+        assert self.ledger is not None
+        self.ledger.saw(root, st)
+        meta.seed(root, st)
+        self._add_root(root)
+
+    async def _learn_family(self) -> None:
+        rest = await self.ctx.client.inventory_transport()
+        # The identity had no answer (asked by identify()): the configured guest OS.
+        self.family = await (configured_family if self._identified else family_of)(rest, self.vm)
+
+    async def _open_posix(self) -> None:
+        self.windows = False
+        meta = self._build(PosixPaths(), "/")
+        try:
+            await meta.listdir("/")
+        except BaseException:
+            self.guest = self.meta = self.ledger = None
+            raise
+        self._add_root("/")
+
+    def _build(self, paths: PosixPaths, root: str) -> MetadataCache:
+        ctx = self.ctx
+        client = ctx.client
         guest = ctx.guest_factory(client, self.vm, paths)
+        ledger = Ledger(root=root, paths=paths)
         meta = MetadataCache(
-            guest,  # type: ignore[arg-type]  # mount._Guest: a GuestBackend
+            RecordingBackend(guest, ledger),
             nursery=ctx.nursery,
             ttl=ctx.metadata_ttl,
             negative_ttl=ctx.fs.negative_ttl,
@@ -250,27 +346,8 @@ class FleetVm:
             stat_by_listing=client.transport_name in ("vi-json", "soap"),
         )
         guest.on_stat = meta.seed  # type: ignore[attr-defined]
-        self.guest, self.meta = guest, meta
-        meta.seed(root, st)
-        self._add_root(root)
-
-    async def _stat_root(self) -> tuple[str, GuestStat]:
-        client = self.ctx.client
-        first = "C:\\" if self.family == "windows" else "/"
-        try:
-            st = await client.stat(self.vm, first)
-            root = first
-        except (NotFound, InvalidArgument):
-            if self.family is not None:
-                raise
-            # vCenter could not tell the family: a Windows guest has no "/".
-            root = "C:\\"
-            st = await client.stat(self.vm, root)
-        if st.type is not FileType.DIRECTORY:
-            raise VmUnavailable(
-                f"guest root {root!r} of VM {self.vm} is not a directory", errno.EIO
-            )
-        return root, st
+        self.guest, self.meta, self.ledger = guest, meta, ledger
+        return meta
 
     def _add_root(self, root: str) -> Operations:
         ctx = self.ctx

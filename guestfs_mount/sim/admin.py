@@ -5,7 +5,10 @@
 ``POST /_sim/stats/reset``  zero the counters
 ``GET  /_sim/faults``       current fault settings
 ``POST /_sim/faults``       change some faults (see faults.Faults.update)
-``POST /_sim/faults/reset`` clear every fault
+``POST /_sim/faults/reset`` clear every fault (every VM's own too)
+``GET  /_sim/vms/{vm}/faults``  that VM's own faults (faults.VM_KEYS)
+``POST /_sim/vms/{vm}/faults``  change some: ``{"stall_api": true}`` stalls its guest calls
+``POST /_sim/vms/{vm}/faults/reset``  clear them
 ``POST /_sim/vms/{vm}/power``  ``{"state": "POWERED_ON"|"POWERED_OFF"|"SUSPENDED"}``
 ``POST /_sim/vms/{vm}/tools``  ``{"running": bool}``
 ``POST /_sim/vms``          ``{"like": vm, "name": str, "folder"?: id, "vm"?: id}``: add a VM
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -30,8 +34,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .cost import CostError
-from .faults import FaultError
-from .state import POWER_STATES, SimState
+from .faults import VM_KEYS, FaultError, Faults
+from .state import POWER_STATES, SimState, Vm
 from .vapi import JsonResponse
 
 log = logging.getLogger("guestfs_mount.sim.admin")
@@ -48,7 +52,35 @@ async def _json(request: Request) -> Any:
     return json.loads(raw)
 
 
+def _set_faults(
+    faults: Faults, body: Any, keys: tuple[str, ...] | None = None, who: str = "global"
+) -> Response:
+    try:
+        if not isinstance(body, dict):
+            raise FaultError("body must be a JSON object")
+        faults.update(body, keys)
+    except FaultError as exc:
+        return _bad(str(exc))
+    log.info("%s faults set: %s", who, body)
+    return JsonResponse(faults.to_json(keys))
+
+
 def routes(state: SimState) -> list[BaseRoute]:
+    def vm_route(fn: Callable[[Vm, Any], Awaitable[Response]]) -> Callable[[Request], Any]:
+        """A route of ``/vms/{vm}/...``: ``fn(vm, JSON body)``, or the error answer."""
+
+        async def route(request: Request) -> Response:
+            vm = state.vms.get(request.path_params["vm"])
+            if vm is None:
+                return _bad("unknown vm", 404)
+            try:
+                body = await _json(request)
+            except ValueError as exc:
+                return _bad(str(exc))
+            return await fn(vm, body)
+
+        return route
+
     async def stats(request: Request) -> Response:
         return JsonResponse(state.stats_json())
 
@@ -62,17 +94,31 @@ def routes(state: SimState) -> list[BaseRoute]:
     async def faults_post(request: Request) -> Response:
         try:
             body = await _json(request)
-            if not isinstance(body, dict):
-                raise FaultError("body must be a JSON object")
-            state.faults.update(body)
-        except (ValueError, FaultError) as exc:
+        except ValueError as exc:
             return _bad(str(exc))
-        log.info("faults set: %s", body)
-        return JsonResponse(state.faults.to_json())
+        return _set_faults(state.faults, body)
 
     async def faults_reset(request: Request) -> Response:
-        state.faults.reset()
+        state.reset_faults()
         return JsonResponse(state.faults.to_json())
+
+    async def vm_faults_get(request: Request) -> Response:
+        vm = state.vms.get(request.path_params["vm"])
+        if vm is None:
+            return _bad("unknown vm", 404)
+        return JsonResponse(state.faults_of(vm).to_json(VM_KEYS))
+
+    @vm_route
+    async def vm_faults_post(vm: Vm, body: Any) -> Response:
+        return _set_faults(state.faults_of(vm), body, VM_KEYS, vm.vm)
+
+    async def vm_faults_reset(request: Request) -> Response:
+        vm = state.vms.get(request.path_params["vm"])
+        if vm is None:
+            return _bad("unknown vm", 404)
+        own = state.faults_of(vm)
+        own.reset()
+        return JsonResponse(own.to_json(VM_KEYS))
 
     async def cost_get(request: Request) -> Response:
         return JsonResponse(state.cost.to_json())
@@ -88,14 +134,8 @@ def routes(state: SimState) -> list[BaseRoute]:
         log.info("cost model set: %s", body)
         return JsonResponse(state.cost.to_json())
 
-    async def vm_power(request: Request) -> Response:
-        vm = state.vms.get(request.path_params["vm"])
-        if vm is None:
-            return _bad("unknown vm", 404)
-        try:
-            body = await _json(request)
-        except ValueError as exc:
-            return _bad(str(exc))
+    @vm_route
+    async def vm_power(vm: Vm, body: Any) -> Response:
         new = body.get("state") if isinstance(body, dict) else None
         if new not in POWER_STATES:
             return _bad(f"state must be one of {list(POWER_STATES)}")
@@ -103,14 +143,8 @@ def routes(state: SimState) -> list[BaseRoute]:
         log.info("%s power -> %s", vm.vm, new)
         return JsonResponse(vm.summary())
 
-    async def vm_tools(request: Request) -> Response:
-        vm = state.vms.get(request.path_params["vm"])
-        if vm is None:
-            return _bad("unknown vm", 404)
-        try:
-            body = await _json(request)
-        except ValueError as exc:
-            return _bad(str(exc))
+    @vm_route
+    async def vm_tools(vm: Vm, body: Any) -> Response:
         running = body.get("running") if isinstance(body, dict) else None
         if not isinstance(running, bool):
             return _bad("running must be a boolean")
@@ -151,14 +185,8 @@ def routes(state: SimState) -> list[BaseRoute]:
         log.info("%s removed", vm.vm)
         return JsonResponse({"removed": vm.vm})
 
-    async def vm_rename(request: Request) -> Response:
-        vm = state.vms.get(request.path_params["vm"])
-        if vm is None:
-            return _bad("unknown vm", 404)
-        try:
-            body = await _json(request)
-        except ValueError as exc:
-            return _bad(str(exc))
+    @vm_route
+    async def vm_rename(vm: Vm, body: Any) -> Response:
         name = body.get("name") if isinstance(body, dict) else None
         if not isinstance(name, str) or not name:
             return _bad("'name' must be a non-empty string")
@@ -210,6 +238,9 @@ def routes(state: SimState) -> list[BaseRoute]:
         Route("/vms/{vm}/power", vm_power, methods=["POST"]),
         Route("/vms/{vm}/tools", vm_tools, methods=["POST"]),
         Route("/vms/{vm}/rename", vm_rename, methods=["POST"]),
+        Route("/vms/{vm}/faults", vm_faults_get, methods=["GET"]),
+        Route("/vms/{vm}/faults", vm_faults_post, methods=["POST"]),
+        Route("/vms/{vm}/faults/reset", vm_faults_reset, methods=["POST"]),
         Route("/vms", vm_add, methods=["POST"]),
         Route("/vms/{vm}", vm_remove, methods=["DELETE"]),
         Route("/sessions/expire", sessions_expire, methods=["POST"]),

@@ -2,6 +2,10 @@
 
 Counted faults (``busy_next``, ``abort_after`` ...) are consumed one per matching call
 or transfer GET; flags and latencies stay until reset.
+
+A VM can have faults of its own (``/_sim/vms/{vm}/faults``): the guest-call ones of
+:data:`VM_KEYS`, applied to that VM's guest operations only, on top of the global ones,
+so a test can stall one VM of a fleet while the others answer.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class Faults:
     # set (and replaced) when stall_api is cleared / when stall_body_after is cleared
     api_unstall: trio.Event = field(default_factory=trio.Event)
     body_unstall: trio.Event = field(default_factory=trio.Event)
+    held: int = 0  # calls in hold_api now: a test sees its callers are stalled
 
     KEYS = (
         "api_latency",
@@ -88,7 +93,22 @@ class Faults:
         "omit_content_length",
     )
 
-    def to_json(self) -> dict[str, Any]:
+    async def hold_api(self) -> None:
+        """Wait out ``stall_api`` and ``api_latency`` before answering a call."""
+        self.held += 1
+        try:
+            while self.stall_api:
+                await self.api_unstall.wait()
+            if self.api_latency > 0:
+                await trio.sleep(self.api_latency)
+        finally:
+            self.held -= 1
+
+    def to_json(self, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The settings (only ``keys``, with the ``held`` count, if given)."""
+        if keys is not None:
+            full = self.to_json()
+            return {**{k: full[k] for k in keys}, "held": self.held}
         return {
             "api_latency": self.api_latency,
             "transfer_latency": self.transfer_latency,
@@ -104,9 +124,10 @@ class Faults:
             "omit_content_length": self.omit_content_length,
         }
 
-    def update(self, body: dict[str, Any]) -> None:
-        """Apply a ``POST /_sim/faults`` body; validates everything before changing anything."""
-        unknown = set(body) - set(self.KEYS)
+    def update(self, body: dict[str, Any], keys: tuple[str, ...] | None = None) -> None:
+        """Apply a ``POST /_sim/faults`` body (only ``keys``, if given); validates
+        everything before changing anything."""
+        unknown = set(body) - set(keys or self.KEYS)
         if unknown:
             raise FaultError(f"unknown fault(s): {sorted(unknown)}")
         new: dict[str, Any] = {}
@@ -165,3 +186,7 @@ class Faults:
             self.unavailable_next -= 1
             return "SERVICE_UNAVAILABLE"
         return None
+
+
+# What a VM's own faults may set: its guest operations' latency, stall and errors.
+VM_KEYS = ("api_latency", "stall_api", "busy_next", "unavailable_next")

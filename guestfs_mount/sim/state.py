@@ -8,12 +8,13 @@ power-off / restart cancel.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import secrets
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import trio
 
 from . import guestfs, winfs
-from .cost import GuestAuthError, GuestCost
+from .cost import GuestAuthError, GuestCost, GuestOp
 from .entry import GuestEntry
 from .faults import Faults
 from .vapi import NOT_A_FILE, VapiError, file_error
@@ -202,6 +203,8 @@ class SimState:
             if v.folder not in self.folders:
                 raise ValueError(f"{v.vm}: unknown folder {v.folder!r}")
         self.faults = faults or Faults()
+        self.vm_faults: dict[str, Faults] = {}  # VM id -> its own faults (faults.VM_KEYS)
+        self.removed_ids: set[str] = set()
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.transfers: dict[int, Transfer] = {}
@@ -352,7 +355,9 @@ class SimState:
         if folder is not None and folder not in self.folders:
             raise ValueError(f"unknown folder {folder!r}")
         if vm_id is None:
-            numbers = [int(v[3:]) for v in self.vms if v.startswith("vm-") and v[3:].isdigit()]
+            # vCenter never gives a removed VM's moid to another: the next after any seen.
+            ids = {*self.vms, *self.removed_ids}
+            numbers = [int(v[3:]) for v in ids if v.startswith("vm-") and v[3:].isdigit()]
             vm_id = f"vm-{max(numbers, default=41) + 1}"
         if vm_id in self.vms:
             raise ValueError(f"{vm_id} exists")
@@ -374,6 +379,8 @@ class SimState:
     def remove_vm(self, vm: Vm) -> None:
         """Unregister ``vm``: it leaves the inventory, its transfer URLs die."""
         del self.vms[vm.vm]
+        self.removed_ids.add(vm.vm)
+        self.vm_faults.pop(vm.vm, None)
         self.kill_transfers(lambda t: t.vm is vm, "virtual machine removed")
 
     def set_power(self, vm: Vm, state: str) -> None:
@@ -401,7 +408,10 @@ class SimState:
                 msg_id="com.vmware.api.vcenter.vm.guest.tools_not_running",
                 args=[vm.vm],
             )
-        fault = self.faults.take_guest_fault()
+        own = self.vm_faults.get(vm.vm)
+        fault = (own.take_guest_fault() if own is not None else None) or (
+            self.faults.take_guest_fault()
+        )
         if fault == "RESOURCE_BUSY":
             raise VapiError(
                 "RESOURCE_BUSY",
@@ -416,6 +426,30 @@ class SimState:
                 msg_id="com.vmware.api.vcenter.vm.guest.operations_unavailable",
                 args=[vm.vm],
             )
+
+    def faults_of(self, vm: Vm) -> Faults:
+        """``vm``'s own faults, created empty on first use."""
+        own = self.vm_faults.get(vm.vm)
+        if own is None:
+            own = self.vm_faults[vm.vm] = Faults()
+        return own
+
+    def reset_faults(self) -> None:
+        """Clear the global faults and every VM's own."""
+        self.faults.reset()
+        for own in self.vm_faults.values():
+            own.reset()
+        self.vm_faults.clear()
+
+    @contextlib.asynccontextmanager
+    async def guest_op(self, vm: Vm, kind: str, transport: str = "rest") -> AsyncIterator[GuestOp]:
+        """``cost.guest_op``, after ``vm``'s own stall and latency: a stalled VM holds
+        its callers before its lane, so the other VMs' calls never wait for it."""
+        own = self.vm_faults.get(vm.vm)
+        if own is not None:
+            await own.hold_api()
+        async with self.cost.guest_op(vm, kind, transport) as op:
+            yield op
 
     def guest_login(self, creds: Any, vm: Vm | None = None) -> GuestAccount:
         """Validate a ``Vcenter.Vm.Guest.Credentials`` object (against ``vm``'s own

@@ -142,6 +142,13 @@ class Sim:
     def reset_faults(self) -> None:
         self.admin("POST", "faults/reset")
 
+    def vm_faults(self, vm: str, **kw: Any) -> dict[str, Any]:
+        """Set ``vm``'s own faults (``sim.vm_faults("vm-42", stall_api=True)``); with no
+        argument, return them."""
+        if not kw:
+            return dict(self.admin("GET", f"vms/{vm}/faults"))
+        return dict(self.admin("POST", f"vms/{vm}/faults", kw))
+
     def power(self, vm: str, state: str) -> None:
         self.admin("POST", f"vms/{vm}/power", {"state": state})
 

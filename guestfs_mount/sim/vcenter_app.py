@@ -44,11 +44,7 @@ class ApiRouter:
         await response(scope, receive, send)
 
     async def handle(self, request: Request) -> Response:
-        faults = self.state.faults
-        while faults.stall_api:
-            await faults.api_unstall.wait()
-        if faults.api_latency > 0:
-            await trio.sleep(faults.api_latency)
+        await self.state.faults.hold_api()
         raw = request.scope.get("raw_path") or request.scope["path"].encode("latin-1")
         segs = raw.split(b"/")[2:]  # drop "" and "api"
         try:
@@ -322,7 +318,7 @@ class ApiRouter:
     # ---- guest filesystem --------------------------------------------------------
     async def files_list(self, request: Request, vm_id: str) -> Response:
         vm, body = await self.guest_call(request, vm_id, "files.list")
-        async with self.state.cost.guest_op(vm, "files.list", "rest") as op:
+        async with self.state.guest_op(vm, "files.list", "rest") as op:
             account = self.state.guest_login(body["credentials"], vm)
             if "path" not in body:
                 raise invalid_argument("path", "Field 'path' is required.")
@@ -334,7 +330,7 @@ class ApiRouter:
 
     async def files_get(self, request: Request, vm_id: str, guest_path: str) -> Response:
         vm, body = await self.guest_call(request, vm_id, "files.get")
-        async with self.state.cost.guest_op(vm, "files.get", "rest"):
+        async with self.state.guest_op(vm, "files.get", "rest"):
             account = self.state.guest_login(body["credentials"], vm)
             result = self.state.get_file(vm, account, guest_path)
         return JsonResponse(result)
@@ -352,7 +348,7 @@ class ApiRouter:
                 msg_id="com.vmware.api.vcenter.vm.guest.filesystem.transfers.upload_unsupported",
                 args=["spec.attributes"],
             )
-        async with self.state.cost.guest_op(vm, "transfer.create", "rest"):
+        async with self.state.guest_op(vm, "transfer.create", "rest"):
             account = self.state.guest_login(body["credentials"], vm)
             url = self.state.create_transfer(vm, account, spec["path"])
         return JsonResponse(url, status_code=201)
@@ -361,7 +357,7 @@ class ApiRouter:
         vm, body = await self.guest_call(request, vm_id, "transfer.preview")
         if "path" not in body:
             raise invalid_argument("path", "Field 'path' is required.")
-        async with self.state.cost.guest_op(vm, "transfer.preview", "rest"):
+        async with self.state.guest_op(vm, "transfer.preview", "rest"):
             account = self.state.guest_login(body["credentials"], vm)
             url = self.state.create_transfer(vm, account, body["path"])
         return JsonResponse(url, status_code=200)

@@ -7,8 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import trio
-
 from .state import SimState
 from .vim_json import ViJsonApp
 from .vim_ops import VimService
@@ -67,11 +65,7 @@ def wrap_vim(app: Any, state: SimState, options: VimOptions, tls: bool) -> Any:
 
     async def api_faults() -> None:
         # stall_api / api_latency hold every API endpoint, /sdk as well as /api.
-        faults = state.faults
-        while faults.stall_api:
-            await faults.api_unstall.wait()
-        if faults.api_latency > 0:
-            await trio.sleep(faults.api_latency)
+        await state.faults.hold_api()
 
     async def vim_app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":

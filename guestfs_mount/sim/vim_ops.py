@@ -574,7 +574,7 @@ class VimService:
     async def _validate(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
         vm, creds = self._ready(p)
         try:
-            async with self.state.cost.guest_op(vm, "credentials.validate", ctx.transport):
+            async with self.state.guest_op(vm, "credentials.validate", ctx.transport):
                 self.state.guest_login(creds, vm)
         except VapiError as err:
             raise from_vapi(err, vm.vm) from err
@@ -594,7 +594,7 @@ class VimService:
         xml = ctx.transport == "soap"
         try:
             regex = guestfs.compile_pattern(p.get("matchPattern"))
-            async with self.state.cost.guest_op(vm, "files.list", ctx.transport) as op:
+            async with self.state.guest_op(vm, "files.list", ctx.transport) as op:
                 account = self.state.guest_login(creds, vm)
                 entries = await trio.to_thread.run_sync(
                     self.state.scan_dir, vm, account, p["filePath"]
@@ -617,7 +617,7 @@ class VimService:
     async def _initiate(self, ctx: CallContext, this: MoRef, p: dict[str, Any]) -> Value:
         vm, creds = self._ready(p)
         try:
-            async with self.state.cost.guest_op(vm, "transfer.create", ctx.transport):
+            async with self.state.guest_op(vm, "transfer.create", ctx.transport):
                 account = self.state.guest_login(creds, vm)
                 url, e = self.state.create_transfer_info(vm, account, p["guestFilePath"])
         except VapiError as err:

@@ -23,7 +23,12 @@ from typing import TypeVar
 import httpx
 import trio
 
-from guestfs_mount.errors import NotAllowedInCurrentState, ProtocolError, UnsafeTransferUrl
+from guestfs_mount.errors import (
+    ListingStopped,
+    NotAllowedInCurrentState,
+    ProtocolError,
+    UnsafeTransferUrl,
+)
 from guestfs_mount.model import (
     BodyWriter,
     DirEntry,
@@ -38,7 +43,8 @@ from . import guestauth, probe
 from .rest import RestTransport
 from .retry import is_retryable, retry_call
 from .scheduler import Scheduler
-from .session import ClientConfig, ClientStats, ErrorCounter, Http, show
+from .session import ClientConfig, ClientStats, ErrorCounter, Http, guest_vm, show
+from .sharedcap import SharedCap
 from .transfer import BodyGet, ConnectionPool, fetch_body
 from .transport import OpenedTransfer, Transport
 from .urls import Server, check_transfer_url, parse_server, redact_url
@@ -83,10 +89,9 @@ class VCenterClient:
         # Every guest operation of a VM passes its lane (one channel per VM in the guest).
         self.scheduler = Scheduler(config.guest_ops, clock=self.http.clock)
         # A fleet mount: each VM's own guest account, and one cap over all VMs' guest
-        # calls and transfers (a FIFO semaphore: VMs are served in turn, each bounded
-        # by its lane).
+        # calls and transfers (VMs served in turn, none holding more than its share).
         self._vm_guest: dict[str, GuestCredentials] = {}
-        self._cap = trio.Semaphore(config.max_guest_ops) if config.max_guest_ops else None
+        self._cap = SharedCap(config.max_guest_ops) if config.max_guest_ops else None
         self._inventory: RestTransport | None = None
 
     # --- properties / lifecycle -------------------------------------------------------
@@ -157,8 +162,8 @@ class VCenterClient:
         """Use ``creds`` for the guest operations of ``vm`` (a fleet mount)."""
         self._vm_guest[vm] = creds
 
-    def _capped(self) -> contextlib.AbstractAsyncContextManager[object]:
-        return self._cap if self._cap is not None else contextlib.nullcontext()
+    def _capped(self, vm: str) -> contextlib.AbstractAsyncContextManager[object]:
+        return self._cap.slot(vm) if self._cap is not None else contextlib.nullcontext()
 
     async def inventory_transport(self) -> RestTransport:
         """The REST transport for inventory calls: the client's own when it has one
@@ -199,14 +204,15 @@ class VCenterClient:
         attempt = 0
         while True:
             try:
-                async with lane.slot(kind=kind), self._capped():
-                    if creds is None:
-                        return await fn()
-                    token = guestauth.current.set(creds)
+                async with lane.slot(kind=kind), self._capped(vm):
+                    scope = guest_vm.set(vm)  # its timeouts are this guest's (session.py)
+                    token = guestauth.current.set(creds) if creds is not None else None
                     try:
                         return await fn()
                     finally:
-                        guestauth.current.reset(token)
+                        if token is not None:
+                            guestauth.current.reset(token)
+                        guest_vm.reset(scope)
             except NotAllowedInCurrentState:
                 if attempt >= _REJECTION_RETRIES:
                     raise
@@ -230,13 +236,18 @@ class VCenterClient:
             t = await self.transport()
             await self._guest(vm, lambda: t.check_guest(vm), "check")
 
-    async def list_dir(self, vm: str, path: str) -> list[DirEntry]:
+    async def list_dir(
+        self, vm: str, path: str, more: Callable[[int], bool] | None = None
+    ) -> list[DirEntry]:
         """Every entry of a directory, in as few pages as the server serves. Entries from
-        a vim25 transport carry their ``stat``."""
+        a vim25 transport carry their ``stat``. ``more(entries so far)`` is asked before
+        each page after the first; False stops the listing with ``ListingStopped``."""
         with self._counting():
-            return await self._list_dir(await self.transport(), vm, path)
+            return await self._list_dir(await self.transport(), vm, path, more)
 
-    async def _list_dir(self, t: Transport, vm: str, path: str) -> list[DirEntry]:
+    async def _list_dir(
+        self, t: Transport, vm: str, path: str, more: Callable[[int], bool] | None
+    ) -> list[DirEntry]:
         cfg = self.config
         desc = f"list {show(path)} on VM {vm}"
         deadline = self.http.clock() + cfg.list_deadline
@@ -264,6 +275,8 @@ class VCenterClient:
                 raise ProtocolError(f"{desc}: more than {cfg.max_list_entries} entries")
             if page.end:
                 break
+            if more is not None and not more(len(entries)):
+                raise ListingStopped(f"{desc}: stopped after {len(entries)} entries")
             if page.remaining is not None:
                 # vim25: ask for all that is left, up to a page the reply cap can carry.
                 size = max(1, min(cfg.max_list_page, page.remaining))
@@ -424,7 +437,7 @@ class VCenterClient:
             started[0] = True
             self.stats.bytes_downloaded += n
 
-        async with self._capped():
+        async with self._capped(vm):
             await fetch_body(body, writer, self.http.breaker(where), on_data)
         if cfg.debug:
             log.debug("GET %s 200 %.1fms", redact_url(url), (time.perf_counter() - t0) * 1e3)

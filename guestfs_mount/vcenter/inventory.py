@@ -26,7 +26,14 @@ from . import parse
 from .rest import RestTransport
 from .session import NoSuchOperation
 
-__all__ = ["InventoryVm", "family_of", "folder_subtree", "list_vms"]
+__all__ = [
+    "InventoryVm",
+    "configured_family",
+    "family_of",
+    "folder_subtree",
+    "list_vms",
+    "running_family",
+]
 
 # The REST list refuses more matches than this (vCenter's own limit).
 MAX_REST_VMS = 4000
@@ -130,9 +137,10 @@ async def _list_once(
     return [InventoryVm(v.vm, v.name, v.power_state) for v in vms]
 
 
-async def family_of(rest: RestTransport, vm: str) -> str | None:
-    """``"linux"`` or ``"windows"`` (or another family, lower case), None when vCenter
-    cannot tell: from the guest identity, else the configured guest OS."""
+async def running_family(rest: RestTransport, vm: str) -> str | None:
+    """The family the guest identity reports (lower case): vCenter has one only while
+    the VM runs VMware Tools, so an answer also says Tools is running. None when it has
+    none (Tools not running, or an older vCenter)."""
     base = f"/api/vcenter/vm/{urllib.parse.quote(vm, safe='')}"
     try:
         data = parse.unwrap_value(
@@ -144,11 +152,25 @@ async def family_of(rest: RestTransport, vm: str) -> str | None:
                 retry=False,
             )
         )
-        family = data.get("family") if isinstance(data, dict) else None
-        if isinstance(family, str) and family:
-            return family.lower()
     except (RemoteError, NoSuchOperation):
-        pass  # Tools not running, or an older vCenter: the configured OS may say
+        return None
+    family = data.get("family") if isinstance(data, dict) else None
+    return family.lower() if isinstance(family, str) and family else None
+
+
+async def family_of(rest: RestTransport, vm: str) -> str | None:
+    """``"linux"`` or ``"windows"`` (or another family, lower case), None when vCenter
+    cannot tell: from the guest identity, else the configured guest OS."""
+    family = await running_family(rest, vm)
+    if family is not None:
+        return family
+    # Tools not running, or an older vCenter: the configured OS may say
+    return await configured_family(rest, vm)
+
+
+async def configured_family(rest: RestTransport, vm: str) -> str | None:
+    """``"linux"`` or ``"windows"`` from the VM's configured guest OS, None if unset."""
+    base = f"/api/vcenter/vm/{urllib.parse.quote(vm, safe='')}"
     try:
         data = parse.unwrap_value(
             await rest.api("vm.get", "GET", base, desc=f"VM {vm}", retry=False)

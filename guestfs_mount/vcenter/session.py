@@ -2,14 +2,16 @@
 
 One :class:`Http` per client. It owns the httpx clients (API calls spread over small
 shards), the TLS contexts (CA bundles, pins, the transfer hosts' contexts built once), a
-circuit breaker per ``host:port``, the retry budget, and :meth:`Http.send`, which every
-API call of every transport goes through: it refuses content encodings, caps the reply
-body, and translates transport failures into :mod:`guestfs_mount.errors` without secrets.
+circuit breaker per ``host:port`` (and one per VM for its guest calls), the retry budget,
+and :meth:`Http.send`, which every API call of every transport goes through: it refuses
+content encodings, caps the reply body, and translates transport failures into
+:mod:`guestfs_mount.errors` without secrets.
 :class:`SessionSlot` is the login/relogin bookkeeping each transport keeps its token in.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import re
@@ -50,8 +52,16 @@ __all__ = [
     "Reply",
     "SessionSlot",
     "TransportName",
+    "guest_vm",
     "show",
 ]
+
+# The VM whose guest a call serves (set by the client around each guest operation). A
+# guest call that times out says that guest hangs, not that vCenter does: it opens that
+# VM's breaker only, so one hung guest of a fleet never fails the others' calls fast.
+guest_vm: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "guestfs_guest_vm", default=None
+)
 
 MAX_REPLY = 8 << 20  # bytes of one API reply; a listing page of 5,000 entries is ~2 MiB
 T = TypeVar("T")
@@ -220,6 +230,46 @@ class Reply:
     status: int
     headers: httpx.Headers
     content: bytes
+
+
+class _CallBreakers:
+    """The breakers one API call answers to: its server's, and for a guest call that
+    VM's (see :data:`guest_vm`). Raises CircuitOpen if either is open."""
+
+    def __init__(self, host: CircuitBreaker, vm: CircuitBreaker | None) -> None:
+        self.host, self.vm = host, vm
+        self._probe = host.before_call()
+        try:
+            self._vm_probe = vm.before_call() if vm is not None else False
+        except BaseException:
+            host.release(self._probe)
+            raise
+
+    def success(self) -> None:
+        self.host.success(self._probe)
+        if self.vm is not None:
+            self.vm.success(self._vm_probe)
+
+    def failure(self) -> None:
+        """A transport failure (refused, reset): the server's, not the guest's."""
+        self.host.failure(self._probe)
+        if self.vm is not None:
+            self.vm.release(self._vm_probe)
+
+    def release(self) -> None:
+        self.host.release(self._probe)
+        if self.vm is not None:
+            self.vm.release(self._vm_probe)
+
+    def timeout(self) -> None:
+        """A whole call_timeout without an answer: the server (for a guest call, that
+        guest) is down or hung. Open at once, so queued requests fail fast instead of
+        each waiting (the kernel serializes lookups in one directory)."""
+        if self.vm is None:
+            self.host.failure(self._probe, weight=self.host.threshold)
+            return
+        self.host.release(self._probe)
+        self.vm.failure(self._vm_probe, weight=self.vm.threshold)
 
 
 class SessionSlot:
@@ -430,8 +480,11 @@ class Http:
         request = client.build_request(method, url, headers=hdrs, content=content)
         u = request.url
         netloc = f"{u.host}:{u.port or (443 if u.scheme == 'https' else 80)}"
-        breaker = self.breaker(netloc)
-        probe = breaker.before_call()
+        vm = guest_vm.get()
+        breakers = _CallBreakers(
+            self.breaker(netloc),
+            self.breaker(f"{netloc} (guest of VM {vm})") if vm is not None else None,
+        )
         self.stats.calls[name] += 1
         t0 = time.perf_counter()
         cap = self.config.max_reply
@@ -467,25 +520,22 @@ class Http:
         except (trio.TooSlowError, httpx.TransportError) as e:
             err = self._translate(e, netloc, desc)
             if isinstance(err, TlsError):
-                breaker.release(probe)
+                breakers.release()
             elif isinstance(err, RemoteTimeout):
-                # A whole call_timeout without an answer: the server is down or hung.
-                # Open at once, so queued requests fail fast instead of each waiting
-                # (the kernel serializes lookups in one directory).
-                breaker.failure(probe, weight=breaker.threshold)
+                breakers.timeout()
             else:
-                breaker.failure(probe)
+                breakers.failure()
             raise err from e
         except httpx.HTTPError as e:
-            breaker.release(probe)
+            breakers.release()
             raise ProtocolError(f"{desc}: {type(e).__name__}: {self.scrub(str(e))}") from e
         except ProtocolError:
-            breaker.success(probe)  # the server answered; what it said is the problem
+            breakers.success()  # the server answered; what it said is the problem
             raise
         except BaseException:
-            breaker.release(probe)
+            breakers.release()
             raise
-        breaker.success(probe)
+        breakers.success()
         if self.config.debug:
             log.debug(
                 "%s %s %d %.1fms",
