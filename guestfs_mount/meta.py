@@ -248,7 +248,11 @@ class MetadataCache:
             return st
         if self._missing.get(path):
             raise NotFound(f"{path}: no such file in the guest (cached)", path=path)
-        return await self._stat_flights.run(path, lambda: self._fetch_stat(path))
+        st = await self._stat_flights.run(path, lambda: self._fetch_stat(path))
+        # A user request that joined a background fetch read its result: it must free
+        # its share of the budget, or a reader that keeps up with stat-ahead stops it.
+        self._was_read("s", path)
+        return st
 
     async def _fetch_stat(self, path: str) -> GuestStat:
         parent = self.paths.parent(path)

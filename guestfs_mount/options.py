@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="MAX",
         help="most guest operations in flight per VM; the VM runs them one at a time, so"
-        " more only queue in the guest (default: 8, the limit adapts below it)",
+        " more only queue in the guest (default: 16, the limit adapts below it)",
     )
     c.add_argument(
         "--timeout",

@@ -73,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "cache_size": None,
     "keep_cache": False,
     "no_prefetch": False,
-    "guest_ops": 8,
+    "guest_ops": 16,
     "timeout": 60.0,
     "foreground": False,
     "debug": False,

@@ -11,8 +11,9 @@ import trio.testing
 
 from guestfs_mount.cache.content import ContentKey
 from guestfs_mount.meta import MetadataCache
-from guestfs_mount.model import DirEntry, FileType
+from guestfs_mount.model import DirEntry, FileType, GuestStat
 from guestfs_mount.readahead import ReadAhead
+from guestfs_mount.vcenter.scheduler import Priority, priority
 
 from .guests import FakeGuest, big_tree
 
@@ -161,3 +162,43 @@ async def test_prefetch_window_is_bounded_in_bytes(
     await settle()
     # 16 MiB of files ahead of one open: 5 files of 3 MiB, not 32
     assert [k.path for k in content.keys] == [f"/f{i:03}" for i in range(1, 6)]
+
+
+class OneLaneGuest(FakeGuest):
+    """A guest like a real VM's: each stat pays a delay in parallel, then holds the one
+    lane for a service time (so answers come one at a time). Records the priority each
+    stat came at."""
+
+    def __init__(self, tree: dict[str, list[DirEntry]]) -> None:
+        super().__init__(tree, delay=0.0)
+        self.lane = trio.Lock()
+        self.foreground_stats: list[str] = []
+
+    async def stat(self, path: str) -> GuestStat:
+        if priority.get() is Priority.FOREGROUND:
+            self.foreground_stats.append(path)
+        await trio.sleep(0.08)
+        async with self.lane:
+            await trio.sleep(0.01)
+            return await super().stat(path)
+
+
+async def test_a_reader_that_keeps_up_with_stat_ahead_does_not_stop_it(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # ls -l over REST: one getattr after another, each waiting for its answer. The
+    # reader soon waits on stats that stat-ahead has on their way; those answers were
+    # read, but were counted as unread: they used up the budget (64) and stopped
+    # stat-ahead after ~90 entries, and ls went on one foreground stat at a time.
+    g = OneLaneGuest(big_tree(500))
+    m = MetadataCache(g, nursery=nursery, background_parallel=8)
+    ra = ReadAhead(m, Prefetches(), nursery=nursery)
+    for e in await m.listdir("/"):
+        path = f"/{e.name}"
+        if m.cached_stat(path) is None:  # what fs.getattr does
+            ra.on_getattr(path)
+            await m.stat(path)
+    await settle()
+    assert m.counters["background_stopped"] == 0
+    assert g.foreground_stats == ["/d"]  # the first entry; stat-ahead fetched the rest
+    assert len(g.stat_calls) == 501 and len(set(g.stat_calls)) == 501

@@ -4,8 +4,11 @@ A real VM runs its guest operations one at a time (``../shared/docs/real-guest-o
 the control-plane delay is paid in parallel, the guest lane serially, so about
 ``1 + delay / service`` calls in flight keep the lane busy and more only lengthen its
 queue. Each VM gets a :class:`Lane` whose in-flight limit adapts in the spirit of TCP
-Vegas: it grows by one per limit's worth of calls while round trips stay near the
-smallest seen, and shrinks (multiplicatively) when they rise or the guest rejects.
+Vegas: once per *epoch* (a limit's worth of answers of one kind of call, at least
+``_EPOCH`` of them) it estimates how many calls wait in the guest from the epoch's mean
+round trip against an unloaded reference, grows while fewer than ``_ALPHA`` wait
+(x1.5 per epoch until the guest first shows a queue, then +1), shrinks when more than
+``_BETA`` wait or round trips doubled, and halves when the guest rejects.
 
 Foreground calls (a syscall waits) are always served before background ones
 (stat-ahead, list-ahead, prefetch: :data:`priority` set to ``BACKGROUND`` by
@@ -16,8 +19,10 @@ A transfer body occupies the VM's channel too (every ~62 KiB packet passes the g
 lane), for far longer than a call, so bodies do not hold a slot: a user's long ``cat``
 must not stop an ``ls -l`` of the same VM. They take a *body token* instead
 (:meth:`Lane.body`): a foreground body never waits for one; a background body
-(prefetch) waits until no foreground call waits and no foreground body runs on the VM,
-and at most ``bg_body_bytes`` of background bodies (at least one) run at once.
+(prefetch) waits until no foreground call, nor any background call other than a
+body's create (stat-ahead, list-ahead), waits and no foreground body runs on the VM;
+at most background's share of the limit in number, and ``bg_body_bytes`` in bytes (at
+least one), run at once.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -47,10 +52,27 @@ priority: contextvars.ContextVar[Priority] = contextvars.ContextVar(
     "guestfs_priority", default=Priority.FOREGROUND
 )
 
-_RTT_WINDOW = 64  # round trips per kind the base is the minimum of (it follows a change)
+# The control-plane delay varies (80 ms +- 50 % in the simulator's realistic model, and
+# the client's own CPU adds to it), by far more than one guest operation's service
+# time: a single round trip says little. A mean over many does: the lowest mean of
+# _REF_CALLS consecutive round trips seen is the "nothing queued" reference (taken at
+# the start, while the limit is still low). It creeps up slowly, so
+# that it follows a lasting change of the path but not a lasting queue (the 64-call
+# window of single round trips it replaces forgot the unloaded base within a second of
+# full load, and the limit then grew into a queue 4 deep).
+_REF_CALLS = 16  # round trips the reference is a mean of
+_EPOCH = 4  # answers at least per epoch (a limit's worth once it is above)
+_REF_CREEP = 1.002  # the reference may rise 0.2 % per epoch (doubles in ~350 epochs)
+_ALPHA = 1.0  # calls waiting in the guest below which the limit grows ...
+_BETA = 3.0  # ... and above which it shrinks (between: the lane busy, a short queue)
 # A listing page's cost grows with its directory's size: a slow one says nothing about
 # queueing, so it may only raise the limit (rejections and fixed-cost calls lower it).
 _VARIABLE_KINDS = frozenset({"list"})
+
+# The lane whose transfer body the current task is in (its create runs inside it).
+_in_body: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "guestfs_in_body", default=None
+)
 
 _REJECTIONS = (NotAllowedInCurrentState, ResourceBusy, ServiceUnavailable)
 
@@ -58,6 +80,18 @@ _REJECTIONS = (NotAllowedInCurrentState, ResourceBusy, ServiceUnavailable)
 def is_rejection(exc: BaseException) -> bool:
     """The guest (or vCenter) refused for load, not for the request itself."""
     return isinstance(exc, _REJECTIONS)
+
+
+@dataclass
+class _Epoch:
+    """Round trips of one kind of call: the current epoch's sums and the reference."""
+
+    ref: float = math.inf  # lowest mean of _REF_CALLS round trips (creeping up)
+    settled: bool = False  # ref is such a mean (before: the lowest epoch mean)
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=_REF_CALLS))
+    n: int = 0
+    rtt_sum: float = 0.0
+    load_sum: float = 0.0  # calls in flight when each answer came, summed
 
 
 @dataclass
@@ -90,11 +124,12 @@ class Lane:
         self.bg_fraction = bg_fraction
         self.in_flight = 0
         self.bg_in_flight = 0
-        # The fastest recent round trip of each kind of call: kinds differ by far more
-        # than queueing does (a credential check returned in 11 ms where a stat takes
-        # 90 ms on the same lane, and one all-kinds minimum read every stat as queued,
+        # Round trips are compared within their kind: kinds differ by far more than
+        # queueing does (a credential check returned in 11 ms where a stat takes 90 ms
+        # on the same lane, and one all-kinds minimum read every stat as queued,
         # driving the limit to 1: every call then ran one at a time).
-        self._rtts: dict[str, deque[float]] = {}
+        self._epochs: dict[str, _Epoch] = {}
+        self._slow_start = True  # until the guest first shows a queue
         self.stats = LaneStats()
         self._clock = clock
         self._waiting: dict[Priority, deque[trio.Event]] = {p: deque() for p in Priority}
@@ -103,6 +138,10 @@ class Lane:
         self.bg_bodies = 0
         self.bg_body_in_flight = 0  # bytes
         self._body_waiting: deque[tuple[trio.Event, int]] = deque()
+        self._body_calls = 0  # slots held by the creates of running bodies
+        # Waiting calls that are not a body's create: a reader's walk waits on them
+        # (stat-ahead, list-ahead), sooner than on a prefetch.
+        self._meta_waiting: set[trio.Event] = set()
 
     # -- admission -------------------------------------------------------------------
 
@@ -121,6 +160,7 @@ class Lane:
             q = self._waiting[prio]
             while q and self._admissible(prio):
                 ev = q.popleft()
+                self._meta_waiting.discard(ev)
                 self._take(prio)
                 ev.set()
         self._wake_bodies()  # after the calls: a foreground waiter blocks them
@@ -154,6 +194,8 @@ class Lane:
         else:
             ev = trio.Event()
             self._waiting[prio].append(ev)
+            if _in_body.get() is not self:
+                self._meta_waiting.add(ev)
             self.stats.max_waiting = max(self.stats.max_waiting, self.waiting)
             try:
                 await ev.wait()
@@ -162,11 +204,14 @@ class Lane:
                     self._give(prio)  # admitted just as we were cancelled
                 else:
                     self._waiting[prio].remove(ev)
+                    self._meta_waiting.discard(ev)
                     self._wake()
                 raise
         self.stats.calls += 1
         if prio is Priority.BACKGROUND:
             self.stats.background_calls += 1
+        in_body = _in_body.get() is self
+        self._body_calls += in_body
         t0 = self._clock()
         try:
             yield
@@ -177,6 +222,7 @@ class Lane:
         else:
             self.observe(self._clock() - t0, kind)
         finally:
+            self._body_calls -= in_body
             self._give(prio)
 
     # -- transfer bodies ------------------------------------------------------------
@@ -184,7 +230,19 @@ class Lane:
     def _body_admissible(self, size: int) -> bool:
         if self.fg_bodies or self._waiting[Priority.FOREGROUND]:
             return False  # the user's own work has the channel
-        return self.bg_bodies == 0 or self.bg_body_in_flight + size <= self.bg_body_bytes
+        if self._meta_waiting:
+            # Background calls other than creates wait: over REST, `ls -l` is stat-ahead
+            # with the user's getattr joining it, so its calls are background, and a
+            # prefetch beside it made it 1.6x slower.
+            return False
+        if self.bg_bodies == 0:
+            return True
+        # Each body keeps a packet waiting in the guest while it streams, and holds no
+        # slot: in number too they take at most background's share of the limit (16
+        # small prefetches at once queued 9 deep in the guest, and were rejected).
+        if self.bg_bodies >= self._bg_cap():
+            return False
+        return self.bg_body_in_flight + size <= self.bg_body_bytes
 
     def _wake_bodies(self) -> None:
         while self._body_waiting and self._body_admissible(self._body_waiting[0][1]):
@@ -207,9 +265,11 @@ class Lane:
         self.stats.bodies += 1
         if prio is Priority.FOREGROUND:
             self.fg_bodies += 1
+            token = _in_body.set(self)
             try:
                 yield
             finally:
+                _in_body.reset(token)
                 self.fg_bodies -= 1
                 self._wake()
             return
@@ -230,9 +290,11 @@ class Lane:
                 else:
                     self._give_body(size)
                 raise
+        token = _in_body.set(self)
         try:
             yield
         finally:
+            _in_body.reset(token)
             self._give_body(size)
 
     def _give_body(self, size: int) -> None:
@@ -242,27 +304,57 @@ class Lane:
 
     # -- adaptation (Vegas-like AIMD) --------------------------------------------------
 
-    def min_rtt(self, kind: str = "call") -> float:
-        """The fastest of the last ``_RTT_WINDOW`` round trips of ``kind``."""
-        recent = self._rtts.get(kind)
-        return min(recent) if recent else math.inf
+    def load(self) -> int:
+        """What this client has in the VM's guest channel: the calls in flight and the
+        bodies streaming (each keeps about one packet there; a body's create is one
+        of the calls)."""
+        return self.in_flight + self.fg_bodies + self.bg_bodies - self._body_calls
+
+    def ref_rtt(self, kind: str = "call") -> float:
+        """The unloaded reference round trip of ``kind`` (inf until known)."""
+        e = self._epochs.get(kind)
+        return e.ref if e else math.inf
 
     def observe(self, rtt: float, kind: str = "call") -> None:
         """A call of ``kind`` finished after ``rtt`` seconds."""
-        recent = self._rtts.setdefault(kind, deque(maxlen=_RTT_WINDOW))
-        recent.append(rtt)
-        base = min(recent)
-        if rtt <= 1.5 * base:
-            # additive increase: about +1 per round trip's worth of calls
-            self.limit = min(float(self.max_limit), self.limit + 1.0 / max(1.0, self.limit))
-        elif rtt > 2.5 * base and kind not in _VARIABLE_KINDS:
-            # the calls queue in the guest: each one waits behind the others
-            self.limit = max(1.0, self.limit - 1.0 / max(1.0, self.limit) * 2)
+        e = self._epochs.setdefault(kind, _Epoch())
+        e.n += 1
+        e.rtt_sum += rtt
+        e.load_sum += self.load()  # this call included: its slot is given back after
+        e.recent.append(rtt)
+        if e.n < max(_EPOCH, math.floor(self.limit)):
+            return
+        mean, load = e.rtt_sum / e.n, e.load_sum / e.n
+        e.n, e.rtt_sum, e.load_sum = 0, 0.0, 0.0
+        if len(e.recent) < _REF_CALLS:
+            # Too few for a reference: the lowest epoch mean stands in (the first
+            # epochs run at a low limit), replaced once there are enough.
+            e.ref = min(e.ref, mean)
+        else:
+            recent = sum(e.recent) / len(e.recent)
+            e.ref = min(e.ref * _REF_CREEP, recent) if e.settled else recent
+            e.settled = True  # a lucky few no longer pin it low
+        ref = e.ref
+        # Vegas: with ``load`` calls in flight and round trips ``mean`` against ``ref``
+        # unloaded, about load * (1 - ref / mean) of them wait in the guest.
+        queued = load * (1.0 - ref / mean) if mean > 0 else 0.0
+        rose = queued > _BETA or mean > 2.0 * ref  # a serial caller's queue shows so
+        fixed_cost = kind not in _VARIABLE_KINDS
+        if rose and fixed_cost:
+            self._slow_start = False
+            self.limit = max(1.0, self.limit - 1.0)
+        elif queued < _ALPHA and not rose:
+            # x1.5 per epoch, not x2: doubling from 8 overshot into a queue 7 deep
+            step = self.limit / 2 if self._slow_start else 1.0
+            self.limit = min(float(self.max_limit), self.limit + step)
+        elif fixed_cost:
+            self._slow_start = False  # the lane is full: no more growing fast
         self._wake()
 
     def rejected(self) -> None:
         """The guest refused for load: multiplicative decrease."""
         self.stats.rejections += 1
+        self._slow_start = False
         self.limit = max(1.0, self.limit / 2)
 
 

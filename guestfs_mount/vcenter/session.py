@@ -130,8 +130,10 @@ class ClientConfig:
     max_reply: int = MAX_REPLY
     max_connections: int = 64
     # Most guest operations in flight per VM (--guest-ops): 1 + control delay / service
-    # time keeps a one-at-a-time guest busy (~8 at 80 ms over ~10 ms); the lane adapts below it.
-    guest_ops: int = 8
+    # time keeps a one-at-a-time guest busy (~8 at 80 ms over ~12 ms, more as the delay
+    # varies); the lane adapts below it, and background work gets 3/4 of its limit, so
+    # the ceiling sits above what the lane needs.
+    guest_ops: int = 16
     # Most guest operations and transfers in flight over all VMs (a fleet mount's
     # --max-guest-ops); None: no cap beyond each VM's lane.
     max_guest_ops: int | None = None
