@@ -8,9 +8,10 @@ asked at once; the first credential rule that matches; one guest call proving th
 login: the listing of a Linux guest's ``/``, the stat of a Windows guest's first
 drive), and from then on it has what a single-VM mount has: a ``_Guest`` binding, a
 metadata cache, read-ahead and an ``fs.Operations`` per guest root (Linux ``/``; Windows
-one per drive letter), all sharing the fleet's content cache, client and nursery. A VM that cannot be opened
-keeps the reason (:class:`VmUnavailable`, with the errno the kernel is given): a
-refused login for the life of the mount, anything else for ``retry_after`` seconds.
+one per drive letter), all sharing the fleet's content cache, client and nursery. A VM
+that cannot be opened keeps the reason (:class:`VmUnavailable`, with the errno the
+kernel is given): a refused login for the life of the mount, anything else for
+``retry_after`` seconds.
 """
 
 from __future__ import annotations
