@@ -10,13 +10,18 @@ from typing import Any
 import httpx
 import pytest
 
+from guestfs_mount.config import CredentialRule
+from guestfs_mount.credentials import FleetCredential
 from guestfs_mount.errors import NotFound, ProtocolError
+from guestfs_mount.fleet.options import FleetOptions
+from guestfs_mount.fleet.serve import Inventory
 from guestfs_mount.model import CredentialType, GuestCredentials, PowerState
 from guestfs_mount.sim import fleet
 from guestfs_mount.sim.state import Folder, SimOptions, SimState, Vm
 from guestfs_mount.sim.vcenter_app import build_vcenter_app
 from guestfs_mount.sim.vim_app import VimOptions, wrap_vim
 from guestfs_mount.vcenter import ClientConfig, VCenterClient
+from guestfs_mount.vcenter.inventory import InventoryVm
 from guestfs_mount.vcenter.vim_inventory import family_of_listing, list_inventory, select
 
 N = 5000  # more than REST's GET /api/vcenter/vm answers at once (4,000)
@@ -36,14 +41,18 @@ def _state() -> SimState:
     return SimState(SimOptions(), {"admin": "pw"}, [], vms, folders=folders)
 
 
-async def _listing(api: str, page_size: int) -> tuple[Any, dict[str, int]]:
-    state = _state()
+def _client(state: SimState, api: str) -> VCenterClient:
     app = wrap_vim(build_vcenter_app(state), state, VimOptions(), tls=False)
     cfg = ClientConfig(
         server="http://vc.test", allow_http=True, user="admin", password="pw", api=api,
         guest=GuestCredentials(CredentialType.USERNAME_PASSWORD, "root", "unused"),
     )  # fmt: skip
-    async with VCenterClient(cfg, transport=httpx.ASGITransport(app)) as client:
+    return VCenterClient(cfg, transport=httpx.ASGITransport(app))
+
+
+async def _listing(api: str, page_size: int) -> tuple[Any, dict[str, int]]:
+    state = _state()
+    async with _client(state, api) as client:
         t = await client.transport()
         listing = await list_inventory(t, page_size=page_size)  # type: ignore[arg-type]
     calls = {k.partition(".")[2]: v for k, v in state.stats.calls.items()}
@@ -99,6 +108,43 @@ async def test_folder_paths_resolve_from_the_listing_like_rest():
 )  # fmt: skip
 def test_family_from_guest_family_else_configured_guest_id(family, guest_id, want):
     assert family_of_listing(family, guest_id) == want
+
+
+class _Vm:
+    """What the fleet's Inventory keeps of a VM (a FleetVm without its machinery)."""
+
+    def __init__(self, vm: str, name: str, dirname: str) -> None:
+        self.vm, self.name, self.dirname = vm, name, dirname
+        self.seen: list[InventoryVm] = []
+
+    def listed(self, v: InventoryVm) -> None:
+        self.seen.append(v)
+
+
+async def test_fleet_inventory_over_vim25_asks_rest_nothing_and_resolves_folders():
+    state = _state()
+    rule = CredentialRule("rule 1", "root", folder="dev/web")
+    creds = GuestCredentials(CredentialType.USERNAME_PASSWORD, "root", "pw")
+    opts = FleetOptions(folder="prod", credentials=(FleetCredential(rule, creds),))
+    async with _client(state, "soap") as client:
+        inv = Inventory(client, opts)
+        inv.make_vm = _Vm  # type: ignore[assignment]
+        await inv.refresh()
+    specs = fleet.specs(N, SEED)
+    want = {f"vm-{fleet.FIRST_ID + i}" for i, s in enumerate(specs)
+            if s.folder_path.startswith("prod") and s.power_state == "POWERED_ON"}  # fmt: skip
+    shown = inv.all_current()
+    assert {v.vm for v in shown} == want and inv.source == "vim25"
+    # every shown VM got its listing entry: family and Tools state for its first open
+    assert all(v.seen and v.seen[-1].tools_running is not None for v in shown)  # type: ignore[attr-defined]
+    in_rule = {f"vm-{fleet.FIRST_ID + i}" for i, s in enumerate(specs)
+               if s.folder_path.startswith("dev/web")}  # fmt: skip
+    assert all(inv.in_folder(vm, "dev/web") for vm in in_rule)
+    assert not any(inv.in_folder(vm, "dev/web") for vm in want)
+    rest = {k: v for k, v in state.stats.calls.items() if v and "." in k and
+            not k.startswith(("soap.", "vi-json."))}  # fmt: skip
+    assert rest == {}  # no REST listing, folder or identity call
+    assert state.stats.calls["soap.RetrievePropertiesEx"] == 1  # the rule's folder too
 
 
 # ---- hostile servers -----------------------------------------------------------------------
