@@ -763,3 +763,24 @@ def test_vim25_lists_a_fleet_that_rest_refuses(mount_config, tmp_path):
     on = [i for i, sp in enumerate(specs) if sp.power_state == "POWERED_ON"]
     assert len(shown) == len(on) and sorted(by_id) == sorted(f"vm-{fleet.FIRST_ID + i}" for i in on)
     assert st["inventory_source"] == "vim25" and st["inventory_error"] is None
+
+
+def test_a_standalone_esxi_host_is_a_fleet_over_soap(tmp_path):
+    # No /api on a host: the vim25 inventory is the only one it has.
+    with run_simulator("--as-esxi", "--fleet", "12", "--fleet-seed", "1") as s:
+        pw = tmp_path / "pw"
+        pw.write_text(s.guest_password + "\n")
+        pw.chmod(0o600)
+        cfg = tmp_path / "fleet.toml"
+        cfg.write_text(f"[[guest_credentials]]\nguest_user = {_toml_str(s.guest_user)}\n"
+                       f"guest_password_file = {_toml_str(str(pw))}\n")  # fmt: skip
+        cfg.chmod(0o600)
+        mp = str(tmp_path / "mnt")
+        via = ViaApi(s, "soap")
+        with mounted(via, mp, argv=fleet_argv(via, mp, str(cfg)), env=fleet_env(s)) as m:
+            assert {"web-01", "db-01", "win-dc-01", "no-tools"} <= set(os.listdir(m.mnt))
+            with open(m.path("web-01", "etc", "hostname")) as f:
+                assert f.read() == "vm-1000\n"
+            calls = _vcenter_calls(s)
+    assert calls["soap.CreateContainerView"] == 1 and calls["soap.DestroyView"] == 1
+    assert not any(k.startswith(("vm.", "folder.")) for k in calls)  # no REST at all
