@@ -4,6 +4,8 @@ against hostile answers."""
 
 from __future__ import annotations
 
+import errno
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +17,8 @@ from guestfs_mount.credentials import FleetCredential
 from guestfs_mount.errors import NotFound, ProtocolError
 from guestfs_mount.fleet.options import FleetOptions
 from guestfs_mount.fleet.serve import Inventory
+from guestfs_mount.fleet.space import InodeSpace
+from guestfs_mount.fleet.vm import FleetVm, VmUnavailable, _Failure
 from guestfs_mount.model import CredentialType, GuestCredentials, PowerState
 from guestfs_mount.sim import fleet
 from guestfs_mount.sim.state import Folder, SimOptions, SimState, Vm
@@ -22,7 +26,12 @@ from guestfs_mount.sim.vcenter_app import build_vcenter_app
 from guestfs_mount.sim.vim_app import VimOptions, wrap_vim
 from guestfs_mount.vcenter import ClientConfig, VCenterClient
 from guestfs_mount.vcenter.inventory import InventoryVm
-from guestfs_mount.vcenter.vim_inventory import family_of_listing, list_inventory, select
+from guestfs_mount.vcenter.vim_inventory import (
+    family_of_listing,
+    list_inventory,
+    read_vm,
+    select,
+)
 
 N = 5000  # more than REST's GET /api/vcenter/vm answers at once (4,000)
 SEED = 3
@@ -216,3 +225,36 @@ async def test_unusable_objects_are_skipped_and_the_rest_listed():
         await list_inventory(Hostile(lambda n: {"objects": "many"}))
     with pytest.raises(ProtocolError, match="token"):
         await list_inventory(Hostile(lambda n: {"objects": [], "token": "x" * 5000}))
+
+
+@pytest.mark.parametrize("api", ["vi-json", "soap"])
+async def test_one_vm_is_read_again_with_its_current_state(api):
+    state = _state()
+    vm = state.vms["vm-1005"]  # the fleet's "no-tools"
+    async with _client(state, api) as client:
+        t = await client.transport()
+        before = await read_vm(t, "vm-1005")  # type: ignore[arg-type]
+        vm.tools_running = True  # Tools started after the listing
+        after = await read_vm(t, "vm-1005")  # type: ignore[arg-type]
+    assert before is not None and after is not None
+    assert (before.name, before.tools_running, after.tools_running) == ("no-tools", False, True)
+    assert state.stats.calls[f"{api}.RetrievePropertiesEx"] == 2  # one call each, no view
+    assert state.stats.calls[f"{api}.CreateContainerView"] == 0
+
+
+async def test_a_vm_the_listing_said_was_down_is_read_again_on_retry():
+    state = _state()
+    async with _client(state, "vi-json") as client:
+        ctx = types.SimpleNamespace(client=client, options=FleetOptions(), space=InodeSpace())
+        vm = FleetVm(ctx, "vm-1005", "no-tools", "no-tools")  # type: ignore[arg-type]
+        stale = await read_vm(await client.transport(), "vm-1005")  # type: ignore[arg-type]
+        assert stale is not None and not stale.tools_running
+        vm.listed(stale)
+        state.vms["vm-1005"].tools_running = True  # started since the listing
+        with pytest.raises(VmUnavailable, match="Tools is not running"):
+            await vm._open()  # first open: the listing's word, no call
+        calls = state.stats.calls["vi-json.RetrievePropertiesEx"]
+        vm.failure = _Failure(VmUnavailable("earlier", errno.EHOSTDOWN), 0.0)  # a retry
+        with pytest.raises(VmUnavailable, match="no \\[\\[guest_credentials\\]\\] rule"):
+            await vm._open()  # past the Tools check: on to the credential rules
+        assert state.stats.calls["vi-json.RetrievePropertiesEx"] == calls + 1

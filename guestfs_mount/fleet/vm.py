@@ -44,6 +44,9 @@ from ..model import FileType, GuestStat, PowerState
 from ..paths import PosixPaths, WindowsPaths
 from ..vcenter.client import VCenterClient
 from ..vcenter.inventory import InventoryVm, configured_family, family_of, running_family
+from ..vcenter.soap import SoapTransport
+from ..vcenter.vi_json import ViJsonTransport
+from ..vcenter.vim_inventory import read_vm
 from .options import FleetOptions
 from .space import InodeSpace, VmInodes
 
@@ -285,6 +288,18 @@ class FleetVm:
             )
         return None
 
+    async def _relisted(self) -> VmUnavailable | None:
+        """Read the VM's own entry again (one property collector call): None if it can
+        answer now, else why not."""
+        t = await self.ctx.client.transport()
+        if not isinstance(t, (ViJsonTransport, SoapTransport)):
+            return None if self._listed is None else self._not_ready(self._listed)
+        fresh = await read_vm(t, self.vm)
+        if fresh is None:
+            return VmUnavailable(f"VM {self.vm} is no longer in the inventory", errno.EHOSTDOWN)
+        self.listed(fresh)
+        return self._not_ready(fresh)
+
     def _fail(self, err: VmUnavailable, until: float | None) -> None:
         self._running = False  # a retry asks vCenter again why not
         when = until if until is not None else trio.current_time() + self.ctx.options.retry_after
@@ -300,6 +315,9 @@ class FleetVm:
         listed = self._listed
         if listed is not None:  # a vim25 listing told both: no call
             why = self._not_ready(listed)
+            if why is not None and self.failure is not None:
+                # A retry: the VM may have started (or Tools) since the listing was read.
+                why = await self._relisted()
             if why is not None:
                 raise why
         else:

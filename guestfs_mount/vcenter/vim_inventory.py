@@ -47,6 +47,7 @@ __all__ = [
     "VimListing",
     "family_of_listing",
     "list_inventory",
+    "read_vm",
     "select",
 ]
 
@@ -292,10 +293,8 @@ async def _best_effort(t: VimCaller, method: str, this: Mapping[str, str],
             log.debug("%s: %s", desc, exc)
 
 
-async def list_inventory(
-    t: VimCaller, *, page_size: int = PAGE_SIZE, max_objects: int = MAX_OBJECTS
-) -> VimListing:
-    """Every VM and VM folder of the server, read through one container view."""
+async def _refs(t: VimCaller) -> tuple[str, str, str]:
+    """The ids of the root folder, the ViewManager and the PropertyCollector."""
     sc = await t.service_content()
     if not isinstance(sc, Mapping):
         raise ProtocolError("inventory: the service content is not an object")
@@ -303,6 +302,31 @@ async def list_inventory(
         vim.moref_value(sc.get(k), f"service content {k}")
         for k in ("rootFolder", "viewManager", "propertyCollector")
     )
+    return root, views, collector
+
+
+async def read_vm(t: VimCaller, vm: str) -> InventoryVm | None:
+    """One VM's entry as a listing would give it, read now (None: no such VM). For a VM
+    the last listing said cannot answer, tried again before the next listing."""
+    _root, _views, collector = await _refs(t)
+    spec = {
+        "propSet": [{"type": "VirtualMachine", "all": False, "pathSet": list(VM_PROPS)}],
+        "objectSet": [{"obj": vim.moref("VirtualMachine", vm), "skip": False}],
+    }
+    data = await t.vim_call(
+        "RetrievePropertiesEx", vim.moref("PropertyCollector", collector),
+        {"specSet": [spec], "options": {}}, desc=f"state of VM {vm}",
+    )  # fmt: skip
+    reader = _Reader(max_objects=4)
+    reader.page(data)  # one object: a token, if a server sent one, is left to expire
+    return reader.vms.get(vm)
+
+
+async def list_inventory(
+    t: VimCaller, *, page_size: int = PAGE_SIZE, max_objects: int = MAX_OBJECTS
+) -> VimListing:
+    """Every VM and VM folder of the server, read through one container view."""
+    root, views, collector = await _refs(t)
     pc = vim.moref("PropertyCollector", collector)
     made = await t.vim_call(
         "CreateContainerView", vim.moref("ViewManager", views),
