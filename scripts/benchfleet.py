@@ -74,6 +74,25 @@ def fleet_ops(stats: dict[str, Any], wall: float) -> GuestOps:
     return g
 
 
+# Guest operations, whichever API carried them; every other counted call is vCenter's own
+# (sessions, inventory, guest identity, power and Tools state, ...).
+_GUEST_CALLS = frozenset({
+    "files.list", "files.get", "transfer.create", "transfer.preview",
+    "ListFilesInGuest", "InitiateFileTransferFromGuest", "ValidateCredentialsInGuest",
+})  # fmt: skip
+
+
+def vcenter_calls(stats: dict[str, Any]) -> dict[str, int]:
+    """The calls to vCenter that are not guest operations (REST and vim25), by name."""
+    both = {**(stats.get("calls") or {}), **(stats.get("vim_calls") or {})}
+    return {k: int(v) for k, v in both.items()
+            if v and k.rpartition(".")[2] not in _GUEST_CALLS and k not in _GUEST_CALLS}  # fmt: skip
+
+
+def _brief(calls: dict[str, int]) -> str:
+    return f"{sum(calls.values())} [" + ", ".join(f"{k} {v}" for k, v in sorted(calls.items())) + "]"
+
+
 def vms_touched(stats: dict[str, Any]) -> int:
     return sum(1 for vm in (stats.get("vms") or {}).values() if vm.get("calls"))
 
@@ -161,12 +180,12 @@ class Fleet:
 
     def measure(self, cmd: str) -> Measured:
         """``cmd`` on a fresh mount, counters reset just before it: (wall, ops, stdout,
-        VMs that saw a guest call)."""
+        VMs that saw a guest call, vCenter calls that are no guest operation)."""
         with self.mount():
             self.sim.reset_stats()
             dt, out, _ = run(cmd, self.env, timeout=1800)
             stats = self.sim.stats()
-        return dt, fleet_ops(stats, dt), out, vms_touched(stats)
+        return dt, fleet_ops(stats, dt), out, vms_touched(stats), vcenter_calls(stats)
 
     def sequential(self) -> tuple[float, GuestOps, int, list[str]]:
         """The per-VM script: (wall, ops, VMs read, VMs whose file holds the needle)."""
@@ -200,7 +219,7 @@ class Fleet:
         return dt, fleet_ops(self.sim.stats(), dt), read, hits
 
 
-Measured = tuple[float, GuestOps, str, int]
+Measured = tuple[float, GuestOps, str, int, dict[str, int]]
 
 
 def _median(xs: list[Measured]) -> Measured:
@@ -235,13 +254,14 @@ def sc_fleet_grep(f: Fleet) -> None:
     all_cmd = f'grep -l -s {NEEDLE} "$MNT"/*/{FILE}; [ $? -le 1 ]'
     # Each on a fresh mount, ``runs`` times: the median (this machine is shared).
     ones = [f.measure(one_cmd) for _ in range(f.runs)]
-    t1, g1, _, _ = _median(ones)
-    print(f"     one VM: {t1:.2f} s ({_samples(ones)}), {g1.brief()}", flush=True)
+    t1, g1, _, _, v1 = _median(ones)
+    print(f"     one VM: {t1:.2f} s ({_samples(ones)}), {g1.brief()}; vCenter calls"
+          f" {_brief(v1)}", flush=True)
     alls = [f.measure(all_cmd) for _ in range(f.runs)]
-    tn, gn, out, touched = _median(alls)
+    tn, gn, out, touched, vn = _median(alls)
     found = len(out.splitlines())
-    print(f"     {n} VMs: {tn:.2f} s ({found} matches, {touched} VMs called), {gn.brief()}",
-          flush=True)
+    print(f"     {n} VMs: {tn:.2f} s ({found} matches, {touched} VMs called), {gn.brief()};"
+          f" vCenter calls {_brief(vn)}", flush=True)
     ts, gs, read, hits = f.sequential()
     print(f"     sequential script: {ts:.2f} s ({read} files read, {len(hits)} matches), "
           f"{gs.brief()}", flush=True)
@@ -250,10 +270,12 @@ def sc_fleet_grep(f: Fleet) -> None:
     common = [
         f"fleet simulator: guestfs-sim --fleet {f.s.vms} --fleet-seed {f.s.seed} "
         f"--cost-model realistic --seed 1",
-        f"one VM: {t1:.2f} s (median of {_samples(ones)}), {g1.brief()}",
+        f"one VM: {t1:.2f} s (median of {_samples(ones)}), {g1.brief()}; "
+        f"vCenter calls besides guest operations: {_brief(v1)}",
         f"{n} VMs: {tn:.2f} s (median of {_samples(alls)}), {gn.brief()}; "
         f"{touched} VMs saw a guest call; "
-        f"{found} files matched (the script found {len(hits)})",
+        f"{found} files matched (the script found {len(hits)}); "
+        f"vCenter calls besides guest operations: {_brief(vn)}",
         f"sequential script: {ts:.2f} s, {gs.brief()}",
     ]
     mount_cmd = " ".join(f.argv()).replace(f.mnt, "$MNT")

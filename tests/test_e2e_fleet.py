@@ -714,3 +714,73 @@ def test_no_such_drive_in_a_windows_vm_costs_no_guest_call(sim, mount_config, tm
         assert os.getxattr(m.path("win"), "user.guestfs.state") == b"untouched"
         with open(m.path("win", "C", "Users", "Admin", "notes.txt"), "rb") as f:
             assert f.read() == b"windows notes\r\n"  # a drive opens it as before
+
+
+# ---- the vim25 inventory (issue 13: thousands of VMs, a first open without vCenter calls) --
+
+
+def _vcenter_calls(sim):
+    stats = sim.stats()
+    return {k: v for k, v in {**stats["calls"], **stats["vim_calls"]}.items() if v}
+
+
+@pytest.mark.one_transport
+def test_vim25_first_access_in_a_vm_costs_only_its_guest_listing(sim, mount_config, tmp_path):
+    mp = str(tmp_path / "mnt")
+    ids = _dirs(sim)
+    via = ViaApi(sim, "vi-json")
+    with mounted(via, mp, argv=fleet_argv(via, mp, mount_config), env=fleet_env(sim)) as m:
+        assert _status(m)["fleet"]["inventory_source"] == "vim25"
+        os.listdir(m.path("db"))  # the transport's one-time look-ups (managers) happen here
+        sim.reset_stats()
+        assert os.path.isdir(m.path("web", "etc"))  # opens "web": the lookup of "etc" in "/"
+        # family and Tools came with the listing: no identity, power or Tools call, no
+        # REST call at all; one guest call, the listing of "/"
+        assert _vcenter_calls(sim) == {"vi-json.ListFilesInGuest": 1}
+        assert _calls(sim) == {ids["web"]: {"files.list": 1}}
+        sim.reset_stats()
+        with pytest.raises(OSError) as err:  # Tools down: known from the listing too
+            os.listdir(m.path("notools"))
+        assert err.value.errno == errno.EHOSTDOWN
+        assert _vcenter_calls(sim) == {}
+
+
+def test_vim25_lists_a_fleet_that_rest_refuses(mount_config, tmp_path):
+    # --vm-list-limit lowers REST's 4,000-result refusal: "prod/web" alone holds more
+    # than 10 VMs, so no split by folder can list this fleet over REST.
+    from guestfs_mount.sim import fleet
+
+    n, seed = 60, 5
+    specs = fleet.specs(n, seed)
+    assert sum(s.folder_path == "prod/web" for s in specs) > 10
+    with run_simulator("--fleet", str(n), "--fleet-seed", str(seed), "--vm-list-limit", "10") as s:
+        mp = str(tmp_path / "mnt")
+        via = ViaApi(s, "soap")
+        with mounted(via, mp, argv=fleet_argv(via, mp, mount_config), env=fleet_env(s)) as m:
+            shown = [d for d in os.listdir(m.mnt) if d != ".by-id"]
+            by_id = os.listdir(m.path(".by-id"))
+            st = _status(m)["fleet"]
+    on = [i for i, sp in enumerate(specs) if sp.power_state == "POWERED_ON"]
+    assert len(shown) == len(on) and sorted(by_id) == sorted(f"vm-{fleet.FIRST_ID + i}" for i in on)
+    assert st["inventory_source"] == "vim25" and st["inventory_error"] is None
+
+
+def test_a_standalone_esxi_host_is_a_fleet_over_soap(tmp_path):
+    # No /api on a host: the vim25 inventory is the only one it has.
+    with run_simulator("--as-esxi", "--fleet", "12", "--fleet-seed", "1") as s:
+        pw = tmp_path / "pw"
+        pw.write_text(s.guest_password + "\n")
+        pw.chmod(0o600)
+        cfg = tmp_path / "fleet.toml"
+        cfg.write_text(f"[[guest_credentials]]\nguest_user = {_toml_str(s.guest_user)}\n"
+                       f"guest_password_file = {_toml_str(str(pw))}\n")  # fmt: skip
+        cfg.chmod(0o600)
+        mp = str(tmp_path / "mnt")
+        via = ViaApi(s, "soap")
+        with mounted(via, mp, argv=fleet_argv(via, mp, str(cfg)), env=fleet_env(s)) as m:
+            assert {"web-01", "db-01", "win-dc-01", "no-tools"} <= set(os.listdir(m.mnt))
+            with open(m.path("web-01", "etc", "hostname")) as f:
+                assert f.read() == "vm-1000\n"
+            calls = _vcenter_calls(s)
+    assert calls["soap.CreateContainerView"] == 1 and calls["soap.DestroyView"] == 1
+    assert not any(k.startswith(("vm.", "folder.")) for k in calls)  # no REST at all

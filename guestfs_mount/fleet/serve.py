@@ -31,6 +31,9 @@ from ..evidence.ledger import transfer_hook
 from ..model import GuestStat, TransferResult
 from ..vcenter.client import VCenterClient
 from ..vcenter.inventory import InventoryVm, folder_subtree, list_vms
+from ..vcenter.soap import SoapTransport
+from ..vcenter.vi_json import ViJsonTransport
+from ..vcenter.vim_inventory import VimListing, list_inventory, select
 from .evidence import fleet_head, fleet_records
 from .fuse import FleetOperations, FleetTree
 from .names import is_safe_id, vm_dir_names
@@ -74,6 +77,8 @@ class Inventory(FleetTree):
         self._lock = trio.Lock()
         self.listings = 0
         self.last_error: str | None = None
+        self.source = "rest"  # "vim25" once a listing came from the property collector
+        self._listing: VimListing | None = None  # the last vim25 listing
 
     @property
     def ttl(self) -> float:
@@ -111,11 +116,22 @@ class Inventory(FleetTree):
     async def _list(self) -> list[InventoryVm]:
         """The VMs the options select, with a usable id."""
         opts = self.options
-        rest = await self.client.inventory_transport()
         folders: list[str] = []
-        if opts.folder:
-            folders = await folder_subtree(rest, opts.folder)
-        found = await list_vms(rest, folders=folders, powered_on=opts.powered_on)
+        t = await self.client.transport()
+        if isinstance(t, (ViJsonTransport, SoapTransport)):
+            # vim25 (--api vi-json or soap): one property collector read of every VM,
+            # no 4,000 limit, the family and Tools state included; folders from it too.
+            listing = await list_inventory(t)
+            if opts.folder:
+                folders = sorted(listing.folder_subtree(opts.folder))
+            found = select(listing, folders=folders, powered_on=opts.powered_on)
+            self._listing, self.source = listing, "vim25"
+        else:
+            rest = await self.client.inventory_transport()
+            if opts.folder:
+                folders = await folder_subtree(rest, opts.folder)
+            found = await list_vms(rest, folders=folders, powered_on=opts.powered_on)
+            self._listing, self.source = None, "rest"
         self.listings += 1
         if opts.vm_globs:
             found = [v for v in found if any(fnmatch.fnmatchcase(v.name, g) for g in opts.vm_globs)]
@@ -142,6 +158,7 @@ class Inventory(FleetTree):
             if vm is None:
                 vm = self._by_id[v.vm] = self.make_vm(v.vm, v.name, names[v.vm])
             vm.name, vm.dirname = v.name, names[v.vm]
+            vm.listed(v)
             current[vm.dirname] = vm
         self._members = await self._rule_folders()
         self._current = current
@@ -169,9 +186,21 @@ class Inventory(FleetTree):
 
     async def _rule_folders(self) -> dict[str, frozenset[str]]:
         """VM ids of each folder a credential rule names (its subtree)."""
-        rest = await self.client.inventory_transport()
         out: dict[str, frozenset[str]] = {}
-        for folder in {c.rule.folder for c in self.options.credentials if c.rule.folder}:
+        folders = {c.rule.folder for c in self.options.credentials if c.rule.folder}
+        listing = self._listing
+        if listing is not None:  # vim25: the listing has every VM's folder
+            for folder in folders:
+                try:
+                    subtree = listing.folder_subtree(folder)
+                except NotFound as exc:
+                    log.warning("credential rule folder %r: %s (the rule matches no VM)",
+                                folder, exc)  # fmt: skip
+                    subtree = frozenset()
+                out[folder] = frozenset(v.vm for v in listing.in_folders(subtree))
+            return out
+        rest = await self.client.inventory_transport()
+        for folder in folders:
             try:
                 ids = await folder_subtree(rest, folder)
                 vms = await list_vms(rest, folders=ids, powered_on=False)
@@ -292,6 +321,7 @@ async def serve_fleet(cfg: m.MountConfig, ready: Callable[[], None]) -> None:
                     "inventory_ttl": fleet.inventory_ttl,
                     "inventory_refreshed": inventory.refreshed,
                     "inventory_listings": inventory.listings,
+                    "inventory_source": inventory.source,
                     "inventory_error": inventory.last_error,
                     "inventory_frozen": cfg.frozen,
                     "inventory_unshown": inventory.unshown,

@@ -1,15 +1,17 @@
 """One VM of a fleet mount: its single-VM machinery, built on first use, or why not.
 
 Nothing here runs before a program looks inside the VM's directory: then the VM is
-*opened* once (from vCenter the guest identity: its family, and proof that Tools runs;
-without one, the power and Tools state and the configured guest OS, asked at once; the
-first credential rule that matches; one guest call proving the login: the listing of a
-Linux guest's ``/``, the stat of a Windows guest's first drive), and from then on
-it has what a single-VM mount has: a ``_Guest`` binding, a metadata cache, read-ahead
-and an ``fs.Operations`` per guest root (Linux ``/``; Windows one per drive letter),
-all sharing the fleet's content cache, client and nursery. A VM that cannot be opened
-keeps the reason (:class:`VmUnavailable`, with the errno the kernel is given): a
-refused login for the life of the mount, anything else for ``retry_after`` seconds.
+*opened* once (its family and whether Tools runs: from the inventory listing when it is
+vim25's, which has both, else from vCenter the guest identity: its family, and proof
+that Tools runs; without one, the power and Tools state and the configured guest OS,
+asked at once; the first credential rule that matches; one guest call proving the
+login: the listing of a Linux guest's ``/``, the stat of a Windows guest's first
+drive), and from then on it has what a single-VM mount has: a ``_Guest`` binding, a
+metadata cache, read-ahead and an ``fs.Operations`` per guest root (Linux ``/``; Windows
+one per drive letter), all sharing the fleet's content cache, client and nursery. A VM
+that cannot be opened keeps the reason (:class:`VmUnavailable`, with the errno the
+kernel is given): a refused login for the life of the mount, anything else for
+``retry_after`` seconds.
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ from ..errors import (
 from ..evidence.ledger import Ledger, RecordingBackend
 from ..fs import FsOptions, Operations
 from ..meta import MetadataCache
-from ..model import FileType, GuestStat
+from ..model import FileType, GuestStat, PowerState
 from ..paths import PosixPaths, WindowsPaths
 from ..vcenter.client import VCenterClient
-from ..vcenter.inventory import configured_family, family_of, running_family
+from ..vcenter.inventory import InventoryVm, configured_family, family_of, running_family
+from ..vcenter.soap import SoapTransport
+from ..vcenter.vi_json import ViJsonTransport
+from ..vcenter.vim_inventory import read_vm
 from .options import FleetOptions
 from .space import InodeSpace, VmInodes
 
@@ -182,6 +187,7 @@ class FleetVm:
         self._identity_lock = trio.Lock()
         self._identified = False  # the guest identity was asked
         self._running = False  # ... and answered: Tools runs
+        self._listed: InventoryVm | None = None  # a vim25 listing's word on it
 
     # -- state -------------------------------------------------------------------------
 
@@ -257,6 +263,43 @@ class FleetVm:
                         self.family, self._running = family, True
         return self.family
 
+    def listed(self, v: InventoryVm) -> None:
+        """What the last inventory listing said of the VM. A vim25 listing has its
+        family and Tools state: opening it then asks vCenter nothing (REST's has
+        neither; they are asked when the VM is opened)."""
+        if v.tools_running is None:
+            self._listed = None
+            return
+        self._listed = v
+        self._identified = True  # identify() answers from the listing
+        if not self.roots and v.family is not None:
+            self.family = v.family
+
+    def _not_ready(self, v: InventoryVm) -> VmUnavailable | None:
+        """Why the listing says the VM cannot answer guest operations, or None."""
+        if v.power_state is not PowerState.POWERED_ON:
+            word = "powered off" if v.power_state is PowerState.POWERED_OFF else "suspended"
+            return VmUnavailable(f"VM {self.vm} is {word}", errno.EHOSTDOWN)
+        if not v.tools_running:
+            return VmUnavailable(
+                f"VMware Tools is not running in VM {self.vm} (inventory listing;"
+                f" listed again every {self.ctx.options.inventory_ttl:g} s)",
+                errno.EHOSTDOWN,
+            )
+        return None
+
+    async def _relisted(self) -> VmUnavailable | None:
+        """Read the VM's own entry again (one property collector call): None if it can
+        answer now, else why not."""
+        t = await self.ctx.client.transport()
+        if not isinstance(t, (ViJsonTransport, SoapTransport)):
+            return None if self._listed is None else self._not_ready(self._listed)
+        fresh = await read_vm(t, self.vm)
+        if fresh is None:
+            return VmUnavailable(f"VM {self.vm} is no longer in the inventory", errno.EHOSTDOWN)
+        self.listed(fresh)
+        return self._not_ready(fresh)
+
     def _fail(self, err: VmUnavailable, until: float | None) -> None:
         self._running = False  # a retry asks vCenter again why not
         when = until if until is not None else trio.current_time() + self.ctx.options.retry_after
@@ -266,17 +309,26 @@ class FleetVm:
     async def _open(self) -> None:
         ctx = self.ctx
         client = ctx.client
-        rest = await client.inventory_transport()
         # From vCenter, not the guest: the guest family (the credential rules need it)
         # and whether Tools runs. A guest call to a VM without Tools is retried as
-        # "busy" for the whole retry budget: such a VM must fail here, at once. The
-        # guest identity answers both in one call while Tools runs.
-        await self.identify()
-        if not self._running:  # why not (powered off, no Tools), and the configured family
-            await _first_error(
-                lambda: rest.check_guest(self.vm),
-                self._learn_family if self.family is None else None,
-            )
+        # "busy" for the whole retry budget: such a VM must fail here, at once.
+        listed = self._listed
+        if listed is not None:  # a vim25 listing told both: no call
+            why = self._not_ready(listed)
+            if why is not None and self.failure is not None:
+                # A retry: the VM may have started (or Tools) since the listing was read.
+                why = await self._relisted()
+            if why is not None:
+                raise why
+        else:
+            # The guest identity answers both in one call while Tools runs.
+            await self.identify()
+            if not self._running:  # why not (powered off, no Tools), the configured family
+                rest = await client.inventory_transport()
+                await _first_error(
+                    lambda: rest.check_guest(self.vm),
+                    self._learn_family if self.family is None else None,
+                )
         match = next(
             (
                 c

@@ -222,6 +222,10 @@ class SimState:
         self.expire_sessions_idle()
         return {
             "calls": {name: s.calls.get(name, 0) for name in CALL_NAMES},
+            # vim25 methods by transport ("vi-json.ListFilesInGuest"), only those called
+            "vim_calls": {
+                k: v for k, v in sorted(s.calls.items()) if k.startswith(("soap.", "vi-json."))
+            },
             "transfers": {
                 "created": s.created,
                 "started": s.started,

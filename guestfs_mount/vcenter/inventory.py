@@ -7,9 +7,9 @@ it. A VM's guest family comes from ``GET /api/vcenter/vm/{vm}/guest/identity`` (
 running) or ``GET /api/vcenter/vm/{vm}`` (``guest_OS``), asked once per VM and only when
 the VM is first used. None of these is a guest operation: the guests are not touched.
 
-The transport is REST (``/api``) whatever ``--api`` chose for the guest operations:
-the vim25 transports use it for their VM look-up too (:class:`RestTransport` is
-shared when the client has one).
+The transport is REST (``/api``): the fleet uses this module with ``--api rest`` or
+``preview``; the vim25 transports list the fleet with :mod:`.vim_inventory` (no 4,000
+limit, and the family and Tools state in the same listing).
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ class InventoryVm:
     vm: str
     name: str
     power_state: PowerState
+    # Known from a vim25 listing (:mod:`.vim_inventory`); REST's leaves them None, and
+    # the family and Tools state are then asked per VM when it is first opened.
+    family: str | None = None
+    tools_running: bool | None = None
+    instance_uuid: str | None = None
+    folder: str | None = None  # parent folder id
 
 
 def _names(data: Any, what: str) -> list[str]:

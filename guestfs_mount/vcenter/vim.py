@@ -373,6 +373,13 @@ class GuestOps(abc.ABC):
         """One authenticated call of ``method`` on ``this`` with ``args`` (in this order):
         the answer in VI/JSON shape, or the fault raised."""
 
+    async def vim_call(
+        self, method: str, this: Mapping[str, str], args: Mapping[str, Any], *, desc: str
+    ) -> Any:
+        """One authenticated call of any vim25 method (the inventory's view and property
+        collector calls), its answer in VI/JSON shape."""
+        return await self._invoke(method, this, args, desc=desc, guest_path=None, retry=True)
+
     async def _guest_call(
         self,
         method: str,
