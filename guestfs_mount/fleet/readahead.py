@@ -21,11 +21,13 @@ same work in the VMs further down the listing while the user is still at the fir
 * a directory a lookup walk reaches is listed too (in the user's VMs as well): the next
   glob level's lookups are answered from that listing.
 
-Bounds: at most :data:`_WIDTH` VMs worked on at once (``fleet.serve`` passes half the
-client's global ``--max-guest-ops`` cap, a FIFO over all VMs' calls: the user's own
-calls always find room); every call runs at background priority in its VM's
-lane; a VM that failed to open (a refused login above all) is never tried by
-read-ahead, only by the user's own requests; nothing happens before the user has
+Bounds: at most :data:`_WIDTH` VMs worked on at once (``fleet.serve`` passes the
+client's global ``--max-guest-ops`` cap, a FIFO over all VMs' calls that keeps
+background calls off its last eighth: the user's own calls always find room); a
+directory listed for the next glob level waits behind this level's opens and stats;
+every call runs at background priority in its VM's lane; a VM that failed to open
+(a refused login above all) is never tried by read-ahead, only by the user's own
+requests; nothing happens before the user has
 listed the fleet's root and gone into two of its VMs (``ls /mnt/vc`` or ``cat`` in one
 VM opens nothing more).
 """
@@ -52,12 +54,14 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FleetReadAhead", "guest_path", "relative_path"]
 
-_WIDTH = 32  # VMs worked on at once by read-ahead
+_WIDTH = 64  # VMs worked on at once by read-ahead (fleet.serve passes the cap)
 _FIRST_WINDOW = 16  # VMs ahead once a walk is seen; doubles as the user moves on
-_DOWNLOADS = 32  # files downloaded ahead at once (1 MiB each at most)
+_DOWNLOADS = 64  # files downloaded ahead at once (1 MiB each at most; the cap's size)
 _PREFETCH_MAX_FILE = 1 << 20  # larger files are left to the user's open
 _LOOKUP_MAX_FILE = 64 << 10  # downloaded by a lookup walk (an `ls -l` of a glob pays too)
 _WALKS = 1024  # walks remembered (least recently used dropped)
+
+_NOW, _NEXT_LEVEL = 0, 1  # the orders read-ahead's metadata waits in for a slot
 
 LOOKUP = "lookup"
 OPEN = "open"
@@ -141,6 +145,13 @@ class _Walk:
     hi: int = -1
 
 
+@dataclass(frozen=True)
+class _ListLater:
+    """A directory a lookup walk reached: listed after this level's other VMs."""
+
+    path: str
+
+
 class FleetReadAhead:
     """Told what the user looks up and opens in which VM (by the fleet's FUSE layer),
     starts the same in the VMs of the root listing the user goes to next."""
@@ -157,7 +168,7 @@ class FleetReadAhead:
         self.prefetch = prefetch
         self._first_window = first_window
         self._width = width
-        self._limit = trio.CapacityLimiter(width)
+        self._limit = _InOrder(width)  # this level's opens and stats before listings
         self._downloads = _InOrder(_DOWNLOADS)
         self._order: list[FleetVm] = []
         self._index: dict[str, int] = {}
@@ -277,8 +288,14 @@ class FleetReadAhead:
         is a small file the command will read. ``mine``: one of the user's own VMs."""
         priority.set(Priority.BACKGROUND)  # this task's calls wait for the user's
         try:
-            async with self._limit:  # metadata only: a download does not hold a slot
+            async with self._limit.hold(_NOW):  # metadata only: a download holds none
                 key = await self._metadata(kind, vm, rel)
+            if isinstance(key, _ListLater):
+                # The listing is for the next glob level: it waits while opens and stats
+                # of this level, which the shell is waiting for now, wait for a slot.
+                async with self._limit.hold(_NEXT_LEVEL):
+                    await self._list(vm, key.path)
+                return
             if key is None or (kind == OPEN and mine):
                 return
             async with self._downloads.hold(self._index.get(vm.vm, 0)):
@@ -286,9 +303,9 @@ class FleetReadAhead:
         except Exception as exc:  # a guess: the user's own request will say
             log.debug("fleet read-ahead of %r in VM %s: %s", rel, vm.vm, exc)
 
-    async def _metadata(self, kind: str, vm: FleetVm, rel: str) -> ContentKey | None:
-        """Open ``vm``, stat ``rel`` and list it if a directory; the file to download,
-        if any."""
+    async def _metadata(self, kind: str, vm: FleetVm, rel: str) -> ContentKey | _ListLater | None:
+        """Open ``vm`` and stat ``rel``; the file to download, if any, or the directory
+        to list for a lookup walk's next level."""
         if vm.failure is not None:
             # Refused logins above all: only the user's own requests try again.
             self.skipped_failed += 1
@@ -305,8 +322,7 @@ class FleetReadAhead:
         st = await meta.stat(path)
         if st.type is FileType.DIRECTORY:
             if kind == LOOKUP and meta.cached_listing(path) is None:
-                await meta.listdir(path)
-                self.listed += 1
+                return _ListLater(path)
             return None
         if not self.prefetch or st.type is not FileType.FILE or st.size <= 0:
             return None
@@ -314,6 +330,12 @@ class FleetReadAhead:
         # config-sized ones are fetched already; an open walk fetches larger ones.
         limit = _LOOKUP_MAX_FILE if kind == LOOKUP else _PREFETCH_MAX_FILE
         return ContentKey(path, st.size, st.mtime_ns) if st.size <= limit else None
+
+    async def _list(self, vm: FleetVm, path: str) -> None:
+        meta = vm.meta
+        if meta is not None and meta.cached_listing(path) is None:
+            await meta.listdir(path)
+            self.listed += 1
 
     async def _download(self, content: VmContent, key: ContentKey) -> None:
         """Download ``key`` as an open would, holding a download slot until its last
