@@ -370,6 +370,27 @@ async def test_a_posix_walk_opens_no_windows_vm(
     assert opened(vms) == [0, 2, 4, 6, 8]  # vCenter says which are Windows: no login
 
 
+async def test_the_nearest_vms_are_read_ahead_first(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The shell reaches the VMs one after the other: with more VMs than slots, the
+    # ones it reaches next take the slots first (trio starts tasks in any order)
+    ra, vms = fleet(nursery, n=30, width=4, first_window=64)
+    for vm in vms:
+        vm.meta, vm.roots["/"] = FakeMeta(vm), object()
+    for vm in vms[-1:-3:-1]:  # bash: from the last VM backwards
+        await user(vm, ra, KEYS)
+    await settle()
+    ahead = [e for e in vms[0].ctx.content.events
+             if e[:2] == ("stat", KEYS) and e[2] not in ("vm-29", "vm-28")]  # fmt: skip
+    rounds = [sorted(int(e[2][3:]) for e in ahead if e[3] == t)
+              for t in sorted({e[3] for e in ahead})]  # fmt: skip
+    assert [r for r in rounds if r] == [
+        [24, 25, 26, 27], [20, 21, 22, 23], [16, 17, 18, 19], [12, 13, 14, 15],
+        [8, 9, 10, 11], [4, 5, 6, 7], [0, 1, 2, 3],
+    ]  # fmt: skip
+
+
 def test_a_mounted_fleet_keeps_its_setup_out_of_the_collector() -> None:
     # What the mount holds once set up lives as long as the mount: frozen, and young
     # objects collected less often (a fleet command's many HTTPS exchanges)

@@ -61,7 +61,9 @@ _PREFETCH_MAX_FILE = 1 << 20  # larger files are left to the user's open
 _LOOKUP_MAX_FILE = 64 << 10  # downloaded by a lookup walk (an `ls -l` of a glob pays too)
 _WALKS = 1024  # walks remembered (least recently used dropped)
 
-_NOW, _NEXT_LEVEL = 0, 1  # the orders read-ahead's metadata waits in for a slot
+# Read-ahead's metadata waits for a slot nearest VM first (the one the user reaches
+# next), and a listing for the next glob level after every open and stat of this one.
+_NEXT_LEVEL = 1 << 30
 
 LOOKUP = "lookup"
 OPEN = "open"
@@ -69,41 +71,51 @@ OPEN = "open"
 
 class _InOrder:
     """At most ``total`` holders at once; waiters are let in lowest ``order`` first (a
-    glob's command reads its files in listing order, whichever way the glob went)."""
+    glob's command reads its files in listing order, whichever way the glob went; the
+    shell reaches the nearest VMs first). Tasks started together run in any order (trio
+    shuffles them): a free slot is given once they have all queued."""
 
     def __init__(self, total: int) -> None:
         self._free = total
         self._waiting: list[tuple[int, int, trio.Event]] = []
         self._seq = 0
+        self._dispatching = False
 
     @contextlib.asynccontextmanager
     async def hold(self, order: int) -> AsyncIterator[None]:
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-        else:
-            self._seq += 1
-            ev = trio.Event()
-            entry = (order, self._seq, ev)
-            heapq.heappush(self._waiting, entry)
-            try:
-                await ev.wait()  # the releaser passed its slot on to us
-            except BaseException:
-                if ev.is_set():
-                    self._release()
-                else:
-                    self._waiting.remove(entry)
-                    heapq.heapify(self._waiting)
-                raise
+        self._seq += 1
+        ev = trio.Event()
+        entry = (order, self._seq, ev)
+        heapq.heappush(self._waiting, entry)
+        try:
+            if self._free > 0 and not self._dispatching:
+                self._dispatching = True
+                try:
+                    await trio.lowlevel.checkpoint()  # the tasks started with us queue
+                finally:
+                    self._dispatching = False
+                    self._dispatch()
+            await ev.wait()  # a slot was given to us
+        except BaseException:
+            if ev.is_set():
+                self._release()
+            else:
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+            raise
         try:
             yield
         finally:
             self._release()
 
-    def _release(self) -> None:
-        if self._waiting:
+    def _dispatch(self) -> None:
+        while self._free > 0 and self._waiting:
+            self._free -= 1
             heapq.heappop(self._waiting)[2].set()
-        else:
-            self._free += 1
+
+    def _release(self) -> None:
+        self._free += 1
+        self._dispatch()
 
 
 def guest_path(vm: FleetVm, rel: str) -> str | None:
@@ -244,7 +256,7 @@ class FleetReadAhead:
     def _mine(self, kind: str, path: str, walk: _Walk, i: int) -> None:
         """The user's own VM ``i``: the next glob level wants the listing below."""
         if kind == LOOKUP and not walk.lo <= i <= walk.hi:
-            self._start(kind, self._order[i], path, mine=True)
+            self._start(kind, self._order[i], path, mine=True, distance=0)
 
     def _extend(self, kind: str, path: str, walk: _Walk, k: int) -> None:
         """Read ahead ``walk.window`` VMs from index ``k`` the way the user goes (both
@@ -261,11 +273,13 @@ class FleetReadAhead:
             return
         walk.window *= 2
         for i in sorted(todo, key=lambda i: abs(i - k)):
-            self._start(kind, self._order[i], path, mine=False)
+            self._start(kind, self._order[i], path, mine=False, distance=abs(i - k))
 
-    def _start(self, kind: str, vm: FleetVm, rel: str, *, mine: bool) -> None:
+    def _start(self, kind: str, vm: FleetVm, rel: str, *, mine: bool, distance: int) -> None:
         self.started += 1
-        self._nursery.start_soon(functools.partial(self._ahead, kind, vm, rel, mine=mine))
+        self._nursery.start_soon(
+            functools.partial(self._ahead, kind, vm, rel, mine=mine, distance=distance)
+        )
 
     def _implied(self, kind: str, rel: str) -> _Walk | None:
         """The active walk this request continues, if any: the lookup of its parent
@@ -282,18 +296,19 @@ class FleetReadAhead:
 
     # -- the work ---------------------------------------------------------------------------
 
-    async def _ahead(self, kind: str, vm: FleetVm, rel: str, *, mine: bool) -> None:
+    async def _ahead(self, kind: str, vm: FleetVm, rel: str, *, mine: bool, distance: int) -> None:
         """Do in ``vm`` what the user is doing VM after VM: open it, stat ``rel``, list
         it when it is a directory (the next glob level's lookups), download it when it
-        is a small file the command will read. ``mine``: one of the user's own VMs."""
+        is a small file the command will read. ``mine``: one of the user's own VMs;
+        ``distance``: how many VMs of the listing away from the user's."""
         priority.set(Priority.BACKGROUND)  # this task's calls wait for the user's
         try:
-            async with self._limit.hold(_NOW):  # metadata only: a download holds none
+            async with self._limit.hold(distance):  # metadata only: no download holds one
                 key = await self._metadata(kind, vm, rel)
             if isinstance(key, _ListLater):
                 # The listing is for the next glob level: it waits while opens and stats
                 # of this level, which the shell is waiting for now, wait for a slot.
-                async with self._limit.hold(_NEXT_LEVEL):
+                async with self._limit.hold(_NEXT_LEVEL + distance):
                     await self._list(vm, key.path)
                 return
             if key is None or (kind == OPEN and mine):
