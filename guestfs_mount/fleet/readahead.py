@@ -23,8 +23,9 @@ same work in the VMs further down the listing while the user is still at the fir
 
 Bounds: at most :data:`_WIDTH` VMs worked on at once (``fleet.serve`` passes the
 client's global ``--max-guest-ops`` cap, a FIFO over all VMs' calls that keeps
-background calls off its last eighth: the user's own calls always find room); a
-directory listed for the next glob level waits behind this level's opens and stats;
+background calls off its last eighth: the user's own calls always find room), the
+nearest VMs first; a directory listed for the next glob level waits behind this
+level's opens and stats;
 every call runs at background priority in its VM's lane; a VM that failed to open
 (a refused login above all) is never tried by read-ahead, only by the user's own
 requests; nothing happens before the user has
