@@ -180,12 +180,15 @@ class Fleet:
 
     def measure(self, cmd: str) -> Measured:
         """``cmd`` on a fresh mount, counters reset just before it: (wall, ops, stdout,
-        VMs that saw a guest call, vCenter calls that are no guest operation)."""
-        with self.mount():
+        VMs that saw a guest call, vCenter calls that are no guest operation, CPU
+        seconds of the daemon and of the simulator during the command)."""
+        with self.mount() as m:
             self.sim.reset_stats()
+            c0, s0 = cpu_seconds(m.pid), cpu_seconds(self.sim.proc.pid)
             dt, out, _ = run(cmd, self.env, timeout=1800)
+            cpu = (cpu_seconds(m.pid) - c0, cpu_seconds(self.sim.proc.pid) - s0)
             stats = self.sim.stats()
-        return dt, fleet_ops(stats, dt), out, vms_touched(stats), vcenter_calls(stats)
+        return dt, fleet_ops(stats, dt), out, vms_touched(stats), vcenter_calls(stats), cpu
 
     def sequential(self) -> tuple[float, GuestOps, int, list[str]]:
         """The per-VM script: (wall, ops, VMs read, VMs whose file holds the needle)."""
@@ -219,7 +222,19 @@ class Fleet:
         return dt, fleet_ops(self.sim.stats(), dt), read, hits
 
 
-Measured = tuple[float, GuestOps, str, int, dict[str, int]]
+Measured = tuple[float, GuestOps, str, int, dict[str, int], tuple[float, float]]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (``/proc/PID/stat``): what a command
+    cost the daemon, less dependent on the machine's load than its wall time."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(x: Measured) -> str:
+    return f"CPU daemon {x[5][0]:.2f} s, simulator {x[5][1]:.2f} s"
 
 
 def _median(xs: list[Measured]) -> Measured:
@@ -254,14 +269,14 @@ def sc_fleet_grep(f: Fleet) -> None:
     all_cmd = f'grep -l -s {NEEDLE} "$MNT"/*/{FILE}; [ $? -le 1 ]'
     # Each on a fresh mount, ``runs`` times: the median (this machine is shared).
     ones = [f.measure(one_cmd) for _ in range(f.runs)]
-    t1, g1, _, _, v1 = _median(ones)
+    t1, g1, _, _, v1, _ = one = _median(ones)
     print(f"     one VM: {t1:.2f} s ({_samples(ones)}), {g1.brief()}; vCenter calls"
-          f" {_brief(v1)}", flush=True)
+          f" {_brief(v1)}; {_cpu(one)}", flush=True)
     alls = [f.measure(all_cmd) for _ in range(f.runs)]
-    tn, gn, out, touched, vn = _median(alls)
+    tn, gn, out, touched, vn, _ = every = _median(alls)
     found = len(out.splitlines())
     print(f"     {n} VMs: {tn:.2f} s ({found} matches, {touched} VMs called), {gn.brief()};"
-          f" vCenter calls {_brief(vn)}", flush=True)
+          f" vCenter calls {_brief(vn)}; {_cpu(every)}", flush=True)
     ts, gs, read, hits = f.sequential()
     print(f"     sequential script: {ts:.2f} s ({read} files read, {len(hits)} matches), "
           f"{gs.brief()}", flush=True)
@@ -271,11 +286,11 @@ def sc_fleet_grep(f: Fleet) -> None:
         f"fleet simulator: guestfs-sim --fleet {f.s.vms} --fleet-seed {f.s.seed} "
         f"--cost-model realistic --seed 1",
         f"one VM: {t1:.2f} s (median of {_samples(ones)}), {g1.brief()}; "
-        f"vCenter calls besides guest operations: {_brief(v1)}",
+        f"vCenter calls besides guest operations: {_brief(v1)}; {_cpu(one)}",
         f"{n} VMs: {tn:.2f} s (median of {_samples(alls)}), {gn.brief()}; "
         f"{touched} VMs saw a guest call; "
         f"{found} files matched (the script found {len(hits)}); "
-        f"vCenter calls besides guest operations: {_brief(vn)}",
+        f"vCenter calls besides guest operations: {_brief(vn)}; {_cpu(every)}",
         f"sequential script: {ts:.2f} s, {gs.brief()}",
     ]
     mount_cmd = " ".join(f.argv()).replace(f.mnt, "$MNT")

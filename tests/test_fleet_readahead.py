@@ -11,7 +11,13 @@ import trio.testing
 
 from guestfs_mount.cache.content import ContentKey
 from guestfs_mount.errors import NotFound
-from guestfs_mount.fleet.readahead import FleetReadAhead, _InOrder, guest_path, relative_path
+from guestfs_mount.fleet.readahead import (
+    _DOWNLOADS,
+    FleetReadAhead,
+    _InOrder,
+    guest_path,
+    relative_path,
+)
 from guestfs_mount.model import FileType, GuestStat
 from guestfs_mount.paths import PosixPaths
 
@@ -32,6 +38,7 @@ class FakeContent:
     def __init__(self) -> None:
         self.opened: list[ContentKey] = []
         self.running = self.peak = 0
+        self.events: list[tuple[str, str, str, float]] = []  # every VM's guest calls
 
     async def open(self, key: ContentKey) -> int:
         self.opened.append(key)
@@ -59,6 +66,7 @@ class FakeMeta:
         if path in self.stats:  # cached, as the metadata cache does
             return self.stats[path]
         self.vm.calls.append(("stat", path))
+        self.vm.ctx.content.events.append(("stat", path, self.vm.vm, trio.current_time()))
         await trio.sleep(0.1)
         kind = TREE.get(path)
         if kind is None:
@@ -73,6 +81,7 @@ class FakeMeta:
 
     async def listdir(self, path: str) -> tuple[object, ...]:
         self.vm.calls.append(("list", path))
+        self.vm.ctx.content.events.append(("list", path, self.vm.vm, trio.current_time()))
         await trio.sleep(0.1)
         self.listings[path] = True
         return ()
@@ -281,7 +290,26 @@ async def test_downloads_ahead_are_bounded(
     await settle()
     content = vms[0].ctx.content
     assert ra.downloads == len(content.opened) >= 200
-    assert content.peak <= 32
+    assert content.peak <= _DOWNLOADS
+
+
+async def test_the_next_levels_listings_wait_for_this_levels_stats(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The shell waits for `root` in every VM before it looks up `.ssh` in any: the
+    # listings of /root (for that next level) wait while stats of /root in other VMs do
+    ra, vms = fleet(nursery, n=20, width=4, first_window=64)
+    for vm in vms:  # open already: a slot's stat starts when the slot is taken
+        vm.meta, vm.roots["/"] = FakeMeta(vm), object()
+    for vm in vms[:2]:
+        await user(vm, ra, "/root")
+    await settle()
+    events = vms[0].ctx.content.events
+    ahead = [e for e in events if e[2] not in ("vm-0", "vm-1")]
+    stats = [e[3] for e in ahead if e[:2] == ("stat", "/root")]
+    lists = [e[3] for e in ahead if e[:2] == ("list", "/root")]
+    assert len(stats) == len(lists) == 18  # every VM read ahead is stat'ed, then listed
+    assert max(stats) <= min(lists)  # 5 rounds of 4 stats, then the listings
 
 
 async def test_waiting_downloads_go_in_listing_order(
@@ -340,3 +368,41 @@ async def test_a_posix_walk_opens_no_windows_vm(
         await user(vm, ra, "/root")
     await settle()
     assert opened(vms) == [0, 2, 4, 6, 8]  # vCenter says which are Windows: no login
+
+
+async def test_the_nearest_vms_are_read_ahead_first(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The shell reaches the VMs one after the other: with more VMs than slots, the
+    # ones it reaches next take the slots first (trio starts tasks in any order)
+    ra, vms = fleet(nursery, n=30, width=4, first_window=64)
+    for vm in vms:
+        vm.meta, vm.roots["/"] = FakeMeta(vm), object()
+    for vm in vms[-1:-3:-1]:  # bash: from the last VM backwards
+        await user(vm, ra, KEYS)
+    await settle()
+    ahead = [e for e in vms[0].ctx.content.events
+             if e[:2] == ("stat", KEYS) and e[2] not in ("vm-29", "vm-28")]  # fmt: skip
+    rounds = [sorted(int(e[2][3:]) for e in ahead if e[3] == t)
+              for t in sorted({e[3] for e in ahead})]  # fmt: skip
+    assert [r for r in rounds if r] == [
+        [24, 25, 26, 27], [20, 21, 22, 23], [16, 17, 18, 19], [12, 13, 14, 15],
+        [8, 9, 10, 11], [4, 5, 6, 7], [0, 1, 2, 3],
+    ]  # fmt: skip
+
+
+def test_a_mounted_fleet_keeps_its_setup_out_of_the_collector() -> None:
+    # What the mount holds once set up lives as long as the mount: frozen, and young
+    # objects collected less often (a fleet command's many HTTPS exchanges)
+    import gc
+
+    from guestfs_mount.fleet import serve
+
+    before = gc.get_threshold()
+    try:
+        serve._settle_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == serve._GC_YOUNG > before[0]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

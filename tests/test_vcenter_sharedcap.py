@@ -46,3 +46,32 @@ async def test_a_cap_of_one_is_one_call_at_a_time():
             async with cap.slot("b"):
                 pass
         assert scope.cancelled_caught
+
+
+async def test_background_calls_leave_room_for_the_users():
+    """Read-ahead in many VMs (background priority) never holds the whole cap: a
+    foreground call goes in at once while background ones wait."""
+    from guestfs_mount.vcenter.scheduler import Priority, priority
+
+    cap = SharedCap(8)
+    assert cap.reserve == 1
+    release = trio.Event()
+    inside = {"bg": 0, "fg": 0}
+
+    async def call(vm: str, kind: str, until: trio.Event) -> None:
+        if kind == "bg":
+            priority.set(Priority.BACKGROUND)
+        async with cap.slot(vm):
+            inside[kind] += 1
+            await until.wait()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(12):  # one call in each of 12 VMs: no VM's own share limits them
+            nursery.start_soon(call, f"vm-{i}", "bg", release)
+        await trio.testing.wait_all_tasks_blocked()
+        assert inside["bg"] == 7  # all but the reserve
+        nursery.start_soon(call, "vm-user", "fg", release)
+        await trio.testing.wait_all_tasks_blocked()
+        assert inside == {"bg": 7, "fg": 1}
+        release.set()
+    assert cap._vms == {}

@@ -21,11 +21,14 @@ same work in the VMs further down the listing while the user is still at the fir
 * a directory a lookup walk reaches is listed too (in the user's VMs as well): the next
   glob level's lookups are answered from that listing.
 
-Bounds: at most :data:`_WIDTH` VMs worked on at once (``fleet.serve`` passes half the
-client's global ``--max-guest-ops`` cap, a FIFO over all VMs' calls: the user's own
-calls always find room); every call runs at background priority in its VM's
-lane; a VM that failed to open (a refused login above all) is never tried by
-read-ahead, only by the user's own requests; nothing happens before the user has
+Bounds: at most :data:`_WIDTH` VMs worked on at once (``fleet.serve`` passes the
+client's global ``--max-guest-ops`` cap, a FIFO over all VMs' calls that keeps
+background calls off its last eighth: the user's own calls always find room), the
+nearest VMs first; a directory listed for the next glob level waits behind this
+level's opens and stats;
+every call runs at background priority in its VM's lane; a VM that failed to open
+(a refused login above all) is never tried by read-ahead, only by the user's own
+requests; nothing happens before the user has
 listed the fleet's root and gone into two of its VMs (``ls /mnt/vc`` or ``cat`` in one
 VM opens nothing more).
 """
@@ -52,12 +55,16 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FleetReadAhead", "guest_path", "relative_path"]
 
-_WIDTH = 32  # VMs worked on at once by read-ahead
+_WIDTH = 64  # VMs worked on at once by read-ahead (fleet.serve passes the cap)
 _FIRST_WINDOW = 16  # VMs ahead once a walk is seen; doubles as the user moves on
-_DOWNLOADS = 32  # files downloaded ahead at once (1 MiB each at most)
+_DOWNLOADS = 64  # files downloaded ahead at once (1 MiB each at most; the cap's size)
 _PREFETCH_MAX_FILE = 1 << 20  # larger files are left to the user's open
 _LOOKUP_MAX_FILE = 64 << 10  # downloaded by a lookup walk (an `ls -l` of a glob pays too)
 _WALKS = 1024  # walks remembered (least recently used dropped)
+
+# Read-ahead's metadata waits for a slot nearest VM first (the one the user reaches
+# next), and a listing for the next glob level after every open and stat of this one.
+_NEXT_LEVEL = 1 << 30
 
 LOOKUP = "lookup"
 OPEN = "open"
@@ -65,41 +72,51 @@ OPEN = "open"
 
 class _InOrder:
     """At most ``total`` holders at once; waiters are let in lowest ``order`` first (a
-    glob's command reads its files in listing order, whichever way the glob went)."""
+    glob's command reads its files in listing order, whichever way the glob went; the
+    shell reaches the nearest VMs first). Tasks started together run in any order (trio
+    shuffles them): a free slot is given once they have all queued."""
 
     def __init__(self, total: int) -> None:
         self._free = total
         self._waiting: list[tuple[int, int, trio.Event]] = []
         self._seq = 0
+        self._dispatching = False
 
     @contextlib.asynccontextmanager
     async def hold(self, order: int) -> AsyncIterator[None]:
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-        else:
-            self._seq += 1
-            ev = trio.Event()
-            entry = (order, self._seq, ev)
-            heapq.heappush(self._waiting, entry)
-            try:
-                await ev.wait()  # the releaser passed its slot on to us
-            except BaseException:
-                if ev.is_set():
-                    self._release()
-                else:
-                    self._waiting.remove(entry)
-                    heapq.heapify(self._waiting)
-                raise
+        self._seq += 1
+        ev = trio.Event()
+        entry = (order, self._seq, ev)
+        heapq.heappush(self._waiting, entry)
+        try:
+            if self._free > 0 and not self._dispatching:
+                self._dispatching = True
+                try:
+                    await trio.lowlevel.checkpoint()  # the tasks started with us queue
+                finally:
+                    self._dispatching = False
+                    self._dispatch()
+            await ev.wait()  # a slot was given to us
+        except BaseException:
+            if ev.is_set():
+                self._release()
+            else:
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+            raise
         try:
             yield
         finally:
             self._release()
 
-    def _release(self) -> None:
-        if self._waiting:
+    def _dispatch(self) -> None:
+        while self._free > 0 and self._waiting:
+            self._free -= 1
             heapq.heappop(self._waiting)[2].set()
-        else:
-            self._free += 1
+
+    def _release(self) -> None:
+        self._free += 1
+        self._dispatch()
 
 
 def guest_path(vm: FleetVm, rel: str) -> str | None:
@@ -141,6 +158,13 @@ class _Walk:
     hi: int = -1
 
 
+@dataclass(frozen=True)
+class _ListLater:
+    """A directory a lookup walk reached: listed after this level's other VMs."""
+
+    path: str
+
+
 class FleetReadAhead:
     """Told what the user looks up and opens in which VM (by the fleet's FUSE layer),
     starts the same in the VMs of the root listing the user goes to next."""
@@ -157,7 +181,7 @@ class FleetReadAhead:
         self.prefetch = prefetch
         self._first_window = first_window
         self._width = width
-        self._limit = trio.CapacityLimiter(width)
+        self._limit = _InOrder(width)  # this level's opens and stats before listings
         self._downloads = _InOrder(_DOWNLOADS)
         self._order: list[FleetVm] = []
         self._index: dict[str, int] = {}
@@ -233,7 +257,7 @@ class FleetReadAhead:
     def _mine(self, kind: str, path: str, walk: _Walk, i: int) -> None:
         """The user's own VM ``i``: the next glob level wants the listing below."""
         if kind == LOOKUP and not walk.lo <= i <= walk.hi:
-            self._start(kind, self._order[i], path, mine=True)
+            self._start(kind, self._order[i], path, mine=True, distance=0)
 
     def _extend(self, kind: str, path: str, walk: _Walk, k: int) -> None:
         """Read ahead ``walk.window`` VMs from index ``k`` the way the user goes (both
@@ -250,11 +274,13 @@ class FleetReadAhead:
             return
         walk.window *= 2
         for i in sorted(todo, key=lambda i: abs(i - k)):
-            self._start(kind, self._order[i], path, mine=False)
+            self._start(kind, self._order[i], path, mine=False, distance=abs(i - k))
 
-    def _start(self, kind: str, vm: FleetVm, rel: str, *, mine: bool) -> None:
+    def _start(self, kind: str, vm: FleetVm, rel: str, *, mine: bool, distance: int) -> None:
         self.started += 1
-        self._nursery.start_soon(functools.partial(self._ahead, kind, vm, rel, mine=mine))
+        self._nursery.start_soon(
+            functools.partial(self._ahead, kind, vm, rel, mine=mine, distance=distance)
+        )
 
     def _implied(self, kind: str, rel: str) -> _Walk | None:
         """The active walk this request continues, if any: the lookup of its parent
@@ -271,14 +297,21 @@ class FleetReadAhead:
 
     # -- the work ---------------------------------------------------------------------------
 
-    async def _ahead(self, kind: str, vm: FleetVm, rel: str, *, mine: bool) -> None:
+    async def _ahead(self, kind: str, vm: FleetVm, rel: str, *, mine: bool, distance: int) -> None:
         """Do in ``vm`` what the user is doing VM after VM: open it, stat ``rel``, list
         it when it is a directory (the next glob level's lookups), download it when it
-        is a small file the command will read. ``mine``: one of the user's own VMs."""
+        is a small file the command will read. ``mine``: one of the user's own VMs;
+        ``distance``: how many VMs of the listing away from the user's."""
         priority.set(Priority.BACKGROUND)  # this task's calls wait for the user's
         try:
-            async with self._limit:  # metadata only: a download does not hold a slot
+            async with self._limit.hold(distance):  # metadata only: no download holds one
                 key = await self._metadata(kind, vm, rel)
+            if isinstance(key, _ListLater):
+                # The listing is for the next glob level: it waits while opens and stats
+                # of this level, which the shell is waiting for now, wait for a slot.
+                async with self._limit.hold(_NEXT_LEVEL + distance):
+                    await self._list(vm, key.path)
+                return
             if key is None or (kind == OPEN and mine):
                 return
             async with self._downloads.hold(self._index.get(vm.vm, 0)):
@@ -286,9 +319,9 @@ class FleetReadAhead:
         except Exception as exc:  # a guess: the user's own request will say
             log.debug("fleet read-ahead of %r in VM %s: %s", rel, vm.vm, exc)
 
-    async def _metadata(self, kind: str, vm: FleetVm, rel: str) -> ContentKey | None:
-        """Open ``vm``, stat ``rel`` and list it if a directory; the file to download,
-        if any."""
+    async def _metadata(self, kind: str, vm: FleetVm, rel: str) -> ContentKey | _ListLater | None:
+        """Open ``vm`` and stat ``rel``; the file to download, if any, or the directory
+        to list for a lookup walk's next level."""
         if vm.failure is not None:
             # Refused logins above all: only the user's own requests try again.
             self.skipped_failed += 1
@@ -305,8 +338,7 @@ class FleetReadAhead:
         st = await meta.stat(path)
         if st.type is FileType.DIRECTORY:
             if kind == LOOKUP and meta.cached_listing(path) is None:
-                await meta.listdir(path)
-                self.listed += 1
+                return _ListLater(path)
             return None
         if not self.prefetch or st.type is not FileType.FILE or st.size <= 0:
             return None
@@ -314,6 +346,12 @@ class FleetReadAhead:
         # config-sized ones are fetched already; an open walk fetches larger ones.
         limit = _LOOKUP_MAX_FILE if kind == LOOKUP else _PREFETCH_MAX_FILE
         return ContentKey(path, st.size, st.mtime_ns) if st.size <= limit else None
+
+    async def _list(self, vm: FleetVm, path: str) -> None:
+        meta = vm.meta
+        if meta is not None and meta.cached_listing(path) is None:
+            await meta.listdir(path)
+            self.listed += 1
 
     async def _download(self, content: VmContent, key: ContentKey) -> None:
         """Download ``key`` as an open would, holding a download slot until its last
