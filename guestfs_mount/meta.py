@@ -38,6 +38,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -47,6 +48,7 @@ import trio
 from .errors import ListingStopped, NotFound
 from .model import DirEntry, GuestStat
 from .paths import PosixPaths
+from .urgency import Priority, Urgency, priority, urgency
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,10 @@ class _Flight(Generic[T]):
     error: BaseException | None = None
     abandoned: bool = False
     waiters: int = 0  # user (not background) requests waiting for it
+    # Promoted when a user request joins: the lane then admits the fetch's waiting call
+    # ahead of the background ones (else a `stat` that joined stat-ahead's queued call
+    # waited for the whole stat-ahead queue).
+    urgency: Urgency = field(default_factory=Urgency)
 
 
 class _Flights(Generic[T]):
@@ -105,11 +111,19 @@ class _Flights(Generic[T]):
     async def run(
         self, key: Hashable, fetch: Callable[[], Awaitable[T]], *, background: bool = False
     ) -> T:
+        # Whose request this is: a user's (it promotes what it joins), or one made for
+        # another fetch (it promotes what it joins once that one is promoted).
+        mine = urgency.get()
+        user = not background and priority.get() is Priority.FOREGROUND
+        user = user or (mine is not None and mine.urgent)
         while (flight := self._flights.get(key)) is not None:
             if not background:
                 flight.waiters += 1
+            if user:
+                flight.urgency.promote()
             try:
-                await flight.done.wait()
+                with _follow(mine, flight.urgency):
+                    await flight.done.wait()
             finally:
                 if not background:
                     flight.waiters -= 1
@@ -119,8 +133,10 @@ class _Flights(Generic[T]):
                 raise flight.error
             return flight.value  # type: ignore[return-value]
         flight = self._flights[key] = _Flight()
+        token = urgency.set(flight.urgency)
         try:
-            flight.value = await fetch()
+            with _follow(mine, flight.urgency):
+                flight.value = await fetch()
             return flight.value
         except ListingStopped:
             # Only a fetch nobody waited for stops: whoever joined it since, does its own.
@@ -133,8 +149,19 @@ class _Flights(Generic[T]):
             flight.abandoned = True
             raise
         finally:
+            urgency.reset(token)
             del self._flights[key]
             flight.done.set()
+
+
+def _follow(outer: Urgency | None, inner: Urgency) -> AbstractContextManager[None]:
+    """While inside, promoting ``outer`` (the fetch the current task runs) promotes
+    ``inner`` (a fetch it waits for or runs within it, e.g. a stat's parent listing)."""
+    if outer is None:
+        return nullcontext()
+    if outer.urgent:
+        inner.promote()
+    return outer.listen(inner.promote)
 
 
 class _NameIndex:

@@ -13,7 +13,9 @@ round trip against an unloaded reference, grows while fewer than ``_ALPHA`` wait
 Foreground calls (a syscall waits) are always served before background ones
 (stat-ahead, list-ahead, prefetch: :data:`priority` set to ``BACKGROUND`` by
 read-ahead's tasks); background calls take at most ``bg_fraction`` of the slots, so a
-foreground call waits for at most the one operation ahead of it.
+foreground call waits for at most the one operation ahead of it. A waiting background
+call is promoted to foreground when a user request joins the fetch it is for (the
+metadata cache's shared flights promote the :data:`urgency` of the task's fetch).
 
 A transfer body occupies the VM's channel too (every ~62 KiB packet passes the guest
 lane), for far longer than a call, so bodies do not hold a slot: a user's long ``cat``
@@ -28,29 +30,24 @@ least one), run at once.
 from __future__ import annotations
 
 import contextvars
-import enum
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    nullcontext,
+)
 from dataclasses import dataclass, field
 
 import trio
 
 from guestfs_mount.errors import NotAllowedInCurrentState, ResourceBusy, ServiceUnavailable
+from guestfs_mount.urgency import Priority, priority, urgency
 
 __all__ = ["Lane", "LaneStats", "Priority", "Scheduler", "is_rejection", "priority"]
 
-
-class Priority(enum.Enum):
-    FOREGROUND = "foreground"
-    BACKGROUND = "background"
-
-
-# Foreground is the default: only read-ahead's own tasks mark themselves background.
-priority: contextvars.ContextVar[Priority] = contextvars.ContextVar(
-    "guestfs_priority", default=Priority.FOREGROUND
-)
 
 # The control-plane delay varies (80 ms +- 50 % in the simulator's realistic model, and
 # the client's own CPU adds to it), by far more than one guest operation's service
@@ -189,6 +186,9 @@ class Lane:
         (compared with earlier ones of the same ``kind``), a rejection inside it lowers
         the limit."""
         prio = prio or priority.get()
+        urgent = urgency.get()
+        if urgent is not None and urgent.urgent:
+            prio = Priority.FOREGROUND  # a user request has joined the fetch it is for
         if self._admissible(prio) and not self._waiting[prio]:
             self._take(prio)
         else:
@@ -197,8 +197,25 @@ class Lane:
             if _in_body.get() is not self:
                 self._meta_waiting.add(ev)
             self.stats.max_waiting = max(self.stats.max_waiting, self.waiting)
+
+            def promote() -> None:
+                # A user request joined the fetch while this call waits: it queues
+                # behind the foreground calls waiting, ahead of every background one,
+                # and is admitted (and held) as foreground, outside background's share.
+                nonlocal prio
+                if ev.is_set() or prio is Priority.FOREGROUND:
+                    return  # admitted already: its slot and what it counts stay
+                self._waiting[Priority.BACKGROUND].remove(ev)
+                prio = Priority.FOREGROUND
+                self._waiting[prio].append(ev)
+                self._wake()
+
+            listening: AbstractContextManager[None] = (
+                urgent.listen(promote) if urgent is not None else nullcontext()
+            )
             try:
-                await ev.wait()
+                with listening:
+                    await ev.wait()
             except BaseException:
                 if ev.is_set():
                     self._give(prio)  # admitted just as we were cancelled
