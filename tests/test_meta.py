@@ -1,5 +1,7 @@
 """MetadataCache: TTL, negative caching, deduplication, bounded background fetches."""
 
+from collections.abc import Callable
+
 import pytest
 import trio
 import trio.testing
@@ -7,6 +9,8 @@ import trio.testing
 from guestfs_mount.errors import ListingStopped, NotFound, ResourceBusy
 from guestfs_mount.meta import Budget, MetadataCache, _Flights
 from guestfs_mount.model import DirEntry, FileType, GuestStat
+from guestfs_mount.urgency import Priority, priority
+from guestfs_mount.vcenter.scheduler import Lane
 
 from .guests import FakeGuest, big_tree
 
@@ -306,3 +310,68 @@ async def test_a_request_joining_a_stopped_fetch_does_its_own(nursery):
     nursery.start_soon(ahead)
     await trio.testing.wait_all_tasks_blocked()
     assert await flights.run("/d", whole) == ("a", "b")  # no error, nothing truncated
+
+
+class _LaneGuest(FakeGuest):
+    """Its stats pass one lane of one slot, as a real VM's guest operations do."""
+
+    def __init__(self, tree: dict[str, list[DirEntry]]) -> None:
+        super().__init__(tree, delay=1.0)
+        self.lane = Lane(1, start=1)
+        self.queued: list[str] = []  # in the order they entered the lane
+        self.served: list[str] = []
+
+    async def stat(self, path: str) -> GuestStat:
+        self.queued.append(path)
+        async with self.lane.slot():
+            self.served.append(path)
+            return await super().stat(path)
+
+    async def list_dir(
+        self, path: str, more: Callable[[int], bool] | None = None
+    ) -> list[DirEntry]:
+        self.queued.append(path)
+        async with self.lane.slot():
+            self.served.append(path)
+            return await super().list_dir(path, more)
+
+
+async def test_a_user_stat_joining_a_queued_stat_ahead_is_served_next(autojump_clock):
+    g = _LaneGuest(big_tree(10))
+    async with trio.open_nursery() as n:
+        m = MetadataCache(g, nursery=n, budget=Budget(calls=500))
+        token = priority.set(Priority.BACKGROUND)  # as read-ahead does around stat-ahead
+        m.stat_in_background([f"/f{i}" for i in range(10)])
+        priority.reset(token)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (g.lane.in_flight, g.lane.waiting) == (1, 9)  # all ten in flight in meta
+        assert g.lane.stats.calls == 1
+        last = g.queued[-1]
+        # The user's `stat` of the file whose stat-ahead queued last joins it ...
+        st = await m.stat(last)
+    assert st.size == int(last[2:])
+    # ... and is served after the one call in the lane, not after the whole queue.
+    assert g.served[:2] == [g.queued[0], last]
+    assert g.stat_calls.count(last) == 1  # joined, not asked again
+    assert g.lane.stats.background_calls == 9  # it went in as foreground
+
+
+async def test_a_user_stat_promotes_the_listing_a_queued_stat_ahead_waits_for(autojump_clock):
+    # vim25: a stat lists the parent. The user's stat joins the stat-ahead, whose
+    # fetch waits for the parent's listing in the lane: that listing goes next.
+    def e(name: str) -> DirEntry:
+        return DirEntry(name, FileType.FILE, 1, stat=GuestStat(FileType.FILE, 1, 7, 7))
+
+    g = _LaneGuest({f"/d{i}": [e("x")] for i in range(6)})
+    async with trio.open_nursery() as n:
+        m = MetadataCache(g, nursery=n, stat_by_listing=True, budget=Budget(calls=500))
+        token = priority.set(Priority.BACKGROUND)
+        m.stat_in_background([f"/d{i}/x" for i in range(6)])
+        priority.reset(token)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (g.lane.in_flight, g.lane.waiting) == (1, 5)
+        last = g.queued[-1]
+        st = await m.stat(f"{last}/x")
+    assert st.size == 1
+    assert g.served[:2] == [g.queued[0], last]
+    assert g.list_calls.count(last) == 1 and g.stat_calls == []

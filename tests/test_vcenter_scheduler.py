@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 import trio.testing
 
 from guestfs_mount.errors import NotAllowedInCurrentState
+from guestfs_mount.urgency import Urgency, urgency
 from guestfs_mount.vcenter.scheduler import Lane, Priority, Scheduler, priority
 
 
@@ -455,3 +457,80 @@ def test_a_prefetch_body_waits_for_waiting_stat_ahead_not_for_other_creates() ->
     _run(main)
     # the body (whose packets would hold no slot) waits until stat 2 is admitted
     assert at == {"stat 1": 0, "stat 2": 1, "prefetch body": 1, "prefetch create": 2}
+
+
+def _promotable_call(
+    lane: Lane, order: list[str], tag: str, u: Urgency | None
+) -> Callable[[], Awaitable[None]]:
+    async def call() -> None:
+        priority.set(Priority.BACKGROUND)  # as read-ahead's tasks do
+        if u is not None:
+            urgency.set(u)  # as the metadata cache's flight does for its fetch
+        async with lane.slot():
+            order.append(tag)
+            await trio.sleep(1)
+
+    return call
+
+
+def test_a_promoted_waiter_takes_the_next_slot_ahead_of_queued_background() -> None:
+    order: list[str] = []
+
+    async def main() -> None:
+        lane = Lane(1, start=1)
+        u = Urgency()
+        async with trio.open_nursery() as n:
+            n.start_soon(_promotable_call(lane, order, "first", None))
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(3):  # one at a time: trio starts a batch in any order
+                n.start_soon(_promotable_call(lane, order, f"bg{i}", None))
+                await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(_promotable_call(lane, order, "joined", u))
+            await trio.testing.wait_all_tasks_blocked()
+            assert lane.waiting == 4
+            u.promote()  # a user request joined the fetch "joined" waits for
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == ["first"]  # the call in flight is left alone
+        bg_calls.append(lane.stats.background_calls)
+
+    bg_calls: list[int] = []
+    _run(main)
+    assert order == ["first", "joined", "bg0", "bg1", "bg2"]
+    assert bg_calls == [4]  # the promoted one ran as foreground
+
+
+def test_a_promoted_waiter_is_not_bound_by_the_background_share() -> None:
+    async def main() -> None:
+        lane = Lane(4, start=4, bg_fraction=0.5)  # background: 2 slots of 4
+        order: list[str] = []
+        u = Urgency()
+        async with trio.open_nursery() as n:
+            for i in range(4):  # one at a time: trio starts a batch in any order
+                n.start_soon(_promotable_call(lane, order, f"bg{i}", None))
+                await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(_promotable_call(lane, order, "joined", u))
+            await trio.testing.wait_all_tasks_blocked()
+            assert (lane.in_flight, lane.waiting) == (2, 3)  # two slots free, for foreground
+            u.promote()
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == ["bg0", "bg1", "joined"]
+            assert (lane.in_flight, lane.bg_in_flight, lane.waiting) == (3, 2, 2)
+
+    _run(main)
+
+
+def test_a_call_already_urgent_goes_in_as_foreground() -> None:
+    async def main() -> None:
+        lane = Lane(1, start=1)
+        order: list[str] = []
+        u = Urgency()
+        u.promote()
+        async with trio.open_nursery() as n:
+            n.start_soon(_promotable_call(lane, order, "first", None))
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(_promotable_call(lane, order, "bg", None))
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(_promotable_call(lane, order, "joined", u))
+        assert order == ["first", "joined", "bg"]
+
+    _run(main)
