@@ -534,3 +534,27 @@ def test_a_call_already_urgent_goes_in_as_foreground() -> None:
         assert order == ["first", "joined", "bg"]
 
     _run(main)
+
+
+def test_a_promoted_waiter_cancelled_gives_its_place_back() -> None:
+    async def main() -> None:
+        lane = Lane(1, start=1)
+        order: list[str] = []
+        u = Urgency()
+        async with trio.open_nursery() as n:
+            n.start_soon(_promotable_call(lane, order, "first", None))
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.CancelScope() as scope:
+                n.start_soon(_promotable_call(lane, order, "bg", None))
+                await trio.testing.wait_all_tasks_blocked()
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(_promotable_call(lane, order, "joined", u))
+                    await trio.testing.wait_all_tasks_blocked()
+                    u.promote()
+                    assert lane.waiting == 2
+                    scope.cancel()
+            assert lane.waiting == 1
+        assert order == ["first", "bg"]
+        assert (lane.in_flight, lane.bg_in_flight, lane.waiting) == (0, 0, 0)
+
+    _run(main)
