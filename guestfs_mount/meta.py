@@ -2,7 +2,9 @@
 
 Every remote metadata call of the mount goes through here, so that:
 
-* concurrent requests for the same path share one API call (``_Flights``);
+* concurrent requests for the same path share one API call (``_Flights``); a user
+  request that joins a background one promotes it (``urgency``): the VM's lane then
+  admits its waiting call as foreground;
 * a path's stat and a directory's listing are reused for ``ttl`` seconds
   (for ever with ``frozen``: an evidence view that never changes once seen);
 * ``NotFound`` is remembered too, so repeated probes (shells, ``git``) cost nothing;
