@@ -61,7 +61,9 @@ class GuestOps:
     """One VM's guest lane over one window (a command), from /_sim/stats reset at its
     start: guest operations by kind, transfer packets, lane busy seconds, deepest queue,
     rejections. ``wall`` is the window's length, so ``busy_fraction`` is the share of it
-    the VM's one channel was working."""
+    the VM's one channel was working, and ``mean_queue`` (the queue integral over the
+    window / ``wall``) the calls waiting for it on average over the command (None: the
+    simulator did not report the integral, or the figures are summed over VMs)."""
 
     wall: float
     calls: dict[str, int]
@@ -71,6 +73,8 @@ class GuestOps:
     max_queue: int = 0
     rejections: int = 0
     scale: float = 1.0  # > 1: a sampled baseline, figures extrapolated by this factor
+    queue_s: float | None = None  # waiting calls x seconds over the window (lane_queue_s)
+    mean_queue: float | None = None  # queue_s / wall: kept as a field so the JSON has it
 
     @classmethod
     def from_stats(cls, stats: dict[str, Any], wall: float, scale: float = 1.0) -> GuestOps:
@@ -85,7 +89,23 @@ class GuestOps:
             max_queue=int(vm.get("max_queue", 0)),
             rejections=int(vm.get("rejections", 0)),
             scale=scale,
-        )
+            queue_s=float(vm["lane_queue_s"]) if "lane_queue_s" in vm else None,
+        )._averaged()
+
+    def extrapolate(self, wall: float) -> None:
+        """A sampled baseline: stretch the lane's figures to the whole run of ``wall``
+        seconds (``ops`` extrapolates the calls itself)."""
+        self.wall = wall
+        self.busy_s *= self.scale
+        self.packets = round(self.packets * self.scale)
+        if self.queue_s is not None:
+            self.queue_s *= self.scale
+        self._averaged()
+
+    def _averaged(self) -> GuestOps:
+        self.mean_queue = (None if self.queue_s is None
+                           else self.queue_s / self.wall if self.wall > 0 else 0.0)
+        return self
 
     @property
     def ops(self) -> int:
@@ -98,12 +118,28 @@ class GuestOps:
     def busy_fraction(self) -> float:
         return self.busy_s / self.wall if self.wall > 0 else 0.0
 
+    @property
+    def busy_queue(self) -> float | None:
+        """The mean queue while the lane worked (calls only wait while it does)."""
+        if self.queue_s is None:
+            return None
+        return self.queue_s / self.busy_s if self.busy_s > 0 else 0.0
+
+    def queue_brief(self) -> str:
+        """``mean queue X over the command (Y while busy)``, or "" when not measured."""
+        if self.mean_queue is None or self.busy_queue is None:
+            return ""
+        return (f"mean queue {self.mean_queue:.2f} over the command "
+                f"({self.busy_queue:.2f} while busy)")
+
     def brief(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.calls.items()))
         x = f" (x{self.scale:.3g} extrapolated)" if self.scale != 1.0 else ""
+        q = self.queue_brief()
         return (f"{self.ops} ops [{kinds}]{x}, {self.packets} packets, lane busy "
                 f"{self.busy_s:.2f} s of {self.wall:.2f} s ({self.busy_fraction:.2f}), "
-                f"deepest queue {self.max_queue}, rejections {self.rejections}")
+                f"deepest queue {self.max_queue}{', ' + q if q else ''}, "
+                f"rejections {self.rejections}")
 
 
 def fmt(v: float | None, unit: str) -> str:
@@ -138,7 +174,7 @@ def guest_table(rows: list[Row]) -> str:
     directory / file where the row says), the lane's busy fraction, the deepest queue and
     rejections, for the command and for its sequential baseline."""
     head = ["scenario", "api", "wall", "guest ops", "per unit", "lane busy", "deepest queue",
-            "rejections", "baseline wall", "baseline ops", "baseline busy"]
+            "mean queue", "rejections", "baseline wall", "baseline ops", "baseline busy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         g = r.guest
@@ -151,9 +187,11 @@ def guest_table(rows: list[Row]) -> str:
             bw = fmt(bg.wall, "s") + (" (extrapolated)" if bg.scale != 1.0 else "")
             bo = f"{bg.ops:,}"
             bb = f"{bg.busy_fraction:.2f}"
+        mq = "-" if g.mean_queue is None else f"{g.mean_queue:.2f}"
         lines.append(
             f"| {r.scenario} | {r.api or 'auto'} | {fmt(g.wall, 's')} | {g.ops:,} | {per} "
-            f"| {g.busy_fraction:.2f} | {g.max_queue} | {g.rejections} | {bw} | {bo} | {bb} |"
+            f"| {g.busy_fraction:.2f} | {g.max_queue} | {mq} | {g.rejections} | {bw} | {bo} "
+            f"| {bb} |"
         )
     return "\n".join(lines)
 

@@ -3,8 +3,9 @@
 Under the simulator's realistic model a VM answers one guest operation at a time (see
 docs/simulator.md, "Cost model"), so what a row measures is mostly simulated delay, not
 CPU: every row reports the wall time and what the VM's one guest lane did meanwhile
-(guest operations by kind, packets, busy fraction, deepest queue, rejections, from
-/_sim/stats reset at the command's start), and the same for the sequential
+(guest operations by kind, packets, busy fraction, deepest queue, the mean queue over
+the command from the lane's queue integral, rejections, from /_sim/stats reset at the
+command's start), and the same for the sequential
 ``scripts/baseline_fetch`` doing the same work under the same model.
 """
 
@@ -114,9 +115,7 @@ class Real:
             scale = j["total"] / j["sampled"]
             secs = listed + (secs - listed) * scale
         g = GuestOps.from_stats(b.sim.stats(), float(j["seconds"]), scale)
-        g.wall = secs
-        g.busy_s *= scale
-        g.packets = round(g.packets * scale)
+        g.extrapolate(secs)
         return secs, g, f'baseline: "$BASELINE_FETCH" --ready-file "$READY" {opt}{op} {arg}'
 
     def packet_s(self) -> float:

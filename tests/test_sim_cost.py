@@ -54,6 +54,76 @@ async def test_one_at_a_time_in_arrival_order(autojump_clock: trio.abc.Clock) ->
     assert [r["arrived"] for r in c.recent] == [r["served"] for r in c.recent]
 
 
+async def test_queue_integral_counts_waiting_calls_over_time(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    cost = realistic(stat_time=0.0)  # each lane use: 10 ms of guest authentication
+
+    async def call() -> None:
+        async with cost.guest_op(VM, "files.get"):
+            pass
+
+    async with trio.open_nursery() as nursery:  # three calls arrive at the same moment
+        for _ in range(3):
+            nursery.start_soon(call)
+    c = cost.counters["vm-1"]
+    # the first is served at once, the second waits 10 ms, the third 20 ms
+    assert c.max_queue == 2
+    assert c.queue_s == pytest.approx(0.010 + 0.020)
+    assert cost.stats_json()["vm-1"]["lane_queue_s"] == pytest.approx(0.03)
+
+
+async def test_queue_integral_is_current_when_read(autojump_clock: trio.abc.Clock) -> None:
+    cost = realistic(auth_posix=1.0, stat_time=0.0)
+    seen: list[float] = []
+
+    async def call() -> None:
+        async with cost.guest_op(VM, "files.get"):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(call)
+        await trio.sleep(0.5)
+        # two calls have waited half a second each, none has been served yet
+        seen.append(cost.stats_json()["vm-1"]["lane_queue_s"])
+    assert seen == [pytest.approx(1.0)]
+    assert cost.counters["vm-1"].queue_s == pytest.approx(1.0 + 2.0)
+
+
+async def test_queue_integral_starts_again_at_reset(autojump_clock: trio.abc.Clock) -> None:
+    cost = realistic(auth_posix=1.0, stat_time=0.0)
+
+    async def call() -> None:
+        async with cost.guest_op(VM, "files.get"):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(call)
+        await trio.sleep(1.5)
+        cost.reset_stats()  # one waiter left, for another half second
+    assert cost.counters["vm-1"].queue_s == pytest.approx(0.5)
+
+
+async def test_a_waiter_that_goes_away_stops_counting(autojump_clock: trio.abc.Clock) -> None:
+    cost = realistic(auth_posix=1.0, stat_time=0.0)
+
+    async def call() -> None:
+        async with cost.guest_op(VM, "files.get"):
+            pass
+
+    async def impatient() -> None:
+        with trio.move_on_after(0.25):
+            await call()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        nursery.start_soon(impatient)
+    c = cost.counters["vm-1"]
+    assert c.queue_s == pytest.approx(0.25) and cost.lane("vm-1").queued == 0
+
+
 async def test_guest_concurrency_servers(autojump_clock: trio.abc.Clock) -> None:
     cost = realistic(guest_concurrency=3)
 
@@ -92,7 +162,7 @@ async def test_ideal_model_does_not_queue(autojump_clock: trio.abc.Clock) -> Non
         for i in range(10):
             nursery.start_soon(call, i)
     c = cost.counters["vm-1"]
-    assert c.max_serving == 10 and c.max_queue == 0 and c.rejections == 0
+    assert c.max_serving == 10 and c.max_queue == 0 and c.rejections == 0 and c.queue_s == 0
     assert trio.current_time() - start < 2  # ten 1 s handlers ran side by side
 
 

@@ -100,6 +100,7 @@ def test_stats_per_vm_and_reset(sim: Sim, api: ApiClient) -> None:
     assert stats["vms"][a]["calls_by_transport"] == {"rest": {"files.list": 2}}
     assert stats["vms"][b]["calls"] == {"files.get": 1}
     assert stats["vms"][a]["max_serving"] == 1 and stats["vms"][a]["rejections"] == 0
+    assert stats["vms"][a]["lane_queue_s"] == 0  # one call at a time never queues
     assert stats["calls"]["files.list"] == 2  # the global counters are still there
     sim.reset_stats()
     assert sim.stats()["vms"] == {}
@@ -111,6 +112,9 @@ def test_fifo_one_at_a_time_over_rest(sim: Sim, api: ApiClient) -> None:
     assert codes == [200] * 6
     st = vm_stats(sim, "a")
     assert st["max_serving"] == 1
+    # calls waited only while the lane worked, never more of them than the deepest queue
+    assert (st["lane_queue_s"] > 0) == (st["max_queue"] > 0)
+    assert st["lane_queue_s"] <= st["max_queue"] * st["lane_busy_s"]
     uses = sorted(st["recent"], key=lambda r: r["served"])
     assert [r["arrived"] for r in uses] == sorted(r["arrived"] for r in uses)
 

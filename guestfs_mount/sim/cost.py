@@ -154,6 +154,7 @@ class VmCounters:
     packet_bytes: int = 0
     busy: float = 0.0  # lane busy seconds (sum over servers)
     max_queue: int = 0  # most calls seen waiting for the lane
+    queue_s: float = 0.0  # integral of the calls waiting for the lane over time (call-seconds)
     max_serving: int = 0  # most lane uses seen in service at once
     rejections: int = 0
     auth_failures: int = 0
@@ -176,6 +177,7 @@ class VmCounters:
             "packet_bytes": self.packet_bytes,
             "lane_busy_s": round(self.busy, 6),
             "max_queue": self.max_queue,
+            "lane_queue_s": round(self.queue_s, 6),
             "max_serving": self.max_serving,
             "rejections": self.rejections,
             "auth_failures": self.auth_failures,
@@ -185,14 +187,26 @@ class VmCounters:
 
 class Lane:
     """One VM's guest channel: a FIFO with ``servers`` servers (trio's CapacityLimiter
-    wakes its waiters in arrival order)."""
+    wakes its waiters in arrival order).
+
+    It also integrates its queue over time: ``queued`` calls are waiting for a server
+    (the ones in service are not counted, as in ``max_queue``), and every change of that
+    number first adds ``queued x (now - since)`` to the VM's ``queue_s``, so the mean
+    queue over any window is the integral's growth divided by the window's length."""
 
     def __init__(self, servers: int) -> None:
         self.limiter = trio.CapacityLimiter(servers if servers > 0 else math.inf)
         self.serving = 0
+        self.queued = 0
+        self.since = 0.0
 
     def resize(self, servers: int) -> None:
         self.limiter.total_tokens = servers if servers > 0 else math.inf
+
+    def accrue(self, counters: VmCounters, now: float) -> None:
+        """Add the queue since the last change (or reset) to ``counters``."""
+        counters.queue_s += self.queued * (now - self.since)
+        self.since = now
 
     @property
     def waiting(self) -> int:
@@ -256,10 +270,26 @@ class GuestCost:
         return c
 
     def stats_json(self) -> dict[str, Any]:
+        now = self._now()
+        if now is not None:  # the queue integral up to this moment, not the last change
+            for vm, lane in self.lanes.items():
+                if vm in self.counters or lane.queued:  # a VM idle since a reset stays out
+                    lane.accrue(self.vm_counters(vm), now)
         return {vm: c.to_json() for vm, c in sorted(self.counters.items())}
 
     def reset_stats(self) -> None:
         self.counters = {}
+        now = self._now()
+        if now is not None:  # calls still waiting count from the reset on
+            for lane in self.lanes.values():
+                lane.since = now
+
+    def _now(self) -> float | None:
+        """The clock, or None outside a trio run (then no lane has a waiting call)."""
+        try:
+            return self.clock()
+        except RuntimeError:
+            return None
 
     def auth_time(self, family: str) -> float:
         s = self.settings
@@ -322,7 +352,17 @@ class _LaneUse:
         c.arrived += 1
         self.arrived = c.arrived
         token = object()
-        await lane.limiter.acquire_on_behalf_of(token)
+        # only a call that finds no free server queues (the same count as ``depth``)
+        queues = lane.limiter.available_tokens < 1
+        if queues:
+            lane.accrue(c, self.cost.clock())
+            lane.queued += 1
+        try:
+            await lane.limiter.acquire_on_behalf_of(token)
+        finally:
+            if queues:  # served, or its client went away while it waited
+                lane.accrue(self.cost.vm_counters(self.vm_id), self.cost.clock())
+                lane.queued -= 1
         self.token = token
         lane.serving += 1
         c.max_serving = max(c.max_serving, lane.serving)
