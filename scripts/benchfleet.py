@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from benchlib import BASELINE_FETCH, GuestOps, Row, abort_fuse_connection, run
+from benchlib import BASELINE_FETCH, GuestOps, Row, abort_fuse_connection, run, run_scenarios
 
 from guestfs_mount.sim.testing import Sim, run_simulator
 from guestfs_mount.testing import Mounted, mount_argv, mounted
@@ -334,13 +334,4 @@ def run_all(b: Bench, names: list[str], quick: bool,
             run_simulator(*args, timeout=120) as sim:
         f = Fleet(b, sim, sizes, work)
         print(f"fleet simulator: {sim.vcenter_url}, {len(sim.vms)} VMs", flush=True)
-        for name in names:
-            t0 = time.monotonic()
-            print(f"== {name} (realistic, fleet of {sizes.vms})", flush=True)
-            try:
-                SCENARIOS[name](f)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:
-                on_error(name, exc)
-            print(f"   ({time.monotonic() - t0:.1f} s)", flush=True)
+        run_scenarios(SCENARIOS, f, names, f"realistic, fleet of {sizes.vms}", on_error)

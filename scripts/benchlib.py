@@ -15,9 +15,11 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+C = TypeVar("C")
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -194,6 +196,23 @@ def guest_table(rows: list[Row]) -> str:
             f"| {bb} |"
         )
     return "\n".join(lines)
+
+
+def run_scenarios(
+    scenarios: Mapping[str, Callable[[C], None]], ctx: C, names: list[str], label: str,
+    on_error: Callable[[str, Exception], None],
+) -> None:
+    """Each named scenario in turn, timed; one that fails is reported and the rest go on."""
+    for name in names:
+        t0 = time.monotonic()
+        print(f"== {name} ({label})", flush=True)
+        try:
+            scenarios[name](ctx)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            on_error(name, exc)
+        print(f"   ({time.monotonic() - t0:.1f} s)", flush=True)
 
 
 def median(xs: list[float]) -> float:

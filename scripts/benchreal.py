@@ -22,7 +22,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from benchlib import REPO, GuestOps, MiB, Row, Sizes, Tree, abort_fuse_connection, last_json, run
+from benchlib import (
+    REPO,
+    GuestOps,
+    MiB,
+    Row,
+    Sizes,
+    Tree,
+    abort_fuse_connection,
+    last_json,
+    run,
+    run_scenarios,
+)
 
 from guestfs_mount.testing import Mounted, mounted
 
@@ -412,13 +423,4 @@ def run_all(b: Bench, names: list[str], quick: bool,
             on_error: Callable[[str, Exception], None]) -> None:
     r = Real(b, RealSizes.quick() if quick else RealSizes.full())
     print(f"realistic cost model: {r.cost}; transports {r.apis}", flush=True)
-    for name in names:
-        t0 = time.monotonic()
-        print(f"== {name} (realistic)", flush=True)
-        try:
-            SCENARIOS[name](r)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            on_error(name, exc)
-        print(f"   ({time.monotonic() - t0:.1f} s)", flush=True)
+    run_scenarios(SCENARIOS, r, names, "realistic", on_error)

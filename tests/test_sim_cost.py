@@ -6,6 +6,7 @@ The lanes and counters are the production objects; the clock is trio's MockClock
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -38,6 +39,16 @@ async def arrive_in_order(n: int, fn: Any) -> None:
             await trio.sleep(0.001)
 
 
+def one_stat(cost: GuestCost) -> Callable[[], Awaitable[None]]:
+    """A call that uses VM's lane once, for a stat."""
+
+    async def call() -> None:
+        async with cost.guest_op(VM, "files.get"):
+            pass
+
+    return call
+
+
 async def test_one_at_a_time_in_arrival_order(autojump_clock: trio.abc.Clock) -> None:
     cost = realistic()
     served: list[int] = []
@@ -59,9 +70,7 @@ async def test_queue_integral_counts_waiting_calls_over_time(
 ) -> None:
     cost = realistic(stat_time=0.0)  # each lane use: 10 ms of guest authentication
 
-    async def call() -> None:
-        async with cost.guest_op(VM, "files.get"):
-            pass
+    call = one_stat(cost)
 
     async with trio.open_nursery() as nursery:  # three calls arrive at the same moment
         for _ in range(3):
@@ -77,9 +86,7 @@ async def test_queue_integral_is_current_when_read(autojump_clock: trio.abc.Cloc
     cost = realistic(auth_posix=1.0, stat_time=0.0)
     seen: list[float] = []
 
-    async def call() -> None:
-        async with cost.guest_op(VM, "files.get"):
-            pass
+    call = one_stat(cost)
 
     async with trio.open_nursery() as nursery:
         for _ in range(3):
@@ -94,9 +101,7 @@ async def test_queue_integral_is_current_when_read(autojump_clock: trio.abc.Cloc
 async def test_queue_integral_starts_again_at_reset(autojump_clock: trio.abc.Clock) -> None:
     cost = realistic(auth_posix=1.0, stat_time=0.0)
 
-    async def call() -> None:
-        async with cost.guest_op(VM, "files.get"):
-            pass
+    call = one_stat(cost)
 
     async with trio.open_nursery() as nursery:
         for _ in range(3):
@@ -109,9 +114,7 @@ async def test_queue_integral_starts_again_at_reset(autojump_clock: trio.abc.Clo
 async def test_a_waiter_that_goes_away_stops_counting(autojump_clock: trio.abc.Clock) -> None:
     cost = realistic(auth_posix=1.0, stat_time=0.0)
 
-    async def call() -> None:
-        async with cost.guest_op(VM, "files.get"):
-            pass
+    call = one_stat(cost)
 
     async def impatient() -> None:
         await trio.sleep(0.001)  # after call() holds the lane: trio may start tasks in any order
