@@ -106,6 +106,15 @@ def mount_argv(sim: Server, mnt: str, *extra: str, vm: str | None = None) -> lis
     return argv + list(extra)
 
 
+def fuse_connection_dir(mnt: str) -> str:
+    """``/sys/fs/fuse/connections/N`` of the FUSE mount at ``mnt``. fusectl is mounted
+    first when it is not: systemd mounts it, a fresh container often has not."""
+    ctl = "/sys/fs/fuse/connections"
+    if not os.listdir(ctl):
+        subprocess.run(["mount", "-t", "fusectl", "none", ctl], check=False, capture_output=True)
+    return os.path.join(ctl, str(os.minor(os.stat(mnt).st_dev)))
+
+
 def unmount(mnt: str, lazy: bool = False) -> None:
     cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), mnt]
     subprocess.run(cmd, check=False, capture_output=True)

@@ -16,7 +16,7 @@ import pytest
 
 from guestfs_mount.evidence import formats
 from guestfs_mount.sim.testing import run_simulator
-from guestfs_mount.testing import ViaApi, mount_argv, mounted
+from guestfs_mount.testing import ViaApi, fuse_connection_dir, mount_argv, mounted
 
 pytestmark = pytest.mark.fuse
 
@@ -568,8 +568,7 @@ def test_frozen_keeps_the_first_inventory(sim, mount_config, tmp_path):
 
 def _fuse_waiting(mnt):
     """Requests of the mount sent by the kernel or queued for it, not answered yet."""
-    conn = os.minor(os.stat(mnt).st_dev)
-    with open(f"/sys/fs/fuse/connections/{conn}/waiting") as f:
+    with open(os.path.join(fuse_connection_dir(mnt), "waiting")) as f:
         return int(f.read())
 
 

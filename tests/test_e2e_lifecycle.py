@@ -11,7 +11,14 @@ import time
 import pytest
 
 from guestfs_mount.sim.testing import run_simulator
-from guestfs_mount.testing import mount_argv, mount_env, mounted, unmount, wait_for_mount
+from guestfs_mount.testing import (
+    fuse_connection_dir,
+    mount_argv,
+    mount_env,
+    mounted,
+    unmount,
+    wait_for_mount,
+)
 from tests import trees
 
 pytestmark = pytest.mark.fuse
@@ -187,13 +194,6 @@ def test_sigterm_during_active_read_unmounts(sim, tmp_path):
         sim.reset_faults()
 
 
-def _fusectl() -> str:
-    ctl = "/sys/fs/fuse/connections"
-    if not os.listdir(ctl):
-        subprocess.run(["mount", "-t", "fusectl", "none", ctl], check=False, capture_output=True)
-    return ctl
-
-
 def test_an_aborted_connection_ends_the_daemon_cleanly(sim, tmp_path):
     # An admin's abort through fusectl leaves the mount in place and libfuse skips the
     # unmount (it finds the device errored): the daemon must still leave no dead mount
@@ -201,7 +201,7 @@ def test_an_aborted_connection_ends_the_daemon_cleanly(sim, tmp_path):
     mnt = str(tmp_path / "m")
     with mounted(sim, mnt) as m:
         assert os.listdir(os.path.join(mnt, "etc"))
-        conn = os.path.join(_fusectl(), str(os.minor(os.stat(mnt).st_dev)))
+        conn = fuse_connection_dir(mnt)
         if not os.path.exists(conn):
             pytest.skip("no fusectl connection directory")
         with open(os.path.join(conn, "abort"), "w") as f:
